@@ -1,0 +1,307 @@
+//! `ringctl`: the operator's and developer's command line for a ringkv cluster.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringkv_client::{CertPaths, Client, ClientConfig};
+use serde::Serialize;
+
+/// Exit code of `get` for a key that does not exist.
+const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code of `cas` when the current value did not match.
+const EXIT_CAS_MISMATCH: u8 = 4;
+
+#[derive(Parser)]
+#[command(name = "ringctl", version, about = "Administer and use a ringkv cluster")]
+struct Cli {
+    #[command(flatten)]
+    target: Target,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    /// Deadline for each command, in seconds.
+    #[arg(long, default_value_t = 10.0, global = true)]
+    timeout: f64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Target {
+    /// The cluster.json written by `ringkv dev`.
+    #[arg(long, global = true, conflicts_with = "endpoints")]
+    cluster: Option<PathBuf>,
+    /// Client addresses of any nodes, comma separated.
+    #[arg(long, global = true, value_delimiter = ',')]
+    endpoints: Option<Vec<String>>,
+    /// Directory with ca.pem, client.pem and client.key.
+    #[arg(long, global = true)]
+    certs: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Store VALUE under KEY (VALUE `-` reads it from stdin).
+    Put { key: String, value: String },
+    /// Print the value of KEY (exit 3 if it does not exist).
+    Get { key: String },
+    /// Delete KEY.
+    Delete { key: String },
+    /// Set KEY to NEW only if it currently holds OLD (or is absent); exit 4 if not.
+    Cas {
+        key: String,
+        new: String,
+        #[arg(long, conflicts_with = "expect_absent", required_unless_present = "expect_absent")]
+        expect: Option<String>,
+        #[arg(long)]
+        expect_absent: bool,
+    },
+    /// Nodes, shards, leaders and replicas per node.
+    Status,
+    /// Certificates for a cluster.
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create a cluster CA in DIR (ca.pem, ca.key).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (`node-ID`) or a client certificate (`NAME`) signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Issue a node certificate for this node id.
+        #[arg(long, conflicts_with = "client")]
+        node: Option<u64>,
+        /// Issue a client certificate with this name.
+        #[arg(long)]
+        client: Option<String>,
+    },
+}
+
+fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let mut cfg = if let Some(path) = &cli.target.cluster {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a cluster file: {e}", path.display()))?;
+        let seeds: Vec<String> = v["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|n| n["client_addr"].as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let p = |k: &str| -> anyhow::Result<PathBuf> {
+            v["certs"][k].as_str().map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("{}: no certs.{k}", path.display()))
+        };
+        ClientConfig::new(seeds, CertPaths { ca: p("ca")?, cert: p("client_cert")?, key: p("client_key")? })
+    } else if let (Some(eps), Some(dir)) = (&cli.target.endpoints, &cli.target.certs) {
+        ClientConfig::new(eps.clone(), CertPaths { ca: dir.join("ca.pem"), cert: dir.join("client.pem"), key: dir.join("client.key") })
+    } else {
+        anyhow::bail!("say which cluster: --cluster DIR/cluster.json, or --endpoints A,B --certs DIR");
+    };
+    anyhow::ensure!(cli.timeout > 0.0 && cli.timeout.is_finite(), "--timeout must be a positive number of seconds");
+    cfg.timeout = Duration::from_secs_f64(cli.timeout);
+    cfg.attempt_timeout = cfg.timeout.min(cfg.attempt_timeout);
+    Ok(cfg)
+}
+
+#[derive(Serialize)]
+struct NodeRow {
+    id: u64,
+    state: String,
+    client_addr: String,
+    replicas: usize,
+    leaders: usize,
+    reachable: bool,
+}
+
+#[derive(Serialize)]
+struct ShardRow {
+    id: u64,
+    range: [u64; 2],
+    replicas: Vec<u64>,
+    leader: Option<u64>,
+    epoch: ringkv_wire::Epoch,
+}
+
+#[derive(Serialize)]
+struct Status {
+    nodes: Vec<NodeRow>,
+    shards: Vec<ShardRow>,
+}
+
+async fn status(client: &Client) -> anyhow::Result<Status> {
+    let map = client.refresh_map().await?;
+    let reports = client.node_reports().await;
+    let mut leader_of = std::collections::BTreeMap::new();
+    let mut reachable = std::collections::BTreeSet::new();
+    for r in reports.iter().flatten() {
+        reachable.insert(r.node);
+        for g in &r.groups {
+            if g.is_leader {
+                leader_of.insert(g.group, r.node);
+            }
+        }
+    }
+    let shards: Vec<ShardRow> = map
+        .shards
+        .iter()
+        .map(|s| ShardRow {
+            id: s.id,
+            range: [s.start, s.end],
+            replicas: s.replicas.clone(),
+            leader: leader_of.get(&s.id).copied(),
+            epoch: s.epoch,
+        })
+        .collect();
+    let nodes = map
+        .nodes
+        .iter()
+        .map(|n| NodeRow {
+            id: n.id,
+            state: if reachable.contains(&n.id) { n.state.as_str().to_string() } else { "unreachable".into() },
+            client_addr: n.client_addr.clone(),
+            replicas: shards.iter().filter(|s| s.replicas.contains(&n.id)).count(),
+            leaders: shards.iter().filter(|s| s.leader == Some(n.id)).count(),
+            reachable: reachable.contains(&n.id),
+        })
+        .collect();
+    Ok(Status { nodes, shards })
+}
+
+fn print_status(s: &Status) {
+    println!("{:<6} {:<12} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
+    for n in &s.nodes {
+        println!("{:<6} {:<12} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
+    }
+    let leaderless = s.shards.iter().filter(|x| x.leader.is_none()).count();
+    println!();
+    println!("{} shards, {} without a leader", s.shards.len(), leaderless);
+    println!("{:<6} {:<18} {:<18} {:<12} {:<8} {:<8}", "SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH");
+    for x in &s.shards {
+        let reps = x.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        let leader = x.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<6} {:016x}   {:016x}   {:<12} {:<8} {}.{}",
+            x.id, x.range[0], x.range[1], reps, leader, x.epoch.conf_ver, x.epoch.version
+        );
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Cmd::Cert(c) = &cli.cmd {
+        match c {
+            CertCmd::Init { dir } => {
+                ringkv_transport::certs::init_ca(dir)?;
+                println!("created {}", dir.join("ca.pem").display());
+            }
+            CertCmd::Issue { dir, node, client } => {
+                let out = match (node, client) {
+                    (Some(id), None) => ringkv_transport::certs::issue_node(dir, dir, *id)?,
+                    (None, Some(name)) => ringkv_transport::certs::issue_client(dir, dir, name)?,
+                    _ => anyhow::bail!("say --node ID or --client NAME"),
+                };
+                println!("created {} and {}", out.cert.display(), out.key.display());
+            }
+        }
+        return Ok(0);
+    }
+    let cfg = client_config(&cli)?;
+    let client = Client::connect(cfg).await?;
+    let json = cli.output == Output::Json;
+    let code = match &cli.cmd {
+        Cmd::Put { key, value } => {
+            let value = if value == "-" {
+                let mut buf = Vec::new();
+                std::io::stdin().read_to_end(&mut buf)?;
+                buf
+            } else {
+                value.clone().into_bytes()
+            };
+            client.put(key.as_bytes(), &value).await?;
+            if json {
+                println!("{}", serde_json::json!({"ok": true}));
+            }
+            0
+        }
+        Cmd::Get { key } => match client.get(key.as_bytes()).await? {
+            Some(v) => {
+                if json {
+                    println!("{}", serde_json::json!({"key": key, "value": String::from_utf8_lossy(&v)}));
+                } else {
+                    std::io::stdout().write_all(&v)?;
+                    println!();
+                }
+                0
+            }
+            None => {
+                if json {
+                    println!("{}", serde_json::json!({"key": key, "value": null}));
+                }
+                eprintln!("key not found");
+                EXIT_NOT_FOUND
+            }
+        },
+        Cmd::Delete { key } => {
+            client.delete(key.as_bytes()).await?;
+            if json {
+                println!("{}", serde_json::json!({"ok": true}));
+            }
+            0
+        }
+        Cmd::Cas { key, new, expect, expect_absent: _ } => {
+            let out = client.compare_and_swap(key.as_bytes(), expect.as_deref().map(str::as_bytes), new.as_bytes()).await?;
+            let current = out.current.as_ref().map(|c| String::from_utf8_lossy(c).into_owned());
+            if json {
+                println!("{}", serde_json::json!({"swapped": out.swapped, "current": current}));
+            }
+            if out.swapped {
+                0
+            } else {
+                eprintln!("{}", current.unwrap_or_else(|| "(absent)".into()));
+                EXIT_CAS_MISMATCH
+            }
+        }
+        Cmd::Status => {
+            let s = status(&client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            0
+        }
+        Cmd::Cert(_) => 0,
+    };
+    client.close();
+    Ok(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

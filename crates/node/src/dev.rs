@@ -1,0 +1,318 @@
+//! A local cluster of `ringkv node` child processes on loopback: the engine of `ringkv dev` and
+//! of the integration tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ringkv_client::{CertPaths, Client, ClientConfig};
+use ringkv_wire::{ClientReply, ClientRequest, NodeId, NodeInfo, NodeState};
+use serde::{Deserialize, Serialize};
+
+/// The file `ringkv dev` writes so `ringctl` and scripts can find the cluster.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    pub pid: Option<u32>,
+    pub peer_addr: String,
+    pub client_addr: String,
+    pub metrics_addr: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertsEntry {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub nodes: Vec<NodeEntry>,
+    pub certs: CertsEntry,
+}
+
+impl ClusterFile {
+    pub fn load(path: &Path) -> anyhow::Result<ClusterFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a cluster file: {e}", path.display()))
+    }
+
+    pub fn client_certs(&self) -> CertPaths {
+        CertPaths { ca: self.certs.ca.clone(), cert: self.certs.client_cert.clone(), key: self.certs.client_key.clone() }
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(self.nodes.iter().map(|n| n.client_addr.clone()).collect(), self.client_certs())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    pub nodes: usize,
+    pub shards: u64,
+    pub replication: usize,
+    pub data_dir: PathBuf,
+    /// The `ringkv` binary to run nodes with.
+    pub binary: PathBuf,
+    pub fault_injection: bool,
+    /// Extra TOML appended to every node's first configuration (e.g. faster Raft timers).
+    pub extra_config: Option<String>,
+}
+
+pub struct DevCluster {
+    pub dir: PathBuf,
+    pub file: ClusterFile,
+    binary: PathBuf,
+    children: BTreeMap<NodeId, tokio::process::Child>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // Both protocols: the QUIC endpoints use UDP, the metrics endpoint TCP.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let port = udp.local_addr()?.port();
+    let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+    drop(udp);
+    match tcp {
+        Ok(_) => Ok(port),
+        Err(_) => free_port(),
+    }
+}
+
+impl DevCluster {
+    /// Starts the cluster in `opts.data_dir`: a fresh one, or the one already there.
+    pub async fn start(opts: DevOptions) -> anyhow::Result<DevCluster> {
+        let path = opts.data_dir.join(CLUSTER_FILE);
+        if path.exists() {
+            let file = ClusterFile::load(&path)?;
+            let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
+            let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
+            for id in ids {
+                c.spawn(id, &[])?;
+            }
+            c.write_file()?;
+            c.wait_ready(Duration::from_secs(60)).await?;
+            return Ok(c);
+        }
+        anyhow::ensure!(opts.nodes >= opts.replication, "{} nodes cannot hold {} replicas per shard", opts.nodes, opts.replication);
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let certs_dir = opts.data_dir.join("certs");
+        ringkv_transport::certs::init_ca(&certs_dir)?;
+        let client = ringkv_transport::certs::issue_client(&certs_dir, &certs_dir, "client")?;
+        let mut nodes = Vec::new();
+        for i in 1..=opts.nodes as u64 {
+            let node_dir = opts.data_dir.join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, i)?;
+            let e = NodeEntry {
+                id: i,
+                pid: None,
+                peer_addr: format!("127.0.0.1:{}", free_port()?),
+                client_addr: format!("127.0.0.1:{}", free_port()?),
+                metrics_addr: format!("127.0.0.1:{}", free_port()?),
+                data_dir: node_dir.clone(),
+            };
+            let cfg = node_toml(&e, &certs_dir.join("ca.pem"), &cert.cert, &cert.key, opts.fault_injection, opts.extra_config.as_deref());
+            std::fs::write(node_dir.join("first-start.toml"), cfg)?;
+            nodes.push(e);
+        }
+        let seeds: Vec<String> = nodes.iter().take(opts.replication).map(|n| n.peer_addr.clone()).collect();
+        let file = ClusterFile {
+            nodes,
+            certs: CertsEntry { dir: certs_dir.clone(), ca: certs_dir.join("ca.pem"), client_cert: client.cert, client_key: client.key },
+        };
+        let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
+        let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
+        for id in &ids {
+            let cfg = c.entry(*id)?.data_dir.join("first-start.toml");
+            let seeds = format!("--seeds={}", seeds.join(","));
+            c.spawn(*id, &["--config".into(), cfg.display().to_string(), seeds])?;
+        }
+        c.write_file()?;
+        c.bootstrap(opts.shards, opts.replication).await?;
+        c.wait_ready(Duration::from_secs(90)).await?;
+        Ok(c)
+    }
+
+    pub fn entry(&self, id: NodeId) -> anyhow::Result<&NodeEntry> {
+        self.file.nodes.iter().find(|n| n.id == id).ok_or_else(|| anyhow::anyhow!("no node {id} in the cluster"))
+    }
+
+    /// Starts node `id` from its data dir (plus `args` on its first start).
+    pub fn spawn(&mut self, id: NodeId, args: &[String]) -> anyhow::Result<()> {
+        let e = self.entry(id)?.clone();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(e.data_dir.join("node.log"))?;
+        let child = tokio::process::Command::new(&self.binary)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(&e.data_dir)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|err| anyhow::anyhow!("cannot start {}: {err}", self.binary.display()))?;
+        let pid = child.id();
+        self.children.insert(id, child);
+        if let Some(n) = self.file.nodes.iter_mut().find(|n| n.id == id) {
+            n.pid = pid;
+        }
+        Ok(())
+    }
+
+    pub fn write_file(&self) -> anyhow::Result<()> {
+        let path = self.dir.join(CLUSTER_FILE);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&self.file)?)?;
+        std::fs::rename(tmp, path)?;
+        Ok(())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        self.file.client_config()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.client_config()).await?)
+    }
+
+    async fn bootstrap(&self, shards: u64, replication: usize) -> anyhow::Result<()> {
+        let client = Client::unrouted(self.client_config())?;
+        let nodes: Vec<NodeInfo> = self
+            .file
+            .nodes
+            .iter()
+            .map(|n| NodeInfo {
+                id: n.id,
+                peer_addr: n.peer_addr.clone(),
+                client_addr: n.client_addr.clone(),
+                metrics_addr: n.metrics_addr.clone(),
+                state: NodeState::Joining,
+            })
+            .collect();
+        let first = &self.file.nodes[0].client_addr;
+        let req = ClientRequest::Bootstrap { nodes, shards, replication };
+        let started = Instant::now();
+        loop {
+            match client.call_node(first, &req, Duration::from_secs(40)).await {
+                Ok(Ok(ClientReply::Done)) => return Ok(()),
+                Ok(Err(e)) => anyhow::bail!("bootstrap refused: {e}"),
+                Ok(Ok(other)) => anyhow::bail!("unexpected bootstrap reply {other:?}"),
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    tracing::debug!("waiting for node 1: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => anyhow::bail!("node 1 did not answer: {e}"),
+            }
+        }
+    }
+
+    /// Waits until every shard has a leader that its replicas agree on.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let client = Client::unrouted(self.client_config())?;
+        let mut last = String::new();
+        while started.elapsed() < timeout {
+            match client.refresh_map().await {
+                Ok(map) => {
+                    let reports = client.node_reports().await;
+                    let mut led = std::collections::HashSet::new();
+                    for r in reports.iter().flatten() {
+                        for g in &r.groups {
+                            if g.is_leader {
+                                led.insert(g.group);
+                            }
+                        }
+                    }
+                    let missing = map.shards.iter().filter(|s| !led.contains(&s.id)).count();
+                    if missing == 0 && led.contains(&ringkv_wire::PLACEMENT_GROUP) {
+                        return Ok(());
+                    }
+                    last = format!("{missing} shards without a leader");
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!("cluster not ready after {timeout:?}: {last}")
+    }
+
+    /// `kill -9` of one node.
+    pub async fn kill(&mut self, id: NodeId) -> anyhow::Result<()> {
+        if let Some(mut c) = self.children.remove(&id) {
+            c.start_kill()?;
+            let _ = c.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM to one node and waits for it to exit (SIGKILL after `grace`).
+    pub async fn stop_node(&mut self, id: NodeId, grace: Duration) -> anyhow::Result<()> {
+        if let Some(mut c) = self.children.remove(&id) {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+            if tokio::time::timeout(grace, c.wait()).await.is_err() {
+                c.start_kill()?;
+                let _ = c.wait().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts a stopped node from its data dir.
+    pub fn restart(&mut self, id: NodeId) -> anyhow::Result<()> {
+        self.spawn(id, &[])?;
+        self.write_file()
+    }
+
+    pub async fn stop_all(&mut self) {
+        let ids: Vec<NodeId> = self.children.keys().copied().collect();
+        for id in &ids {
+            if let Some(pid) = self.children.get(id).and_then(|c| c.id()) {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+        }
+        for id in ids {
+            if let Some(mut c) = self.children.remove(&id) {
+                if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+                    let _ = c.start_kill();
+                    let _ = c.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Checks whether a node's process has exited on its own.
+    pub fn exited(&mut self) -> Vec<(NodeId, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for (id, c) in self.children.iter_mut() {
+            if let Ok(Some(s)) = c.try_wait() {
+                out.push((*id, s));
+            }
+        }
+        for (id, _) in &out {
+            self.children.remove(id);
+        }
+        out
+    }
+}
+
+fn node_toml(e: &NodeEntry, ca: &Path, cert: &Path, key: &Path, fault_injection: bool, extra: Option<&str>) -> String {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut s = format!(
+        "id = {}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\nmetrics_addr = \"{}\"\nfault_injection = {}\n",
+        e.id, e.peer_addr, e.client_addr, e.metrics_addr, fault_injection
+    );
+    if let Some(x) = extra {
+        s.push_str(x);
+        s.push('\n');
+    }
+    s.push_str(&format!("\n[tls]\nca = {}\ncert = {}\nkey = {}\n", q(ca), q(cert), q(key)));
+    s
+}

@@ -1,0 +1,108 @@
+//! The ringkv node: hosts shard replicas and (on the first nodes) the placement group, serves
+//! the client and peer protocols, and exposes Prometheus metrics.
+
+pub mod bootstrap;
+pub mod config;
+pub mod dev;
+pub mod network;
+pub mod node;
+pub mod peer;
+pub mod service;
+
+use std::sync::Arc;
+
+use ringkv_storage::Db;
+use ringkv_transport::rpc::{serve, serve_connection};
+use ringkv_wire::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ALPN_CLIENT, ALPN_PEER};
+
+pub use config::NodeConfig;
+pub use node::{Node, NodeError};
+
+/// Slack above the largest key plus value for the rest of a client frame.
+pub const CLIENT_FRAME_SLACK_BYTES: usize = 64 * 1024;
+
+/// Installs the Prometheus exporter on `addr`.
+pub fn install_metrics(addr: &str) -> Result<(), NodeError> {
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(format!("{e}"))))?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(sock)
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        .map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(e.to_string())))?
+        .install()
+        .map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(e.to_string())))
+}
+
+/// Runs a node until `shutdown` resolves, then stops it cleanly.
+pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    config.persist()?;
+    let db = Db::open(&config.data_dir.join("db"))?;
+    let certs = config.cert_paths();
+    let peer_server = ringkv_transport::tls::server_config(&certs, ALPN_PEER)?;
+    let peer_client = ringkv_transport::tls::client_config(&certs, ALPN_PEER)?;
+    let client_server = ringkv_transport::tls::server_config(&certs, ALPN_CLIENT)?;
+    let peer_ep = node::bind(&config.peer_addr, peer_server)?;
+    let client_ep = node::bind(&config.client_addr, client_server)?;
+    install_metrics(&config.metrics_addr)?;
+    let pool = Arc::new(peer::PeerPool::new(config.id, peer_ep.clone(), peer_client));
+    let node = Node::new(config.clone(), db.clone(), pool.clone())?;
+    let peer_svc = Arc::new(service::PeerService { node: node.clone() });
+    pool.set_server(Box::new(move |conn| {
+        tokio::spawn(serve_connection::<PeerRequest, PeerResponse, _>(conn, peer_svc.clone(), peer::PEER_FRAME_BYTES_MAX));
+    }));
+    node.start_registered().await?;
+    // Accept peers before adopting the map, so groups can talk as soon as they exist.
+    let peer_task = tokio::spawn(accept_peers(peer_ep.clone(), pool.clone(), node.shutdown.subscribe()));
+    let client_frame = config.limits.key_bytes_max * 2 + config.limits.value_bytes_max * 2 + CLIENT_FRAME_SLACK_BYTES;
+    let mut stop = node.shutdown.subscribe();
+    let client_task = tokio::spawn(serve::<ClientRequest, ClientResponse, _>(
+        client_ep.clone(),
+        Arc::new(service::ClientService { node: node.clone() }),
+        client_frame,
+        async move {
+            let _ = stop.changed().await;
+        },
+    ));
+    let map_task = tokio::spawn(node.clone().map_loop());
+    tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
+    shutdown.await;
+    tracing::info!("node stopping");
+    node.stop().await;
+    client_ep.close(0u32.into(), b"shutdown");
+    peer_ep.close(0u32.into(), b"shutdown");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client_ep.wait_idle()).await;
+    let _ = tokio::join!(peer_task, client_task, map_task);
+    db.shutdown();
+    Ok(())
+}
+
+/// Accepts peer connections; only certificates of nodes (`CN=node-ID`) are served here.
+async fn accept_peers(ep: quinn::Endpoint, pool: Arc<peer::PeerPool>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            incoming = ep.accept() => {
+                let Some(incoming) = incoming else { break };
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => match ringkv_transport::tls::peer_node_id(&conn) {
+                            Some(id) => {
+                                if let Err(e) = pool.adopt(id, conn, id).await {
+                                    tracing::debug!("peer connection from node {id} failed: {e}");
+                                }
+                            }
+                            None => {
+                                metrics::counter!("ringkv_transport_handshake_failures_total").increment(1);
+                                conn.close(3u32.into(), b"peer port needs a node certificate");
+                            }
+                        },
+                        Err(e) => {
+                            metrics::counter!("ringkv_transport_handshake_failures_total").increment(1);
+                            tracing::debug!("incoming peer connection refused: {e}");
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

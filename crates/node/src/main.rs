@@ -1,0 +1,169 @@
+//! `ringkv`: run a node, or a whole local cluster for development.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ringkv_node::config::{NodeConfig, Overrides};
+use ringkv_node::dev::{DevCluster, DevOptions};
+
+#[derive(Parser)]
+#[command(name = "ringkv", version, about = "ringkv: a sharded, replicated key-value store")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node. The first start needs id, addresses and certificates; later starts only
+    /// --data-dir.
+    Node(NodeArgs),
+    /// Start a local cluster on loopback and keep it running until Ctrl-C.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Where the node keeps its identity and data.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<u64>,
+    #[arg(long)]
+    peer_addr: Option<String>,
+    #[arg(long)]
+    client_addr: Option<String>,
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// The cluster CA certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the cluster CA.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Peer addresses of placement members to learn the cluster map from.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
+    /// Accept fault-injection requests (tests only).
+    #[arg(long)]
+    fault_injection: bool,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    #[arg(long, default_value_t = 64)]
+    shards: u64,
+    #[arg(long, default_value_t = 3)]
+    replication: usize,
+    #[arg(long, default_value = "./data/dev")]
+    data_dir: PathBuf,
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn node(a: NodeArgs) -> anyhow::Result<()> {
+    let o = Overrides {
+        id: a.id,
+        peer_addr: a.peer_addr,
+        client_addr: a.client_addr,
+        metrics_addr: a.metrics_addr,
+        ca: a.ca,
+        cert: a.cert,
+        key: a.key,
+        seeds: a.seeds,
+        fault_injection: a.fault_injection.then_some(true),
+    };
+    let cfg = NodeConfig::resolve(&a.data_dir, a.config.as_deref(), o)?;
+    ringkv_node::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let binary = std::env::current_exe()?;
+    let fresh = !a.data_dir.join(ringkv_node::dev::CLUSTER_FILE).exists();
+    eprintln!("{} a {}-node cluster in {} ...", if fresh { "starting" } else { "restarting" }, a.nodes, a.data_dir.display());
+    let opts = DevOptions {
+        nodes: a.nodes,
+        shards: a.shards,
+        replication: a.replication,
+        data_dir: a.data_dir.clone(),
+        binary,
+        fault_injection: false,
+        extra_config: None,
+    };
+    let mut cluster = DevCluster::start(opts).await?;
+    let file = a.data_dir.join(ringkv_node::dev::CLUSTER_FILE);
+    eprintln!("cluster ready: {} nodes", cluster.file.nodes.len());
+    for n in &cluster.file.nodes {
+        eprintln!("  node {}: client {} metrics http://{}/metrics pid {:?}", n.id, n.client_addr, n.metrics_addr, n.pid);
+    }
+    eprintln!("try:  ringctl --cluster {} put hello world && ringctl --cluster {} get hello", file.display(), file.display());
+    eprintln!("Ctrl-C stops the cluster; running `ringkv dev` again restarts it with its data.");
+    let watch = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            for (id, status) in cluster.exited() {
+                eprintln!("node {id} exited: {status}");
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = watch => {}
+    }
+    eprintln!("stopping the cluster ...");
+    cluster.stop_all().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Node(a) => node(a).await,
+            Cmd::Dev(a) => dev(a).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

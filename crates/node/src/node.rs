@@ -1,0 +1,267 @@
+//! A running node: its storage, its Raft groups, its endpoints, and the loop that keeps its
+//! replicas in line with the cluster map.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use openraft::async_runtime::WatchReceiver;
+use ringkv_storage::{register_replica, Db, LogStore, PeerNode, Raft, ReplicaKind, StateMachine, TypeConfig};
+use ringkv_wire::{ClusterMap, GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::network::NetworkFactory;
+use crate::peer::PeerPool;
+
+/// How often the map loop looks for a newer cluster map.
+pub const MAP_SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Storage(#[from] ringkv_storage::StorageError),
+    #[error(transparent)]
+    Tls(#[from] ringkv_transport::TlsError),
+    #[error("cannot bind {0}: {1}")]
+    Bind(String, std::io::Error),
+    #[error("{0}")]
+    Raft(String),
+    #[error("data dir {dir} holds data of cluster {stored}, but the cluster map says {given}; refusing to mix them")]
+    ForeignDataDir { dir: String, stored: String, given: String },
+    #[error("storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One replica hosted here.
+pub struct Replica {
+    pub group: GroupId,
+    pub raft: Raft,
+    pub sm: StateMachine,
+}
+
+impl Replica {
+    pub fn kind(&self) -> ReplicaKind {
+        self.sm.kind()
+    }
+}
+
+/// State shared by every task of a node.
+pub struct Node {
+    pub config: NodeConfig,
+    pub db: Arc<Db>,
+    pub replicas: DashMap<GroupId, Arc<Replica>>,
+    pub pool: Arc<PeerPool>,
+    map: RwLock<Arc<ClusterMap>>,
+    raft_config: Arc<openraft::Config>,
+    /// Serializes replica creation so two tasks never build the same group.
+    create_lock: tokio::sync::Mutex<()>,
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Node {
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn replica(&self, group: GroupId) -> Option<Arc<Replica>> {
+        self.replicas.get(&group).map(|r| r.clone())
+    }
+
+    pub fn raft_config(t: &crate::config::RaftTuning) -> Result<openraft::Config, NodeError> {
+        let cfg = openraft::Config {
+            cluster_name: "ringkv".into(),
+            heartbeat_interval: t.heartbeat_interval_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: 1000,
+            purge_batch_size: 256,
+            max_payload_entries: 64,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        cfg.validate().map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    pub fn new(config: NodeConfig, db: Arc<Db>, pool: Arc<PeerPool>) -> Result<Arc<Node>, NodeError> {
+        let raft_config = Arc::new(Self::raft_config(&config.raft)?);
+        let map = match db.get_meta(ringkv_storage::keys::META_MAP)? {
+            Some(b) => postcard::from_bytes(&b).unwrap_or_default(),
+            None => ClusterMap::default(),
+        };
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Node {
+            config,
+            db,
+            replicas: DashMap::new(),
+            pool,
+            map: RwLock::new(Arc::new(map)),
+            raft_config,
+            create_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+        }))
+    }
+
+    /// Starts every replica registered in the data dir.
+    pub async fn start_registered(self: &Arc<Self>) -> Result<(), NodeError> {
+        for (group, kind) in ringkv_storage::list_replicas(&self.db)? {
+            self.ensure_replica(group, kind).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns the replica of `group`, creating (and registering) it if this node has none.
+    pub async fn ensure_replica(self: &Arc<Self>, group: GroupId, kind: ReplicaKind) -> Result<Arc<Replica>, NodeError> {
+        if let Some(r) = self.replica(group) {
+            return Ok(r);
+        }
+        let _g = self.create_lock.lock().await;
+        if let Some(r) = self.replica(group) {
+            return Ok(r);
+        }
+        register_replica(&self.db, group, kind)?;
+        let log = LogStore::new(self.db.clone(), group);
+        let sm = StateMachine::new(self.db.clone(), group, kind);
+        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone() };
+        let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
+            .await
+            .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
+        let r = Arc::new(Replica { group, raft, sm });
+        self.replicas.insert(group, r.clone());
+        tracing::info!(group, ?kind, "replica started");
+        Ok(r)
+    }
+
+    /// Initializes a group's membership if it has never been initialized.
+    pub async fn initialize(&self, r: &Replica, members: &[NodeId], map_nodes: &[(NodeId, String)]) -> Result<(), NodeError> {
+        if r.raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))? {
+            return Ok(());
+        }
+        let mut m = BTreeMap::new();
+        for id in members {
+            let addr = map_nodes.iter().find(|(n, _)| n == id).map(|(_, a)| a.clone()).unwrap_or_default();
+            m.insert(*id, PeerNode { peer_addr: addr });
+        }
+        match r.raft.initialize(m).await {
+            Ok(()) => Ok(()),
+            Err(openraft::errors::RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(format!("initialize group {}: {e}", r.group))),
+        }
+    }
+
+    /// Adopts `map` if it is newer than ours: checks the cluster id, persists it, and creates
+    /// the replicas it gives this node.
+    pub async fn adopt_map(self: &Arc<Self>, map: ClusterMap) -> Result<(), NodeError> {
+        if !map.is_bootstrapped() || map.version <= self.map().version {
+            return Ok(());
+        }
+        match self.db.cluster_id()? {
+            Some(stored) if stored != map.cluster_id => {
+                return Err(NodeError::ForeignDataDir {
+                    dir: self.config.data_dir.display().to_string(),
+                    stored,
+                    given: map.cluster_id.clone(),
+                })
+            }
+            Some(_) => {}
+            None => self.db.set_cluster_id(&map.cluster_id)?,
+        }
+        let bytes = postcard::to_allocvec(&map).map_err(|e| NodeError::Raft(e.to_string()))?;
+        self.db.put_meta(ringkv_storage::keys::META_MAP, &bytes)?;
+        let nodes: Vec<(NodeId, String)> = map.nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
+        let map = Arc::new(map);
+        if let Ok(mut m) = self.map.write() {
+            *m = map.clone();
+        }
+        for s in &map.shards {
+            if !s.replicas.contains(&self.id()) {
+                continue;
+            }
+            let r = self.ensure_replica(s.id, ReplicaKind::Shard { start: s.start, end: s.end }).await?;
+            if s.replicas.first() == Some(&self.id()) {
+                self.initialize(&r, &s.replicas, &nodes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest map we can see: our placement replica's, or a placement member's.
+    async fn fetch_map(self: &Arc<Self>) -> Option<ClusterMap> {
+        if let Some(r) = self.replica(PLACEMENT_GROUP) {
+            if let Ok(Some(m)) = r.sm.placement_map() {
+                return Some(m);
+            }
+        }
+        let current = self.map();
+        let mut targets: Vec<(NodeId, String)> = current
+            .placement_members
+            .iter()
+            .filter(|id| **id != self.id())
+            .filter_map(|id| current.node(*id).map(|n| (*id, n.peer_addr.clone())))
+            .collect();
+        if !current.is_bootstrapped() {
+            for s in &self.config.seeds {
+                targets.push((0, s.clone()));
+            }
+        }
+        let mut best: Option<ClusterMap> = None;
+        for (id, addr) in targets {
+            if let Ok(Ok(PeerReply::Map(m))) = self.pool.call(id, &addr, &PeerRequest::GetMap, Duration::from_secs(1), false).await {
+                if best.as_ref().is_none_or(|b| m.version > b.version) {
+                    best = Some(m);
+                }
+            }
+        }
+        best
+    }
+
+    /// Keeps replicas in line with the newest map, and gauges in line with the replicas.
+    pub async fn map_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            if let Some(m) = self.fetch_map().await {
+                if let Err(e) = self.adopt_map(m).await {
+                    tracing::error!("cannot adopt the cluster map: {e}");
+                }
+            }
+            let leaders = self.replicas.iter().filter(|r| r.raft.metrics().borrow_watched().state.is_leader()).count();
+            metrics::gauge!("ringkv_raft_leaders").set(leaders as f64);
+            metrics::gauge!("ringkv_raft_replicas").set(self.replicas.len() as f64);
+            tokio::select! {
+                _ = tokio::time::sleep(MAP_SYNC_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Stops every group and syncs storage.
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let replicas: Vec<Arc<Replica>> = self.replicas.iter().map(|r| r.clone()).collect();
+        for r in replicas {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+        }
+        let _ = self.db.raw().flush_wal(true);
+    }
+
+    pub fn client_addr_of(&self, id: NodeId) -> Option<String> {
+        self.map().node(id).map(|n| n.client_addr.clone())
+    }
+}
+
+/// Binds a QUIC endpoint that serves `server` on `addr` (and may dial out).
+pub fn bind(addr: &str, server: quinn::ServerConfig) -> Result<quinn::Endpoint, NodeError> {
+    let sock: SocketAddr = addr.parse().map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(format!("{e}"))))?;
+    quinn::Endpoint::server(server, sock).map_err(|e| NodeError::Bind(addr.into(), e))
+}
+
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;

@@ -1,0 +1,278 @@
+//! The two protocols a node serves: peer (Raft traffic, map queries) and client.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::ReadPolicy;
+use ringkv_storage::{Command, CommandResult, ReplicaKind, SnapshotMeta, TypeConfig};
+use ringkv_transport::rpc::BoxFuture;
+use ringkv_transport::Service;
+use ringkv_wire::*;
+
+use crate::network::RaftReply;
+use crate::node::{Node, Replica};
+
+/// How long a write or linearizable read may wait for its group before the node gives up.
+pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+fn enc<T: serde::Serialize>(v: &T) -> PeerResponse {
+    postcard::to_allocvec(v).map(PeerReply::Raft).map_err(|e| RequestError::Internal(e.to_string()))
+}
+
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RequestError> {
+    postcard::from_bytes(b).map_err(|e| RequestError::Malformed(e.to_string()))
+}
+
+impl PeerService {
+    async fn raft(&self, from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8>) -> PeerResponse {
+        if self.node.pool.is_isolated_from(from) {
+            return Err(RequestError::Unavailable(format!("node {} is cut off from node {from}", self.node.id())));
+        }
+        let replica = match self.node.replica(group) {
+            Some(r) => r,
+            // The placement group's replicas come into being with the first message of its
+            // leader: that is how the placement members other than the bootstrapping one join.
+            None if group == PLACEMENT_GROUP => self
+                .node
+                .ensure_replica(PLACEMENT_GROUP, ReplicaKind::Placement)
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))?,
+            None => return Err(RequestError::ShardNotFound { shard: group, node: self.node.id() }),
+        };
+        let raft = &replica.raft;
+        match rpc {
+            RaftRpc::AppendEntries => {
+                let r = raft.append_entries(dec(&payload)?).await.map_err(|e| e.to_string());
+                enc::<RaftReply<_>>(&r)
+            }
+            RaftRpc::Vote => enc::<RaftReply<_>>(&raft.vote(dec(&payload)?).await.map_err(|e| e.to_string())),
+            RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
+            RaftRpc::Snapshot => {
+                let (vote, meta, data): (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, Vec<u8>) = dec(&payload)?;
+                metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
+                let snap = openraft::Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+                enc::<RaftReply<_>>(&raft.install_full_snapshot(vote, snap).await.map_err(|e| e.to_string()))
+            }
+        }
+    }
+}
+
+impl Service<PeerRequest, PeerResponse> for PeerService {
+    fn call(self: Arc<Self>, req: PeerRequest) -> BoxFuture<PeerResponse> {
+        Box::pin(async move {
+            match req {
+                PeerRequest::Raft { from, group, rpc, payload } => self.raft(from, group, rpc, payload).await,
+                PeerRequest::GetMap => Ok(PeerReply::Map((*self.node.map()).clone())),
+            }
+        })
+    }
+
+    fn error(&self, why: String) -> PeerResponse {
+        Err(RequestError::Malformed(why))
+    }
+}
+
+pub struct ClientService {
+    pub node: Arc<Node>,
+}
+
+impl Service<ClientRequest, ClientResponse> for ClientService {
+    fn call(self: Arc<Self>, req: ClientRequest) -> BoxFuture<ClientResponse> {
+        Box::pin(async move {
+            let kind = req.kind();
+            let started = Instant::now();
+            let r = self.handle(req).await;
+            let result = match &r {
+                Ok(_) => "ok",
+                Err(RequestError::NotLeader { .. }) => "not_leader",
+                Err(RequestError::StaleEpoch { .. } | RequestError::WrongShard { .. } | RequestError::ShardNotFound { .. }) => "misrouted",
+                Err(RequestError::KeyTooLarge { .. } | RequestError::ValueTooLarge { .. } | RequestError::Malformed(_)) => "bad_request",
+                Err(RequestError::Unavailable(_)) => "unavailable",
+                Err(_) => "error",
+            };
+            metrics::counter!("ringkv_client_requests_total", "kind" => kind, "result" => result).increment(1);
+            metrics::histogram!("ringkv_client_request_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+            r
+        })
+    }
+
+    fn error(&self, why: String) -> ClientResponse {
+        metrics::counter!("ringkv_client_requests_total", "kind" => "malformed", "result" => "bad_request").increment(1);
+        Err(RequestError::Malformed(why))
+    }
+}
+
+impl ClientService {
+    fn check_sizes(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), RequestError> {
+        let l = &self.node.config.limits;
+        if key.len() > l.key_bytes_max {
+            return Err(RequestError::KeyTooLarge { len: key.len(), max: l.key_bytes_max });
+        }
+        if let Some(v) = value {
+            if v.len() > l.value_bytes_max {
+                return Err(RequestError::ValueTooLarge { len: v.len(), max: l.value_bytes_max });
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the replica for a keyed request and checks that the request routed correctly.
+    fn route(&self, shard: GroupId, epoch: Epoch, key: &[u8]) -> Result<Arc<Replica>, RequestError> {
+        let node = &self.node;
+        let map = node.map();
+        if !map.is_bootstrapped() {
+            return Err(RequestError::NotBootstrapped);
+        }
+        let Some(desc) = map.shard(shard) else {
+            return Err(RequestError::WrongShard { shard, descriptor: map.shard_for_hash(key_hash(key)).cloned() });
+        };
+        if epoch < desc.epoch {
+            return Err(RequestError::StaleEpoch { descriptor: desc.clone() });
+        }
+        if !desc.contains(key_hash(key)) {
+            return Err(RequestError::WrongShard { shard, descriptor: map.shard_for_hash(key_hash(key)).cloned() });
+        }
+        node.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: node.id() })
+    }
+
+    fn not_leader(&self, shard: GroupId, leader: Option<NodeId>) -> RequestError {
+        RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.node.client_addr_of(l)) }
+    }
+
+    /// A leader cut off from its quorum keeps its role until a new leader reaches it; answer at
+    /// once instead of letting the request wait for a commit that cannot come.
+    fn check_quorum_contact(&self, r: &Replica) -> Result<(), RequestError> {
+        use openraft::async_runtime::WatchReceiver;
+        use openraft::Instant;
+        let limit = Duration::from_millis(self.node.config.raft.election_timeout_max_ms);
+        let m = r.raft.metrics();
+        let m = m.borrow_watched();
+        if m.state.is_leader() {
+            if let Some(acked) = &m.last_quorum_acked {
+                let since = acked.elapsed();
+                if since > limit {
+                    return Err(RequestError::Unavailable(format!(
+                        "leader of shard {} has not heard from a quorum for {since:?}",
+                        r.group
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(&self, r: &Replica, cmd: Command) -> Result<CommandResult, RequestError> {
+        self.check_quorum_contact(r)?;
+        metrics::counter!("ringkv_raft_proposals_total").increment(1);
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.client_write(cmd)).await.map_err(|_| {
+            RequestError::Unavailable(format!(
+                "shard {} did not commit within {PROPOSAL_TIMEOUT:?}; the write may or may not apply",
+                r.group
+            ))
+        })?;
+        match res {
+            Ok(resp) => {
+                metrics::counter!("ringkv_raft_commits_total").increment(1);
+                Ok(resp.data)
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(r.group, f.leader_id)),
+            Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
+        }
+    }
+
+    async fn read_barrier(&self, r: &Replica) -> Result<(), RequestError> {
+        self.check_quorum_contact(r)?;
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            .await
+            .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
+        match res {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(r.group, f.leader_id)),
+            Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
+        }
+    }
+
+    async fn handle(&self, req: ClientRequest) -> ClientResponse {
+        match req {
+            ClientRequest::GetMap => Ok(ClientReply::Map((*self.node.map()).clone())),
+            ClientRequest::Get { shard, epoch, key, stale } => {
+                self.check_sizes(&key, None)?;
+                let r = self.route(shard, epoch, &key)?;
+                if !stale {
+                    self.read_barrier(&r).await?;
+                }
+                let v = r.sm.get(&key).map_err(|e| RequestError::Internal(e.to_string()))?;
+                Ok(ClientReply::Value(v))
+            }
+            ClientRequest::Put { shard, epoch, key, value } => {
+                self.check_sizes(&key, Some(&value))?;
+                let r = self.route(shard, epoch, &key)?;
+                expect_done(self.write(&r, Command::Put { key, value }).await?)
+            }
+            ClientRequest::Delete { shard, epoch, key } => {
+                self.check_sizes(&key, None)?;
+                let r = self.route(shard, epoch, &key)?;
+                expect_done(self.write(&r, Command::Delete { key }).await?)
+            }
+            ClientRequest::Cas { shard, epoch, key, expect, new } => {
+                self.check_sizes(&key, Some(&new))?;
+                if let Some(e) = &expect {
+                    self.check_sizes(&key, Some(e))?;
+                }
+                let r = self.route(shard, epoch, &key)?;
+                match self.write(&r, Command::Cas { key, expect, new }).await? {
+                    CommandResult::Cas { swapped, current } => Ok(ClientReply::Cas { swapped, current }),
+                    other => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
+                }
+            }
+            ClientRequest::NodeStatus => Ok(ClientReply::NodeStatus(self.status())),
+            ClientRequest::Bootstrap { nodes, shards, replication } => {
+                crate::bootstrap::bootstrap(&self.node, nodes, shards, replication).await
+            }
+            ClientRequest::SetPartition { isolated_from } => {
+                if !self.node.config.fault_injection {
+                    return Err(RequestError::NotPermitted("fault injection is off on this node".into()));
+                }
+                tracing::warn!(?isolated_from, "fault filter set");
+                self.node.pool.set_isolated_from(isolated_from);
+                Ok(ClientReply::Done)
+            }
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        use openraft::async_runtime::WatchReceiver;
+        let mut groups: Vec<GroupStatus> = self
+            .node
+            .replicas
+            .iter()
+            .map(|r| {
+                let m = r.raft.metrics().borrow_watched().clone();
+                GroupStatus {
+                    group: r.group,
+                    leader: m.current_leader,
+                    is_leader: m.state.is_leader(),
+                    term: m.current_term,
+                    applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                }
+            })
+            .collect();
+        groups.sort_by_key(|g| g.group);
+        NodeStatus { node: self.node.id(), map_version: self.node.map().version, groups }
+    }
+}
+
+fn expect_done(r: CommandResult) -> ClientResponse {
+    match r {
+        CommandResult::Done => Ok(ClientReply::Done),
+        other => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
+    }
+}

@@ -1,0 +1,164 @@
+//! The node's one RocksDB, and the group committer that makes many groups' Raft appends durable
+//! with one WAL sync.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::keys::{self, ALL_CFS};
+use crate::StorageError;
+
+/// Largest number of appends one sync covers; more wait for the next round.
+pub const GROUP_COMMIT_BATCH_MAX: usize = 1024;
+
+type Done = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
+
+struct SyncRequest {
+    done: Done,
+}
+
+/// The shared RocksDB of a node.
+pub struct Db {
+    db: DB,
+    committer: std::sync::Mutex<Option<std_mpsc::Sender<SyncRequest>>>,
+}
+
+pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Db {
+    /// Opens (or creates) the database under `path` with every column family ringkv uses.
+    pub fn open(path: &Path) -> Result<Arc<Db>, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.increase_parallelism(2);
+        opts.set_paranoid_checks(true);
+        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
+        let db = Arc::new(Db { db, committer: std::sync::Mutex::new(None) });
+        let (tx, rx) = std_mpsc::channel::<SyncRequest>();
+        let weak = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("ringkv-group-commit".into())
+            .spawn(move || group_commit_loop(weak, rx))
+            .map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
+        if let Ok(mut c) = db.committer.lock() {
+            *c = Some(tx);
+        }
+        Ok(db)
+    }
+
+    pub fn raw(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every column family in ALL_CFS is created at open, so a missing one is a bug here.
+        self.db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} was created at open"))
+    }
+
+    pub fn get_cf(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, std::io::Error> {
+        self.db.get_cf(self.cf(cf), key).map_err(io_err)
+    }
+
+    /// Writes without waiting for a sync: the data survives a process crash once the WAL is
+    /// synced by a later durable write.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), std::io::Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        metrics::counter!("ringkv_storage_writes_total").increment(1);
+        self.db.write_opt(batch, &wo).map_err(io_err)
+    }
+
+    /// Writes and syncs before returning.
+    pub fn write_sync(&self, batch: WriteBatch) -> Result<(), std::io::Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        metrics::counter!("ringkv_storage_writes_total").increment(1);
+        metrics::counter!("ringkv_storage_syncs_total").increment(1);
+        self.db.write_opt(batch, &wo).map_err(io_err)
+    }
+
+    /// Writes `batch` now (readable at once) and runs `done` once a WAL sync covers it. The
+    /// group committer syncs once for every write queued meanwhile, whatever group it is from.
+    pub fn write_durable(&self, batch: WriteBatch, done: impl FnOnce(Result<(), std::io::Error>) + Send + 'static) {
+        if let Err(e) = self.write(batch) {
+            done(Err(e));
+            return;
+        }
+        let req = SyncRequest { done: Box::new(done) };
+        let sent = match self.committer.lock() {
+            Ok(c) => match c.as_ref() {
+                Some(tx) => tx.send(req).map_err(|e| e.0),
+                None => Err(req),
+            },
+            Err(_) => Err(req),
+        };
+        if let Err(req) = sent {
+            (req.done)(Err(io_err("storage is shutting down")));
+        }
+    }
+
+    /// Stops the group committer after it drains what is queued.
+    pub fn shutdown(&self) {
+        if let Ok(mut c) = self.committer.lock() {
+            c.take();
+        }
+    }
+
+    /// The cluster id this data dir belongs to, once bootstrapped.
+    pub fn cluster_id(&self) -> Result<Option<String>, std::io::Error> {
+        Ok(self.get_cf(keys::CF_META, keys::META_CLUSTER_ID)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), std::io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(keys::CF_META), keys::META_CLUSTER_ID, id.as_bytes());
+        self.write_sync(b)
+    }
+
+    pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), std::io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(keys::CF_META), key, value);
+        self.write_sync(b)
+    }
+
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, std::io::Error> {
+        self.get_cf(keys::CF_META, key)
+    }
+}
+
+/// Syncs the WAL once for every write queued so far, then tells every writer.
+fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest>) {
+    while let Ok(first) = rx.recv() {
+        let mut dones = vec![first.done];
+        while dones.len() < GROUP_COMMIT_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(r) => dones.push(r.done),
+                Err(_) => break,
+            }
+        }
+        let Some(db) = db.upgrade() else {
+            for d in dones {
+                d(Err(io_err("storage closed")));
+            }
+            return;
+        };
+        let started = Instant::now();
+        let result = db.db.flush_wal(true).map_err(io_err);
+        metrics::counter!("ringkv_storage_syncs_total").increment(1);
+        metrics::histogram!("ringkv_storage_group_commit_writes").record(dones.len() as f64);
+        metrics::histogram!("ringkv_storage_sync_seconds").record(started.elapsed().as_secs_f64());
+        drop(db);
+        for d in dones {
+            d(result.as_ref().map(|_| ()).map_err(io_err));
+        }
+    }
+}

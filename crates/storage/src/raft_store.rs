@@ -1,0 +1,414 @@
+//! openraft's log storage and state machine for one group, on the node's shared RocksDB.
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, TryStreamExt};
+use openraft::alias::SnapshotOf;
+use openraft::storage::{EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use ringkv_wire::{ClusterMap, GroupId};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::db::{io_err, Db};
+use crate::keys::*;
+use crate::types::*;
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, io::Error> {
+    postcard::to_allocvec(v).map_err(io_err)
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, io::Error> {
+    postcard::from_bytes(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt record: {e}")))
+}
+
+/// The Raft log and vote of one group.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Db>,
+    group: GroupId,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<Db>, group: GroupId) -> Self {
+        LogStore { db, group }
+    }
+
+    fn state<T: DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, io::Error> {
+        self.db.get_cf(CF_RAFT_STATE, &group_tag_key(self.group, tag))?.map(|b| dec(&b)).transpose()
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, io::Error> {
+        let db = self.db.raw();
+        let upper = log_key(self.group, u64::MAX);
+        let mut it = db.iterator_cf(self.db.cf(CF_RAFT_LOG), IteratorMode::From(&upper, Direction::Reverse));
+        match it.next() {
+            Some(Ok((k, v))) if key_group(&k) == Some(self.group) => Ok(Some(dec(&v)?)),
+            Some(Err(e)) => Err(io_err(e)),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => Some(e.saturating_add(1)),
+            Bound::Excluded(&e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(match end {
+            Some(e) => log_key(self.group, e).to_vec(),
+            None => log_key(self.group + 1, 0).to_vec(),
+        });
+        let from = log_key(self.group, start);
+        let it = self.db.raw().iterator_cf_opt(self.db.cf(CF_RAFT_LOG), ro, IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        for kv in it {
+            let (_, v) = kv.map_err(io_err)?;
+            out.push(dec::<Entry>(&v)?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.state(TAG_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogId> = self.state(TAG_PURGED)?;
+        let last_log_id = match self.last_entry()? {
+            Some(e) => Some(e.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_VOTE), enc(vote)?);
+        self.db.write_sync(b)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_COMMITTED), enc(&committed)?);
+        self.db.write(b)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.state::<Option<LogId>>(TAG_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.db.cf(CF_RAFT_LOG);
+        let mut b = WriteBatch::default();
+        let mut n = 0u64;
+        for e in entries {
+            b.put_cf(cf, log_key(self.group, e.log_id.index), enc(&e)?);
+            n += 1;
+        }
+        metrics::counter!("ringkv_raft_log_appended_entries_total").increment(n);
+        // Readable as soon as this returns; durable when the group committer's next sync runs.
+        self.db.write_durable(b, move |r| callback.io_completed(r));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, from), log_key(self.group + 1, 0));
+        self.db.write_sync(b)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_PURGED), enc(&Some(log_id))?);
+        b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, 0), log_key(self.group, log_id.index + 1));
+        self.db.write(b)
+    }
+}
+
+/// What a replica's state machine holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaKind {
+    /// The placement group: the cluster map.
+    Placement,
+    /// A shard: user data whose hash is in `[start, end)`.
+    Shard { start: u64, end: u64 },
+}
+
+impl ReplicaKind {
+    fn contains(&self, hash: u64) -> bool {
+        match *self {
+            ReplicaKind::Placement => false,
+            ReplicaKind::Shard { start, end } => hash >= start && (hash < end || end == u64::MAX),
+        }
+    }
+}
+
+/// A snapshot's bytes: the whole state of the group at `meta.last_log_id`.
+#[derive(Serialize, Deserialize)]
+enum SnapshotPayload {
+    Placement(Option<ClusterMap>),
+    Shard(Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+pub type SnapshotData = Cursor<Vec<u8>>;
+
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The applied state of one group.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Db>,
+    group: GroupId,
+    kind: ReplicaKind,
+    current: Arc<Mutex<Option<Arc<StoredSnapshot>>>>,
+}
+
+impl StateMachine {
+    pub fn new(db: Arc<Db>, group: GroupId, kind: ReplicaKind) -> Self {
+        StateMachine { db, group, kind, current: Arc::new(Mutex::new(None)) }
+    }
+
+    pub fn kind(&self) -> ReplicaKind {
+        self.kind
+    }
+
+    fn apply_key(&self, tag: u8) -> [u8; 9] {
+        group_tag_key(self.group, tag)
+    }
+
+    /// Reads a user key from this node's applied state.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, io::Error> {
+        self.db.get_cf(CF_DATA, &data_key(key))
+    }
+
+    /// The cluster map, if this is the placement group and it has been bootstrapped.
+    pub fn placement_map(&self) -> Result<Option<ClusterMap>, io::Error> {
+        self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_PLACEMENT_MAP))?.map(|b| dec(&b)).transpose()
+    }
+
+    fn build(&self) -> Result<StoredSnapshot, io::Error> {
+        let db = self.db.raw();
+        let snap = db.snapshot();
+        let read = |tag: u8| -> Result<Option<Vec<u8>>, io::Error> {
+            snap.get_cf(self.db.cf(CF_APPLY_STATE), self.apply_key(tag)).map_err(io_err)
+        };
+        let last_log_id: Option<LogId> = read(TAG_APPLIED)?.map(|b| dec(&b)).transpose()?.flatten();
+        let last_membership: StoredMembership = read(TAG_MEMBERSHIP)?.map(|b| dec(&b)).transpose()?.unwrap_or_default();
+        let payload = match self.kind {
+            ReplicaKind::Placement => SnapshotPayload::Placement(read(TAG_PLACEMENT_MAP)?.map(|b| dec(&b)).transpose()?),
+            ReplicaKind::Shard { start, end } => {
+                let (lower, upper) = data_range(start, end);
+                let mut ro = ReadOptions::default();
+                if let Some(u) = upper {
+                    ro.set_iterate_upper_bound(u);
+                }
+                ro.set_snapshot(&snap);
+                let mut rows = Vec::new();
+                for kv in db.iterator_cf_opt(self.db.cf(CF_DATA), ro, IteratorMode::From(&lower, Direction::Forward)) {
+                    let (k, v) = kv.map_err(io_err)?;
+                    rows.push((k.get(8..).unwrap_or_default().to_vec(), v.to_vec()));
+                }
+                SnapshotPayload::Shard(rows)
+            }
+        };
+        metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
+        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership, ..Default::default() }, data: enc(&payload)? })
+    }
+
+    fn set_current(&self, s: Arc<StoredSnapshot>) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(s);
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
+        let s = Arc::new(self.build()?);
+        self.set_current(s.clone());
+        Ok(openraft::Snapshot { meta: s.meta.clone(), snapshot: Cursor::new(s.data.clone()) })
+    }
+}
+
+/// Applies one command against `overlay` (writes earlier in the same batch) and the database.
+fn exec(
+    sm: &StateMachine,
+    cmd: Command,
+    overlay: &mut std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: &mut WriteBatch,
+    map: &mut Option<ClusterMap>,
+) -> Result<CommandResult, io::Error> {
+    let data = sm.db.cf(CF_DATA);
+    let key_ok = |key: &[u8]| sm.kind.contains(ringkv_wire::key_hash(key));
+    match cmd {
+        Command::Put { key, value } if key_ok(&key) => {
+            batch.put_cf(data, data_key(&key), &value);
+            overlay.insert(key, Some(value));
+            Ok(CommandResult::Done)
+        }
+        Command::Delete { key } if key_ok(&key) => {
+            batch.delete_cf(data, data_key(&key));
+            overlay.insert(key, None);
+            Ok(CommandResult::Done)
+        }
+        Command::Cas { key, expect, new } if key_ok(&key) => {
+            let current = match overlay.get(&key) {
+                Some(v) => v.clone(),
+                None => sm.get(&key)?,
+            };
+            if current == expect {
+                batch.put_cf(data, data_key(&key), &new);
+                overlay.insert(key, Some(new));
+                Ok(CommandResult::Cas { swapped: true, current })
+            } else {
+                Ok(CommandResult::Cas { swapped: false, current })
+            }
+        }
+        Command::Placement(p) if sm.kind == ReplicaKind::Placement => {
+            let m = map.get_or_insert_with(ClusterMap::default);
+            let r = ringkv_placement::apply(m, &p);
+            if r.is_ok() {
+                batch.put_cf(sm.db.cf(CF_APPLY_STATE), sm.apply_key(TAG_PLACEMENT_MAP), enc(&*m)?);
+            }
+            Ok(CommandResult::Placement(r))
+        }
+        other => Ok(CommandResult::Refused(format!("{other} does not belong to group {}", sm.group))),
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied: Option<LogId> = self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_APPLIED))?.map(|b| dec(&b)).transpose()?.flatten();
+        let membership: StoredMembership =
+            self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_MEMBERSHIP))?.map(|b| dec(&b)).transpose()?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let mut overlay = std::collections::HashMap::new();
+        let mut map = if self.kind == ReplicaKind::Placement { self.placement_map()? } else { None };
+        let mut responders = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        let mut n = 0u64;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            last = Some(entry.log_id);
+            n += 1;
+            let result = match entry.payload {
+                EntryPayload::Blank => CommandResult::Done,
+                EntryPayload::Normal(cmd) => exec(self, cmd, &mut overlay, &mut batch, &mut map)?,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    CommandResult::Done
+                }
+            };
+            if let Some(r) = responder {
+                responders.push((r, result));
+            }
+        }
+        let apply_cf = self.db.cf(CF_APPLY_STATE);
+        if let Some(last) = last {
+            batch.put_cf(apply_cf, self.apply_key(TAG_APPLIED), enc(&Some(last))?);
+        }
+        if let Some(m) = membership {
+            batch.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&m)?);
+        }
+        // Not synced: the log is durable, and the applied index is written in the same batch as
+        // the data, so after a crash the state machine re-applies exactly what it lost.
+        self.db.write(batch)?;
+        metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
+        for (r, result) in responders {
+            r.send(result);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let payload: SnapshotPayload = dec(&data)?;
+        let mut b = WriteBatch::default();
+        let apply_cf = self.db.cf(CF_APPLY_STATE);
+        match (payload, self.kind) {
+            (SnapshotPayload::Placement(map), ReplicaKind::Placement) => match map {
+                Some(m) => b.put_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP), enc(&m)?),
+                None => b.delete_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP)),
+            },
+            (SnapshotPayload::Shard(rows), ReplicaKind::Shard { start, end }) => {
+                let data_cf = self.db.cf(CF_DATA);
+                let (lower, upper) = data_range(start, end);
+                match upper {
+                    Some(u) => b.delete_range_cf(data_cf, lower, u),
+                    None => {
+                        // No finite key bounds the last range: delete up to the largest hash,
+                        // then the keys with that hash one by one.
+                        let top = u64::MAX.to_be_bytes();
+                        b.delete_range_cf(data_cf, lower, top.to_vec());
+                        for kv in self.db.raw().iterator_cf(data_cf, IteratorMode::From(&top, Direction::Forward)) {
+                            let (k, _) = kv.map_err(io_err)?;
+                            b.delete_cf(data_cf, k);
+                        }
+                    }
+                }
+                for (k, v) in rows {
+                    b.put_cf(data_cf, data_key(&k), v);
+                }
+            }
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot is for another kind of group")),
+        }
+        b.put_cf(apply_cf, self.apply_key(TAG_APPLIED), enc(&meta.last_log_id)?);
+        b.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&meta.last_membership)?);
+        self.db.write_sync(b)?;
+        self.set_current(Arc::new(StoredSnapshot { meta: meta.clone(), data }));
+        metrics::counter!("ringkv_raft_snapshots_installed_total").increment(1);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
+        let cur = self.current.lock().ok().and_then(|c| c.clone());
+        Ok(cur.map(|s| openraft::Snapshot { meta: s.meta.clone(), snapshot: Cursor::new(s.data.clone()) }))
+    }
+}

@@ -1,0 +1,78 @@
+//! The one openraft type configuration every group uses, and the commands its log carries.
+//!
+//! **API boundary:** this module and `raft_store` are the only places that name openraft's
+//! storage types, so an openraft upgrade touches them and the node's network adapter.
+
+use ringkv_placement::PlacementCommand;
+use serde::{Deserialize, Serialize};
+
+/// A group's view of another node: where to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    pub peer_addr: String,
+}
+
+impl std::fmt::Display for PeerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.peer_addr)
+    }
+}
+
+/// A state machine command, replicated through a group's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    Cas {
+        key: Vec<u8>,
+        expect: Option<Vec<u8>>,
+        new: Vec<u8>,
+    },
+    /// Only in the placement group.
+    Placement(PlacementCommand),
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Put { key, value } => write!(f, "put({} bytes, {} bytes)", key.len(), value.len()),
+            Command::Delete { key } => write!(f, "delete({} bytes)", key.len()),
+            Command::Cas { key, .. } => write!(f, "cas({} bytes)", key.len()),
+            Command::Placement(p) => write!(f, "placement({p:?})"),
+        }
+    }
+}
+
+/// What applying a [`Command`] returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    #[default]
+    Done,
+    Cas {
+        swapped: bool,
+        current: Option<Vec<u8>>,
+    },
+    Placement(Result<(), ringkv_placement::PlacementError>),
+    /// The command does not fit this group (a bug in the proposer, never a client's fault).
+    Refused(String),
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = PeerNode,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, crate::raft_store::StateMachine>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;

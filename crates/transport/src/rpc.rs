@@ -1,0 +1,349 @@
+//! Request/response multiplexed over a few long-lived QUIC bidirectional streams ("lanes").
+//!
+//! A frame is `u32 length ++ postcard(Envelope { id, body })`. The caller tags each request with
+//! an id and waits for the response with the same id, so many requests share one stream and no
+//! stream is opened per request (a new stream per small request costs a QUIC ACK delay, ~26 ms
+//! here). Each lane has one writer task that drains everything queued and writes it in one go, so
+//! messages to one destination are batched.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ringkv_wire::codec::{encode_frame, frame_len, CodecError, FRAME_HEADER_BYTES};
+use ringkv_wire::Envelope;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Frames queued per lane before senders wait.
+pub const LANE_QUEUE_MAX: usize = 4096;
+/// Largest batch one writer hands to QUIC at once.
+pub const WRITE_BATCH_BYTES_MAX: usize = 1 << 20;
+/// Requests one stream may have in flight on the serving side; past it, reading pauses.
+pub const SERVER_IN_FLIGHT_PER_STREAM_MAX: usize = 1024;
+/// The id of the error frame a server sends before it closes a stream whose framing is broken.
+pub const BROKEN_STREAM_ID: u64 = u64::MAX;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot connect to {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    #[error("peer sent a malformed frame: {0}")]
+    Decode(String),
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// The serving side of a protocol.
+pub trait Service<Req, Resp>: Send + Sync + 'static {
+    fn call(self: Arc<Self>, req: Req) -> BoxFuture<Resp>;
+    /// The response sent for a request that could not be decoded or answered.
+    fn error(&self, why: String) -> Resp;
+}
+
+type Pending<Resp> = DashMap<u64, oneshot::Sender<Result<Resp, RpcError>>>;
+
+/// The calling side of one QUIC connection.
+pub struct RpcClient<Req, Resp> {
+    conn: quinn::Connection,
+    lanes: Vec<mpsc::Sender<Vec<u8>>>,
+    pending: Arc<Pending<Resp>>,
+    next_id: AtomicU64,
+    next_lane: AtomicUsize,
+    frame_bytes_max: usize,
+    dead: Arc<AtomicBool>,
+    _req: PhantomData<fn(Req)>,
+}
+
+impl<Req, Resp> RpcClient<Req, Resp>
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+        lanes: usize,
+        frame_bytes_max: usize,
+    ) -> Result<Self, RpcError> {
+        let err = |msg: String| RpcError::Connect { addr: addr.to_string(), msg };
+        let conn =
+            endpoint.connect_with(config, addr, server_name).map_err(|e| err(e.to_string()))?.await.map_err(|e| err(e.to_string()))?;
+        Self::over(conn, lanes, frame_bytes_max).await
+    }
+
+    /// Opens `lanes` streams on an established connection.
+    pub async fn over(conn: quinn::Connection, lanes: usize, frame_bytes_max: usize) -> Result<Self, RpcError> {
+        let pending: Arc<Pending<Resp>> = Arc::new(DashMap::new());
+        let dead = Arc::new(AtomicBool::new(false));
+        let mut txs = Vec::with_capacity(lanes);
+        for _ in 0..lanes.max(1) {
+            let (send, recv) = conn.open_bi().await.map_err(|e| RpcError::ConnectionLost(e.to_string()))?;
+            let (tx, rx) = mpsc::channel(LANE_QUEUE_MAX);
+            tokio::spawn(write_loop(send, rx));
+            tokio::spawn(read_responses(recv, pending.clone(), dead.clone(), frame_bytes_max));
+            txs.push(tx);
+        }
+        Ok(RpcClient {
+            conn,
+            lanes: txs,
+            pending,
+            next_id: AtomicU64::new(1),
+            next_lane: AtomicUsize::new(0),
+            frame_bytes_max,
+            dead,
+            _req: PhantomData,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.dead.load(Ordering::Relaxed) || self.conn.close_reason().is_some()
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Sends `req` on the next lane and waits up to `timeout` for its response.
+    pub async fn call(&self, req: &Req, timeout: Duration) -> Result<Resp, RpcError> {
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        self.call_on_lane(lane, req, timeout).await
+    }
+
+    /// Sends `req` on a chosen lane (e.g. a lane kept for bulk transfers).
+    pub async fn call_on_lane(&self, lane: usize, req: &Req, timeout: Duration) -> Result<Resp, RpcError> {
+        if self.is_closed() {
+            return Err(RpcError::ConnectionLost("connection closed".into()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        encode_frame(&Envelope { id, body: req }, self.frame_bytes_max, &mut frame).map_err(|e| RpcError::Encode(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(id, tx);
+        let guard = PendingGuard { pending: &self.pending, id };
+        let tx = &self.lanes[lane % self.lanes.len()];
+        let sent = tokio::time::timeout(timeout, async {
+            tx.send(frame).await.map_err(|_| RpcError::ConnectionLost("lane closed".into()))?;
+            rx.await.map_err(|_| RpcError::ConnectionLost("connection closed while waiting".into()))?
+        })
+        .await;
+        drop(guard);
+        sent.map_err(|_| RpcError::Timeout(timeout))?
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+struct PendingGuard<'a, Resp> {
+    pending: &'a Pending<Resp>,
+    id: u64,
+}
+
+impl<Resp> Drop for PendingGuard<'_, Resp> {
+    fn drop(&mut self) {
+        self.pending.remove(&self.id);
+    }
+}
+
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < WRITE_BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(f) => buf.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        metrics::counter!("ringkv_transport_sent_bytes_total").increment(buf.len() as u64);
+        metrics::counter!("ringkv_transport_write_batches_total").increment(1);
+        if send.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Reads one frame body; `Ok(None)` at a clean end of stream.
+async fn read_frame(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameError::Stream(e.to_string())),
+    }
+    let len = frame_len(header, frame_bytes_max).map_err(FrameError::Codec)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    metrics::counter!("ringkv_transport_received_bytes_total").increment((len + FRAME_HEADER_BYTES) as u64);
+    Ok(Some(body))
+}
+
+#[derive(Debug)]
+enum FrameError {
+    Stream(String),
+    Codec(CodecError),
+}
+
+async fn read_responses<Resp: DeserializeOwned>(
+    mut recv: quinn::RecvStream,
+    pending: Arc<Pending<Resp>>,
+    dead: Arc<AtomicBool>,
+    frame_bytes_max: usize,
+) {
+    let why = loop {
+        let body = match read_frame(&mut recv, frame_bytes_max).await {
+            Ok(Some(b)) => b,
+            Ok(None) => break "stream finished".to_string(),
+            Err(e) => break format!("{e:?}"),
+        };
+        match postcard::from_bytes::<Envelope<Resp>>(&body) {
+            Ok(env) => {
+                if let Some((_, tx)) = pending.remove(&env.id) {
+                    let _ = tx.send(Ok(env.body));
+                }
+            }
+            Err(e) => {
+                // The framing is intact, so only the request with this id (if it can be read)
+                // fails; the lane stays usable.
+                if let Ok((id, _)) = postcard::take_from_bytes::<u64>(&body) {
+                    if let Some((_, tx)) = pending.remove(&id) {
+                        let _ = tx.send(Err(RpcError::Decode(e.to_string())));
+                    }
+                }
+            }
+        }
+    };
+    dead.store(true, Ordering::Relaxed);
+    let ids: Vec<u64> = pending.iter().map(|e| *e.key()).collect();
+    for id in ids {
+        if let Some((_, tx)) = pending.remove(&id) {
+            let _ = tx.send(Err(RpcError::ConnectionLost(why.clone())));
+        }
+    }
+}
+
+/// Serves every stream the peer opens on `conn` until the connection ends.
+pub async fn serve_connection<Req, Resp, S>(conn: quinn::Connection, svc: Arc<S>, frame_bytes_max: usize)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    S: Service<Req, Resp>,
+{
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream::<Req, Resp, S>(send, recv, svc.clone(), frame_bytes_max));
+    }
+}
+
+async fn serve_stream<Req, Resp, S>(send: quinn::SendStream, mut recv: quinn::RecvStream, svc: Arc<S>, frame_bytes_max: usize)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    S: Service<Req, Resp>,
+{
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(LANE_QUEUE_MAX);
+    tokio::spawn(write_loop(send, rx));
+    let in_flight = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_PER_STREAM_MAX));
+    loop {
+        let body = match read_frame(&mut recv, frame_bytes_max).await {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(FrameError::Stream(e)) => {
+                tracing::debug!("peer stream ended: {e}");
+                break;
+            }
+            Err(FrameError::Codec(e)) => {
+                // The length prefix is bad, so the rest of the stream cannot be framed: say why
+                // and close this stream. Other streams and the connection are unaffected.
+                metrics::counter!("ringkv_transport_malformed_frames_total").increment(1);
+                if let Some(f) = encode_reply(&*svc, BROKEN_STREAM_ID, svc.error(e.to_string()), frame_bytes_max) {
+                    let _ = tx.send(f).await;
+                }
+                let _ = recv.stop(1u32.into());
+                break;
+            }
+        };
+        let (id, req) = match postcard::from_bytes::<Envelope<Req>>(&body) {
+            Ok(env) => (env.id, env.body),
+            Err(e) => {
+                metrics::counter!("ringkv_transport_malformed_frames_total").increment(1);
+                let id = postcard::take_from_bytes::<u64>(&body).map(|(id, _)| id).unwrap_or(BROKEN_STREAM_ID);
+                if let Some(f) = encode_reply(&*svc, id, svc.error(format!("cannot decode request: {e}")), frame_bytes_max) {
+                    let _ = tx.send(f).await;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let svc = svc.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = svc.clone().call(req).await;
+            if let Some(f) = encode_reply(&*svc, id, resp, frame_bytes_max) {
+                let _ = tx.send(f).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Encodes a response; one too large to send becomes the service's error response.
+fn encode_reply<Req, Resp: Serialize, S: Service<Req, Resp>>(svc: &S, id: u64, resp: Resp, frame_bytes_max: usize) -> Option<Vec<u8>> {
+    let mut frame = Vec::new();
+    if let Err(e) = encode_frame(&Envelope { id, body: &resp }, frame_bytes_max, &mut frame) {
+        frame.clear();
+        let err = svc.error(format!("cannot encode response: {e}"));
+        encode_frame(&Envelope { id, body: &err }, frame_bytes_max, &mut frame).ok()?;
+    }
+    Some(frame)
+}
+
+/// Accepts connections on `endpoint` and serves each with `svc` until `shutdown` resolves.
+pub async fn serve<Req, Resp, S>(endpoint: quinn::Endpoint, svc: Arc<S>, frame_bytes_max: usize, shutdown: impl Future<Output = ()>)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    S: Service<Req, Resp>,
+{
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => serve_connection::<Req, Resp, S>(conn, svc, frame_bytes_max).await,
+                        Err(e) => {
+                            metrics::counter!("ringkv_transport_handshake_failures_total").increment(1);
+                            tracing::debug!("incoming connection refused: {e}");
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The typed errors a node returns to a request. Routing errors carry the hint to recover.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupId, NodeId, ShardDesc};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RequestError {
+    /// This replica is not the shard's leader; retry at `leader` (if known) at `leader_addr`.
+    #[error("shard {shard}: not leader (leader: {leader:?})")]
+    NotLeader { shard: GroupId, leader: Option<NodeId>, leader_addr: Option<String> },
+    /// The request routed with an old epoch; `descriptor` is the fresh one.
+    #[error("shard {}: stale epoch, current is {:?}", descriptor.id, descriptor.epoch)]
+    StaleEpoch { descriptor: ShardDesc },
+    /// The key does not hash into the shard the request named.
+    #[error("key does not belong to shard {shard}")]
+    WrongShard { shard: GroupId, descriptor: Option<ShardDesc> },
+    /// This node holds no replica of the shard.
+    #[error("shard {shard} has no replica on node {node}")]
+    ShardNotFound { shard: GroupId, node: NodeId },
+    #[error("key is {len} bytes, more than the limit of {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value is {len} bytes, more than the limit of {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("cluster is not bootstrapped yet")]
+    NotBootstrapped,
+    /// The request reached the node but could not be served now (no quorum, shutting down).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// Whether the same request may succeed if sent again (possibly elsewhere, after a refresh).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            RequestError::NotLeader { .. }
+                | RequestError::StaleEpoch { .. }
+                | RequestError::WrongShard { .. }
+                | RequestError::ShardNotFound { .. }
+                | RequestError::NotBootstrapped
+                | RequestError::Unavailable(_)
+        )
+    }
+}

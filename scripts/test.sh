@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, unit tests, the openraft storage suite and the
+# integration tests (real 3-node clusters on 127.0.0.1). Tests and binaries share one release
+# build, so the dependencies (rocksdb above all) compile once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ringkv-target}"
+cargo fmt --all --check
+cargo build --release --workspace --bins
+# Each integration test runs its own cluster of three processes; two at a time fit two cores.
+cargo test --release --workspace -- --test-threads=2

@@ -1,0 +1,145 @@
+//! Bad input gets a clear error and breaks nothing: oversize keys and values, malformed frames,
+//! clients without a certificate from the cluster CA, corrupt data dirs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringkv_client::{CertPaths, Client, ClientConfig, Error};
+use ringkv_tests::{ringkv_binary, TestCluster};
+use ringkv_wire::{ClientResponse, Envelope, RequestError, ALPN_CLIENT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_keys_values_and_malformed_frames_get_clear_errors() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    client.put(b"keep", b"me").await?;
+    let r = client.put(&vec![b'k'; 4097], b"v").await;
+    assert!(matches!(r, Err(Error::Request(RequestError::KeyTooLarge { len: 4097, max: 4096 }))), "{r:?}");
+    let r = client.put(b"k", &vec![0u8; (1 << 20) + 1]).await;
+    assert!(matches!(r, Err(Error::Request(RequestError::ValueTooLarge { .. }))), "{r:?}");
+    client.put(&vec![b'k'; 4096], &vec![7u8; 1 << 20]).await?;
+    assert_eq!(client.get(&vec![b'k'; 4096]).await?.map(|v| v.len()), Some(1 << 20));
+
+    // Raw frames on a real client connection.
+    let certs = tc.cluster.file.client_certs();
+    let quic = ringkv_transport::tls::client_config(&certs, ALPN_CLIENT)?;
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let addr = tc.client_addr(1).parse()?;
+    let conn = ep.connect_with(quic, addr, ringkv_transport::NODE_SERVER_NAME)?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    // A well-framed body that is not a request: id 5, then garbage.
+    send.write_all(&[0, 0, 0, 4, 5, 0xff, 0xff, 0xff]).await?;
+    let reply = read_reply(&mut recv).await?;
+    assert_eq!(reply.id, 5);
+    assert!(matches!(reply.body, Err(RequestError::Malformed(_))), "{reply:?}");
+    // A length prefix far past the limit: an error frame, then the stream is closed.
+    send.write_all(&[0xff, 0xff, 0xff, 0xff]).await?;
+    let reply = read_reply(&mut recv).await?;
+    assert_eq!(reply.id, ringkv_transport::rpc::BROKEN_STREAM_ID);
+    assert!(matches!(reply.body, Err(RequestError::Malformed(ref m)) if m.contains("larger than the limit")), "{reply:?}");
+    conn.close(0u32.into(), b"done");
+
+    // Nothing stored was lost and the node still serves.
+    assert_eq!(client.get(b"keep").await?, Some(b"me".to_vec()));
+    client.put(b"after", b"ok").await?;
+    tc.stop().await;
+    Ok(())
+}
+
+async fn read_reply(recv: &mut quinn::RecvStream) -> anyhow::Result<Envelope<ClientResponse>> {
+    let mut h = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut h)).await??;
+    let mut body = vec![0u8; u32::from_be_bytes(h) as usize];
+    recv.read_exact(&mut body).await?;
+    Ok(postcard_decode(&body)?)
+}
+
+fn postcard_decode(b: &[u8]) -> anyhow::Result<Envelope<ClientResponse>> {
+    match ringkv_wire::decode_frame::<Envelope<ClientResponse>>(&[&(b.len() as u32).to_be_bytes()[..], b].concat(), usize::MAX)? {
+        ringkv_wire::Decoded::Frame(f, _) => Ok(f),
+        ringkv_wire::Decoded::Incomplete(_) => anyhow::bail!("incomplete"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 4).await?;
+    let seeds = vec![tc.client_addr(1)];
+    // A certificate from another CA.
+    let other = tempfile::tempdir()?;
+    ringkv_transport::certs::init_ca(other.path())?;
+    let foreign = ringkv_transport::certs::issue_client(other.path(), other.path(), "client")?;
+    let certs = CertPaths { ca: tc.cluster.file.certs.ca.clone(), cert: foreign.cert, key: foreign.key };
+    let mut cfg = ClientConfig::new(seeds.clone(), certs);
+    cfg.timeout = Duration::from_secs(3);
+    let r = Client::connect(cfg).await;
+    assert!(r.is_err(), "a client with a foreign certificate connected");
+
+    // No certificate at all.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&tc.cluster.file.certs.ca)? {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
+    let quic = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let refused = async {
+        let conn = ep.connect_with(quic, seeds[0].parse()?, ringkv_transport::NODE_SERVER_NAME)?.await?;
+        let rpc = ringkv_transport::RpcClient::<ringkv_wire::ClientRequest, ClientResponse>::over(conn, 1, 1 << 20).await?;
+        let _served = rpc.call(&ringkv_wire::ClientRequest::GetMap, Duration::from_secs(3)).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(refused.is_err(), "a client without a certificate was served");
+
+    // The cluster still serves a proper client.
+    let client = tc.client().await?;
+    client.put(b"still", b"fine").await?;
+    tc.stop().await;
+    Ok(())
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_mismatched_data_dirs_are_refused_with_a_clear_message() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    ringkv_transport::certs::init_ca(&certs)?;
+    let node = ringkv_transport::certs::issue_node(&certs, &certs, 1)?;
+    let data = dir.path().join("node");
+    let run = |args: &[&str]| {
+        std::process::Command::new(ringkv_binary()).arg("node").arg("--data-dir").arg(&data).args(args).env("RUST_LOG", "error").output()
+    };
+    // Missing identity on a first start.
+    let out = run(&[])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing setting `id`"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A data dir that belongs to another node id.
+    std::fs::create_dir_all(&data)?;
+    let identity = format!(
+        "id = 7\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:1\"\nclient_addr = \"127.0.0.1:2\"\nmetrics_addr = \"127.0.0.1:3\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        data.display().to_string(),
+        certs.join("ca.pem").display().to_string(),
+        node.cert.display().to_string(),
+        node.key.display().to_string()
+    );
+    std::fs::write(data.join("node.toml"), identity)?;
+    let out = run(&["--id", "8"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to node 7"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A corrupt database.
+    std::fs::create_dir_all(data.join("db"))?;
+    std::fs::write(data.join("db/CURRENT"), b"garbage\n")?;
+    std::fs::write(data.join("db/IDENTITY"), b"x")?;
+    let out = run(&[])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the database"), "{err}");
+    Ok(())
+}

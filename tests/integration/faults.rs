@@ -1,0 +1,105 @@
+//! Node failures: kill -9 of one node, restart and catch-up; a partitioned node cannot commit.
+
+use std::time::{Duration, Instant};
+
+use ringkv_client::Error;
+use ringkv_tests::{eventually, keys_for_every_shard, TestCluster};
+use ringkv_wire::{ClientRequest, RequestError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_of_one_node_keeps_every_shard_serving_and_it_catches_up() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 16).await?;
+    let client = tc.client().await?;
+    let map = client.map();
+    let keys = keys_for_every_shard(&map, "kill");
+    for (_, k) in &keys {
+        client.put(k, b"before").await?;
+    }
+    // Kill the node that leads the most shards, so failover is exercised.
+    let mut victim = 1;
+    let mut most = 0;
+    for n in 1..=3 {
+        let l = tc.leaders_on(&client, n).await?.len();
+        if l > most {
+            most = l;
+            victim = n;
+        }
+    }
+    tc.cluster.kill(victim).await?;
+    let killed_at = Instant::now();
+    for (shard, k) in &keys {
+        client.put(k, b"during").await.map_err(|e| anyhow::anyhow!("shard {shard} write after kill: {e}"))?;
+        assert_eq!(client.get(k).await?, Some(b"during".to_vec()));
+    }
+    let failover = killed_at.elapsed();
+    assert!(failover < Duration::from_secs(20), "every shard served again within {failover:?}");
+    eprintln!("all {} shards served again {failover:?} after kill -9 of node {victim} (it led {most})", keys.len());
+    tc.cluster.restart(victim)?;
+    for (_, k) in &keys {
+        eventually(Duration::from_secs(30), "restarted node catches up", || async {
+            let v = tc.stale_get(&client, victim, k).await?;
+            anyhow::ensure!(v.as_deref() == Some(&b"during"[..]), "node {victim} has {v:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_node_cannot_commit_while_the_majority_serves() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 8).await?;
+    let client = tc.client().await?;
+    let map = client.map();
+    let keys = keys_for_every_shard(&map, "part");
+    let isolated = 1;
+    tc.isolate(&client, isolated).await?;
+    // Writes sent straight to the isolated node never succeed, whichever role it had.
+    for (shard, k) in &keys {
+        let desc = map.shard(*shard).expect("shard").clone();
+        let req = ClientRequest::Put { shard: *shard, epoch: desc.epoch, key: k.clone(), value: b"minority".to_vec() };
+        let r = client.call_node(&tc.client_addr(isolated), &req, Duration::from_secs(8)).await;
+        match r {
+            Ok(Ok(reply)) => anyhow::bail!("isolated node committed a write to shard {shard}: {reply:?}"),
+            Ok(Err(RequestError::NotLeader { .. } | RequestError::Unavailable(_))) | Err(_) => {}
+            Ok(Err(other)) => anyhow::bail!("unexpected refusal {other}"),
+        }
+    }
+    // The majority side serves every shard.
+    for (_, k) in &keys {
+        client.put(k, b"majority").await?;
+        assert_eq!(client.get(k).await?, Some(b"majority".to_vec()));
+    }
+    tc.heal(&client).await?;
+    for (_, k) in &keys {
+        assert_eq!(client.get(k).await?, Some(b"majority".to_vec()));
+        eventually(Duration::from_secs(30), "healed node catches up", || async {
+            let v = tc.stale_get(&client, isolated, k).await?;
+            anyhow::ensure!(v.as_deref() == Some(&b"majority"[..]), "node {isolated} has {v:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_with_a_deadline_when_the_majority_is_down() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    client.put(b"k", b"v").await?;
+    tc.cluster.kill(2).await?;
+    tc.cluster.kill(3).await?;
+    let started = Instant::now();
+    let mut cfg = tc.cluster.client_config();
+    cfg.timeout = Duration::from_secs(3);
+    cfg.attempt_timeout = Duration::from_secs(1);
+    let short = ringkv_client::Client::connect(cfg).await?;
+    let r = short.put(b"k", b"w").await;
+    assert!(matches!(r, Err(Error::Deadline { .. })), "expected a deadline error, got {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "returned after {:?}", started.elapsed());
+    tc.stop().await;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The cluster-test harness: real `ringkv node` processes on 127.0.0.1, in a temporary
+//! directory, with helpers to write, read, kill, restart and partition.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ringkv_client::Client;
+use ringkv_node::dev::{DevCluster, DevOptions};
+use ringkv_wire::{ClientReply, ClientRequest, NodeId};
+
+/// Raft timers for tests: quicker elections than production defaults so failover tests finish
+/// fast, still far above loopback round trips.
+pub const TEST_RAFT: &str =
+    "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\nsnapshot_logs_since_last = 200";
+
+/// The `ringkv` binary built next to this test binary (same profile).
+pub fn ringkv_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/ringkv
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("ringkv");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release --bins` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct TestCluster {
+    pub cluster: DevCluster,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestCluster {
+    pub async fn start(nodes: usize, shards: u64) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
+        let opts = DevOptions {
+            nodes,
+            shards,
+            replication: 3,
+            data_dir: dir.path().join("cluster"),
+            binary: ringkv_binary(),
+            fault_injection: true,
+            extra_config: Some(TEST_RAFT.into()),
+        };
+        let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
+        Ok(TestCluster { cluster, dir: Some(dir) })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.cluster.dir.clone()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        self.cluster.client().await
+    }
+
+    pub fn client_addr(&self, id: NodeId) -> String {
+        self.cluster.entry(id).map(|e| e.client_addr.clone()).unwrap_or_default()
+    }
+
+    /// Cuts `node` off from every other node, in both directions.
+    pub async fn isolate(&self, client: &Client, node: NodeId) -> anyhow::Result<()> {
+        let others: Vec<NodeId> = self.cluster.file.nodes.iter().map(|n| n.id).filter(|id| *id != node).collect();
+        self.set_partition(client, node, others.clone()).await?;
+        for o in others {
+            self.set_partition(client, o, vec![node]).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn heal(&self, client: &Client) -> anyhow::Result<()> {
+        for n in &self.cluster.file.nodes {
+            self.set_partition(client, n.id, vec![]).await?;
+        }
+        Ok(())
+    }
+
+    async fn set_partition(&self, client: &Client, node: NodeId, isolated_from: Vec<NodeId>) -> anyhow::Result<()> {
+        let r = client.call_node(&self.client_addr(node), &ClientRequest::SetPartition { isolated_from }, Duration::from_secs(5)).await?;
+        anyhow::ensure!(matches!(r, Ok(ClientReply::Done)), "set partition on node {node}: {r:?}");
+        Ok(())
+    }
+
+    /// Shard ids led by `node`, as it reports them.
+    pub async fn leaders_on(&self, client: &Client, node: NodeId) -> anyhow::Result<Vec<u64>> {
+        match client.call_node(&self.client_addr(node), &ClientRequest::NodeStatus, Duration::from_secs(5)).await? {
+            Ok(ClientReply::NodeStatus(s)) => Ok(s.groups.iter().filter(|g| g.is_leader && g.group != 0).map(|g| g.group).collect()),
+            other => anyhow::bail!("node status: {other:?}"),
+        }
+    }
+
+    /// Reads `key` from `node`'s own replica without going through the leader.
+    pub async fn stale_get(&self, client: &Client, node: NodeId, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        let map = client.map();
+        let desc = map.shard_for_hash(ringkv_wire::key_hash(key)).ok_or_else(|| anyhow::anyhow!("no shard"))?;
+        let req = ClientRequest::Get { shard: desc.id, epoch: desc.epoch, key: key.to_vec(), stale: true };
+        match client.call_node(&self.client_addr(node), &req, Duration::from_secs(5)).await? {
+            Ok(ClientReply::Value(v)) => Ok(v),
+            other => anyhow::bail!("stale get on node {node}: {other:?}"),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.cluster.stop_all().await;
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                let kept = d.keep();
+                eprintln!("test failed; cluster data and node logs kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+/// One key per shard of `map`: keys `prefix-N` until every shard has one.
+pub fn keys_for_every_shard(map: &ringkv_wire::ClusterMap, prefix: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut out: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();
+    let mut i = 0u64;
+    while out.len() < map.shards.len() {
+        let k = format!("{prefix}-{i}").into_bytes();
+        if let Some(s) = map.shard_for_hash(ringkv_wire::key_hash(&k)) {
+            out.entry(s.id).or_insert(k);
+        }
+        i += 1;
+    }
+    out.into_iter().collect()
+}
+
+/// Retries `f` until it succeeds or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let started = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < timeout => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("{what}: not within {timeout:?}: {e:#}"),
+        }
+    }
+}
