@@ -209,7 +209,7 @@ impl Node {
             .filter_map(|id| current.node(*id).map(|n| (*id, n.peer_addr.clone())))
             .collect();
         if !current.is_bootstrapped() {
-            for s in &self.config.seeds {
+            for s in self.config.seeds.iter().filter(|s| **s != self.config.peer_addr) {
                 targets.push((0, s.clone()));
             }
         }

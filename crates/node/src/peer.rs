@@ -85,6 +85,10 @@ impl PeerPool {
     /// Takes a connection with `peer` (dialed by `dialer`) into service and returns the one
     /// both ends use.
     pub async fn adopt(&self, peer: NodeId, conn: quinn::Connection, dialer: NodeId) -> Result<Arc<Conn>, RpcError> {
+        if peer == self.me {
+            conn.close(4u32.into(), b"a node does not talk to itself");
+            return Err(RpcError::Connect { addr: conn.remote_address().to_string(), msg: "that address is this node".into() });
+        }
         if let Some(serve) = self.server.get() {
             serve(conn.clone());
         }

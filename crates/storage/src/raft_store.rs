@@ -147,7 +147,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let mut b = WriteBatch::default();
-        b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_PURGED), enc(&Some(log_id))?);
+        b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_PURGED), enc(&log_id)?);
         b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, 0), log_key(self.group, log_id.index + 1));
         self.db.write(b)
     }
