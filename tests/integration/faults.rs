@@ -32,7 +32,7 @@ async fn kill_nine_of_one_node_keeps_every_shard_serving_and_it_catches_up() -> 
         assert_eq!(client.get(k).await?, Some(b"during".to_vec()));
     }
     let failover = killed_at.elapsed();
-    assert!(failover < Duration::from_secs(20), "every shard served again within {failover:?}");
+    assert!(failover < Duration::from_secs(30), "every shard served again within {failover:?}");
     eprintln!("all {} shards served again {failover:?} after kill -9 of node {victim} (it led {most})", keys.len());
     tc.cluster.restart(victim)?;
     for (_, k) in &keys {

@@ -35,6 +35,8 @@ pub const CLIENT_LANES: usize = 2;
 pub const CLIENT_FRAME_BYTES_MAX: usize = 8 << 20;
 const BACKOFF_START: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How long a node that failed at the transport level is avoided by every call.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -49,7 +51,7 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     pub fn new(seeds: Vec<String>, certs: CertPaths) -> Self {
-        ClientConfig { seeds, certs, timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(6) }
+        ClientConfig { seeds, certs, timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(3) }
     }
 }
 
@@ -97,6 +99,8 @@ pub struct Client {
     conns: DashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>>,
     map: RwLock<Arc<ClusterMap>>,
     leaders: DashMap<GroupId, NodeId>,
+    /// Nodes that recently failed at the transport level, and when.
+    suspects: DashMap<NodeId, Instant>,
 }
 
 impl Client {
@@ -115,7 +119,15 @@ impl Client {
         let quic = ringkv_transport::tls::client_config(&config.certs, ALPN_CLIENT)?;
         let bind: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Config(format!("cannot open a UDP socket: {e}")))?;
-        Ok(Client { endpoint, quic, config, conns: DashMap::new(), map: RwLock::new(Arc::default()), leaders: DashMap::new() })
+        Ok(Client {
+            endpoint,
+            quic,
+            config,
+            conns: DashMap::new(),
+            map: RwLock::new(Arc::default()),
+            leaders: DashMap::new(),
+            suspects: DashMap::new(),
+        })
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
@@ -228,6 +240,11 @@ impl Client {
             if let Some(desc) = map.shard_for_hash(hash).cloned() {
                 // The cached leader if any; otherwise the replicas in turn, skipping the one that
                 // failed last (a deposed leader cut off from its quorum keeps claiming to lead).
+                for r in &desc.replicas {
+                    if self.suspects.get(r).is_some_and(|t| t.elapsed() < SUSPECT_FOR) && !failed.contains(r) {
+                        failed.push(*r);
+                    }
+                }
                 if desc.replicas.iter().all(|r| failed.contains(r)) {
                     failed.clear();
                 }
@@ -248,6 +265,7 @@ impl Client {
                         let t = remaining.min(self.config.attempt_timeout);
                         match self.call_node(&addr, &make(desc.id, desc.epoch), t).await {
                             Ok(Ok(reply)) => {
+                                self.suspects.remove(&target);
                                 self.leaders.insert(desc.id, target);
                                 return Ok(reply);
                             }
@@ -277,6 +295,7 @@ impl Client {
                             Ok(Err(e)) => return Err(Error::Request(e)),
                             Err(e) => {
                                 self.leaders.remove(&desc.id);
+                                self.suspects.insert(target, Instant::now());
                                 failed.push(target);
                                 last = format!("{addr}: {e}");
                             }
