@@ -1,0 +1,110 @@
+//! Placement at bootstrap on more nodes than replicas, and the typed routing errors that tell a
+//! client where to go.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use ringkv_tests::{keys_for_every_shard, TestCluster};
+use ringkv_wire::{ClientRequest, Epoch, RequestError};
+
+fn scrape(addr: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> anyhow::Result<()> {
+    let tc = TestCluster::start(5, 16).await?;
+    let client = tc.client().await?;
+    let map = client.map();
+    // 16 shards x 3 replicas over 5 nodes: 9.6 each, so 9 or 10; first replicas 3 or 4.
+    for n in 1..=5u64 {
+        let held = map.shards.iter().filter(|s| s.replicas.contains(&n)).count();
+        assert!((9..=10).contains(&held), "node {n} holds {held} replicas");
+        let first = map.shards.iter().filter(|s| s.replicas[0] == n).count();
+        assert!((3..=4).contains(&first), "node {n} is first replica of {first} shards");
+    }
+    assert_eq!(map.placement_members, vec![1, 2, 3]);
+    // Nodes 4 and 5 are not placement members: they learned the map from one and created
+    // their replicas from it, so writes reach every shard.
+    let keys = keys_for_every_shard(&map, "five");
+    for (_, k) in &keys {
+        client.put(k, b"v").await?;
+        assert_eq!(client.get(k).await?, Some(b"v".to_vec()));
+    }
+    let (shard, key) = keys[0].clone();
+    let desc = map.shard(shard).expect("shard").clone();
+    let leader = {
+        let mut found = None;
+        for n in &desc.replicas {
+            if tc.leaders_on(&client, *n).await?.contains(&shard) {
+                found = Some(*n);
+            }
+        }
+        found.expect("shard has a leader")
+    };
+    let follower = *desc.replicas.iter().find(|n| **n != leader).expect("follower");
+    let outsider = (1..=5u64).find(|n| !desc.replicas.contains(n)).expect("a node without this shard");
+    let put = |shard, epoch| ClientRequest::Put { shard, epoch, key: key.clone(), value: b"x".to_vec() };
+    let call = |node: u64, req: ClientRequest| {
+        let addr = tc.client_addr(node);
+        let client = &client;
+        async move { client.call_node(&addr, &req, Duration::from_secs(5)).await }
+    };
+
+    match call(follower, put(shard, desc.epoch)).await? {
+        Err(RequestError::NotLeader { shard: s, leader: Some(l), leader_addr: Some(a) }) => {
+            assert_eq!((s, l), (shard, leader));
+            assert_eq!(a, tc.client_addr(leader));
+        }
+        other => anyhow::bail!("follower answered {other:?}"),
+    }
+    match call(leader, put(shard, Epoch { conf_ver: 0, version: 0 })).await? {
+        Err(RequestError::StaleEpoch { descriptor }) => assert_eq!(descriptor, desc),
+        other => anyhow::bail!("stale epoch answered {other:?}"),
+    }
+    let wrong = keys.iter().map(|(s, _)| *s).find(|s| *s != shard).expect("another shard");
+    match call(leader, put(wrong, desc.epoch)).await? {
+        Err(RequestError::WrongShard { shard: s, descriptor: Some(d) }) => {
+            assert_eq!(s, wrong);
+            assert_eq!(d, desc, "the hint is the shard that holds the key");
+        }
+        other => anyhow::bail!("wrong shard answered {other:?}"),
+    }
+    match call(leader, put(999, desc.epoch)).await? {
+        Err(RequestError::WrongShard { shard: 999, descriptor: Some(d) }) => assert_eq!(d.id, shard),
+        other => anyhow::bail!("unknown shard answered {other:?}"),
+    }
+    match call(outsider, put(shard, desc.epoch)).await? {
+        Err(RequestError::ShardNotFound { shard: s, node }) => assert_eq!((s, node), (shard, outsider)),
+        other => anyhow::bail!("node without the shard answered {other:?}"),
+    }
+    match call(leader, ClientRequest::SetPartition { isolated_from: vec![1] }).await? {
+        Ok(_) => {} // fault injection is on in tests
+        Err(e) => anyhow::bail!("set partition refused: {e}"),
+    }
+    call(leader, ClientRequest::SetPartition { isolated_from: vec![] }).await??;
+    assert_eq!(client.get(&key).await?, Some(b"v".to_vec()), "misrouted writes changed nothing");
+
+    // Every node serves its metrics, and keeps exactly one connection per peer.
+    for n in &tc.cluster.file.nodes {
+        let text = scrape(&n.metrics_addr)?;
+        for name in
+            ["ringkv_client_requests_total", "ringkv_raft_leaders", "ringkv_storage_syncs_total", "ringkv_raft_applied_entries_total"]
+        {
+            assert!(text.contains(name), "node {} metrics lack {name}", n.id);
+        }
+        let conns = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ringkv_transport_peer_connections "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0);
+        assert!(conns <= 4.0 && conns >= 1.0, "node {} has {conns} peer connections for 4 peers", n.id);
+    }
+    tc.stop().await;
+    Ok(())
+}
