@@ -51,7 +51,7 @@ async fn read_reply(recv: &mut quinn::RecvStream) -> anyhow::Result<Envelope<Cli
     tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut h)).await??;
     let mut body = vec![0u8; u32::from_be_bytes(h) as usize];
     recv.read_exact(&mut body).await?;
-    Ok(postcard_decode(&body)?)
+    postcard_decode(&body)
 }
 
 fn postcard_decode(b: &[u8]) -> anyhow::Result<Envelope<ClientResponse>> {

@@ -103,7 +103,7 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
             .find_map(|l| l.strip_prefix("ringkv_transport_peer_connections "))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(-1.0);
-        assert!(conns <= 4.0 && conns >= 1.0, "node {} has {conns} peer connections for 4 peers", n.id);
+        assert!((1.0..=4.0).contains(&conns), "node {} has {conns} peer connections for 4 peers", n.id);
     }
     tc.stop().await;
     Ok(())

@@ -243,7 +243,7 @@ impl StateMachine {
             }
         };
         metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
-        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership, ..Default::default() }, data: enc(&payload)? })
+        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership }, data: enc(&payload)? })
     }
 
     fn set_current(&self, s: Arc<StoredSnapshot>) {
