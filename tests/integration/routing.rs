@@ -1,20 +1,10 @@
 //! Placement at bootstrap on more nodes than replicas, and the typed routing errors that tell a
 //! client where to go.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
-use ringkv_tests::{keys_for_every_shard, TestCluster};
+use ringkv_tests::{keys_for_every_shard, scrape, TestCluster};
 use ringkv_wire::{ClientRequest, Epoch, RequestError};
-
-fn scrape(addr: &str) -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> anyhow::Result<()> {

@@ -11,7 +11,7 @@ use ringkv_wire::{ClientReply, ClientRequest, NodeId};
 /// Raft timers for tests: quicker elections than production defaults so failover tests finish
 /// fast, still far above loopback round trips.
 pub const TEST_RAFT: &str =
-    "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\nsnapshot_logs_since_last = 200";
+    "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 20";
 
 /// The `ringkv` binary built next to this test binary (same profile).
 pub fn ringkv_binary() -> PathBuf {
@@ -102,6 +102,16 @@ impl TestCluster {
         }
     }
 
+    /// Waits until `node`'s own replica holds `expected` under `key` (it has caught up).
+    pub async fn wait_caught_up(&self, client: &Client, node: NodeId, key: &[u8], expected: &[u8]) -> anyhow::Result<()> {
+        eventually(Duration::from_secs(30), &format!("node {node} catches up"), || async {
+            let v = self.stale_get(client, node, key).await?;
+            anyhow::ensure!(v.as_deref() == Some(expected), "node {node} has {v:?}");
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn stop(mut self) {
         self.cluster.stop_all().await;
     }
@@ -149,4 +159,20 @@ where
             Err(e) => anyhow::bail!("{what}: not within {timeout:?}: {e:#}"),
         }
     }
+}
+
+/// The Prometheus text a node serves at `addr`.
+pub fn scrape(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The value of an unlabelled metric in Prometheus text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -142,11 +142,7 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let sock: std::net::SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| RpcError::Connect { addr: addr.into(), msg: e.to_string() })?
-            .next()
-            .ok_or_else(|| RpcError::Connect { addr: addr.into(), msg: "no address".into() })?;
+        let sock = ringkv_transport::rpc::resolve(addr).await?;
         let c = tokio::time::timeout(
             Duration::from_secs(3),
             Conn::connect(

@@ -65,6 +65,8 @@ pub struct RaftTuning {
     pub election_timeout_max_ms: u64,
     /// Take a snapshot (and allow purging the log) after this many applied entries.
     pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the log.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftTuning {
@@ -74,6 +76,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1000,
         }
     }
 }
@@ -205,5 +208,56 @@ impl NodeConfig {
 
     pub fn cert_paths(&self) -> ringkv_transport::CertPaths {
         ringkv_transport::CertPaths { ca: self.tls.ca.clone(), cert: self.tls.cert.clone(), key: self.tls.key.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_start(dir: &Path) -> Overrides {
+        Overrides {
+            id: Some(4),
+            peer_addr: Some("127.0.0.1:7004".into()),
+            client_addr: Some("127.0.0.1:7104".into()),
+            metrics_addr: Some("127.0.0.1:9104".into()),
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join("n.pem")),
+            key: Some(dir.join("n.key")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn identity_persists_and_flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let cfg = NodeConfig::resolve(&data, None, first_start(dir.path())).expect("first start");
+        cfg.persist().expect("persist");
+        let again = NodeConfig::resolve(&data, None, Overrides::default()).expect("restart with --data-dir alone");
+        assert_eq!(again, cfg);
+        let file = dir.path().join("ringkv.toml");
+        std::fs::write(&file, "client_addr = \"127.0.0.1:8000\"\n[limits]\nkey_bytes_max = 100\nvalue_bytes_max = 1000\n").expect("write");
+        let o = Overrides { client_addr: Some("127.0.0.1:8001".into()), ..Default::default() };
+        let c = NodeConfig::resolve(&data, Some(&file), o).expect("file and flag");
+        assert_eq!(c.client_addr, "127.0.0.1:8001", "flag beats file");
+        assert_eq!(c.limits.key_bytes_max, 100, "file beats stored identity");
+        let o = Overrides { id: Some(5), ..Default::default() };
+        assert!(matches!(NodeConfig::resolve(&data, None, o), Err(ConfigError::IdMismatch { stored: 4, given: 5, .. })));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut o = first_start(dir.path());
+        o.peer_addr = Some("not-an-address".into());
+        let e = NodeConfig::resolve(&dir.path().join("d"), None, o).expect_err("bad address");
+        assert!(e.to_string().contains("peer_addr"), "{e}");
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "idd = 3\n").expect("write");
+        let e = NodeConfig::resolve(&dir.path().join("d"), Some(&file), first_start(dir.path())).expect_err("unknown key");
+        assert!(e.to_string().contains("idd"), "{e}");
+        let e = NodeConfig::resolve(&dir.path().join("d2"), None, Overrides::default()).expect_err("nothing given");
+        assert!(matches!(e, ConfigError::Missing("id")));
     }
 }

@@ -83,7 +83,7 @@ impl Node {
             election_timeout_min: t.election_timeout_min_ms,
             election_timeout_max: t.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
             purge_batch_size: 256,
             max_payload_entries: 64,
             enable_pre_vote: Some(true),
@@ -265,3 +265,51 @@ pub fn bind(addr: &str, server: quinn::ServerConfig) -> Result<quinn::Endpoint, 
 }
 
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Limits, RaftTuning, TlsConfig};
+
+    fn config(dir: &std::path::Path) -> NodeConfig {
+        let certs = dir.join("certs");
+        ringkv_transport::certs::init_ca(&certs).expect("ca");
+        let c = ringkv_transport::certs::issue_node(&certs, &certs, 1).expect("cert");
+        NodeConfig {
+            id: 1,
+            data_dir: dir.join("node"),
+            peer_addr: "127.0.0.1:0".into(),
+            client_addr: "127.0.0.1:0".into(),
+            metrics_addr: "127.0.0.1:0".into(),
+            tls: TlsConfig { ca: certs.join("ca.pem"), cert: c.cert, key: c.key },
+            seeds: vec![],
+            limits: Limits::default(),
+            raft: RaftTuning::default(),
+            fault_injection: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_map_from_another_cluster_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let db = Db::open(&cfg.data_dir.join("db")).expect("db");
+        db.set_cluster_id("cluster-a").expect("cluster id");
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let client = ringkv_transport::tls::client_config(&cfg.cert_paths(), ringkv_wire::ALPN_PEER).expect("tls");
+        let node = Node::new(cfg, db.clone(), Arc::new(PeerPool::new(1, ep, client))).expect("node");
+        let map = ClusterMap {
+            cluster_id: "cluster-b".into(),
+            version: 3,
+            shards: ringkv_placement::bootstrap_shards(&[1, 2, 3], 4, 3),
+            placement_members: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let err = node.adopt_map(map).await.expect_err("foreign map adopted");
+        assert!(matches!(err, NodeError::ForeignDataDir { .. }), "{err}");
+        assert!(err.to_string().contains("cluster-a"), "{err}");
+        assert!(!node.map().is_bootstrapped());
+        assert!(node.replicas.is_empty(), "no replica created from a foreign map");
+        assert_eq!(db.cluster_id().expect("read"), Some("cluster-a".into()));
+    }
+}

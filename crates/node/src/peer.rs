@@ -134,11 +134,7 @@ impl PeerPool {
         if let Some(c) = self.live(to) {
             return Ok(c);
         }
-        let sock: std::net::SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| RpcError::Connect { addr: addr.into(), msg: e.to_string() })?
-            .next()
-            .ok_or_else(|| RpcError::Connect { addr: addr.into(), msg: "no address".into() })?;
+        let sock = ringkv_transport::rpc::resolve(addr).await?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
             self.endpoint
                 .connect_with(self.config.clone(), sock, ringkv_transport::NODE_SERVER_NAME)

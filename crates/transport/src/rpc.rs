@@ -47,6 +47,12 @@ pub enum RpcError {
     Unreachable(String),
 }
 
+/// Resolves `addr` (`host:port`) to the first socket address it names.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, RpcError> {
+    let err = |msg: String| RpcError::Connect { addr: addr.into(), msg };
+    tokio::net::lookup_host(addr).await.map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("names no address".into()))
+}
+
 /// The serving side of a protocol.
 pub trait Service<Req, Resp>: Send + Sync + 'static {
     fn call(self: Arc<Self>, req: Req) -> BoxFuture<Resp>;
