@@ -63,7 +63,7 @@ async fn partitioned_node_cannot_commit_while_the_majority_serves() -> anyhow::R
     // Writes sent straight to the isolated node never succeed, whichever role it had.
     for (shard, k) in &keys {
         let desc = map.shard(*shard).expect("shard").clone();
-        let req = ClientRequest::Put { shard: *shard, epoch: desc.epoch, key: k.clone(), value: b"minority".to_vec() };
+        let req = ClientRequest::Put { shard: *shard, epoch: desc.epoch, key: k.clone(), value: b"minority".to_vec(), session: None };
         let r = client.call_node(&tc.client_addr(isolated), &req, Duration::from_secs(8)).await;
         match r {
             Ok(Ok(reply)) => anyhow::bail!("isolated node committed a write to shard {shard}: {reply:?}"),

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cli;
+mod client;
 mod data_path;
 mod faults;
 mod routing;

@@ -39,7 +39,7 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
     };
     let follower = *desc.replicas.iter().find(|n| **n != leader).expect("follower");
     let outsider = (1..=5u64).find(|n| !desc.replicas.contains(n)).expect("a node without this shard");
-    let put = |shard, epoch| ClientRequest::Put { shard, epoch, key: key.clone(), value: b"x".to_vec() };
+    let put = |shard, epoch| ClientRequest::Put { shard, epoch, key: key.clone(), value: b"x".to_vec(), session: None };
     let call = |node: u64, req: ClientRequest| {
         let addr = tc.client_addr(node);
         let client = &client;

@@ -2,23 +2,53 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ringkv_client::Error> {
-//! use ringkv_client::{Client, ClientConfig};
-//! let certs = ringkv_client::CertPaths {
+//! use ringkv_client::{CallOptions, CertPaths, Client, ClientConfig};
+//! use std::time::Duration;
+//!
+//! let certs = CertPaths {
 //!     ca: "data/dev/certs/ca.pem".into(),
 //!     cert: "data/dev/certs/client.pem".into(),
 //!     key: "data/dev/certs/client.key".into(),
 //! };
+//! // Any node's client address will do: the client fetches the ring from it.
 //! let client = Client::connect(ClientConfig::new(vec!["127.0.0.1:7101".into()], certs)).await?;
+//!
 //! client.put(b"hello", b"world").await?;
 //! assert_eq!(client.get(b"hello").await?, Some(b"world".to_vec()));
+//!
+//! // A compare-and-swap loop: increment a counter.
+//! loop {
+//!     let current = client.get(b"counter").await?;
+//!     let n: u64 = current.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()).unwrap_or(0);
+//!     if client.compare_and_swap(b"counter", current.as_deref(), (n + 1).to_string().as_bytes()).await?.swapped {
+//!         break;
+//!     }
+//! }
+//!
+//! // Per-call deadlines, stale reads from any replica, batches fanned out per shard.
+//! let _ = client.get_with(b"hello", CallOptions { timeout: Some(Duration::from_secs(1)), stale: true }).await?;
+//! let results = client.batch_put(&[(b"a", b"1"), (b"b", b"2")], CallOptions::default()).await;
+//! assert!(results.iter().all(|r| r.is_ok()));
 //! # Ok(()) }
 //! ```
 //!
-//! The client caches the cluster map and each shard's leader; a `NotLeader` answer moves it to
-//! the hinted leader, `StaleEpoch`/`WrongShard` refresh the map, and every call retries with
-//! exponential backoff and jitter until its deadline.
+//! `examples/counter.rs` runs the counter loop against a `ringkv dev` cluster.
+//!
+//! How it behaves:
+//! - It caches the cluster map and each shard's leader. `NotLeader` moves it to the hinted
+//!   leader, `StaleEpoch`/`WrongShard` refresh the map, and a node that cannot be reached is
+//!   avoided by every call for a few seconds.
+//! - Every call has a deadline (the client's `timeout`, or `CallOptions::timeout`). Inside it the
+//!   call retries with exponential backoff and jitter; past it, it fails with `Error::Deadline`.
+//! - Writes carry a session (client id and sequence number). Shards remember the answer to
+//!   each, also across snapshots and restarts, so a retried write applies at most once and a
+//!   retried compare-and-swap returns the answer of its first application.
+//! - `Error::retryable` says whether trying again may help. Nothing a node sends makes the
+//!   client panic.
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -27,7 +57,7 @@ pub use ringkv_transport::{CertPaths, RpcError};
 use ringkv_wire::{
     key_hash, ClientReply, ClientRequest, ClientResponse, ClusterMap, Epoch, GroupId, NodeId, NodeStatus, RequestError, ALPN_CLIENT,
 };
-pub use ringkv_wire::{ClusterMap as Map, NodeStatus as NodeReport};
+pub use ringkv_wire::{ClusterMap as Map, NodeStatus as NodeReport, Session};
 
 /// Streams per connection to a node.
 pub const CLIENT_LANES: usize = 2;
@@ -35,6 +65,8 @@ pub const CLIENT_LANES: usize = 2;
 pub const CLIENT_FRAME_BYTES_MAX: usize = 8 << 20;
 const BACKOFF_START: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How long one call avoids a replica that just failed it.
+const AVOID_AFTER_FAILURE: Duration = Duration::from_millis(1000);
 /// How long a node that failed at the transport level is avoided by every call.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
@@ -55,7 +87,7 @@ impl ClientConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// The node refused the request for a reason retrying will not fix.
     #[error(transparent)]
@@ -64,7 +96,7 @@ pub enum Error {
     #[error("deadline of {deadline:?} exceeded; last error: {last}")]
     Deadline { deadline: Duration, last: String },
     #[error("TLS setup: {0}")]
-    Tls(#[from] ringkv_transport::TlsError),
+    Tls(String),
     #[error("transport: {0}")]
     Transport(#[from] RpcError),
     #[error("{0}")]
@@ -92,15 +124,64 @@ pub struct CasOutcome {
 
 type Conn = RpcClient<ClientRequest, ClientResponse>;
 
+/// The connection to one node, and when dialing it last failed.
+#[derive(Default)]
+struct Slot {
+    conn: Option<Arc<Conn>>,
+    failed_at: Option<Instant>,
+}
+
+/// After a failed dial, calls to that node fail at once for this long instead of queueing up
+/// to dial it again.
+const REDIAL_AFTER: Duration = Duration::from_millis(500);
+
 pub struct Client {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
     config: ClientConfig,
-    conns: DashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>>,
+    conns: DashMap<String, Arc<tokio::sync::Mutex<Slot>>>,
     map: RwLock<Arc<ClusterMap>>,
     leaders: DashMap<GroupId, NodeId>,
     /// Nodes that recently failed at the transport level, and when.
     suspects: DashMap<NodeId, Instant>,
+    /// This client's session id: with `next_seq` it names every write, so a retry is recognized.
+    client_id: u64,
+    next_seq: AtomicU64,
+    /// Sequence numbers of writes still in progress; the lowest bounds what shards must remember.
+    in_flight: Mutex<BTreeSet<u64>>,
+}
+
+/// Options of one call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallOptions {
+    /// Deadline of the call, retries included (default: the client's `timeout`).
+    pub timeout: Option<Duration>,
+    /// Reads: serve from any replica's applied state, which may lag the leader.
+    pub stale: bool,
+}
+
+impl CallOptions {
+    pub fn timeout(d: Duration) -> Self {
+        CallOptions { timeout: Some(d), ..Default::default() }
+    }
+
+    pub fn stale() -> Self {
+        CallOptions { stale: true, ..Default::default() }
+    }
+}
+
+/// A write's session while it may still be retried; ends when dropped.
+struct SessionGuard<'a> {
+    client: &'a Client,
+    session: Session,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.client.in_flight.lock() {
+            f.remove(&self.session.seq);
+        }
+    }
 }
 
 impl Client {
@@ -116,7 +197,7 @@ impl Client {
         if config.seeds.is_empty() {
             return Err(Error::Config("no seed endpoints given".into()));
         }
-        let quic = ringkv_transport::tls::client_config(&config.certs, ALPN_CLIENT)?;
+        let quic = ringkv_transport::tls::client_config(&config.certs, ALPN_CLIENT).map_err(|e| Error::Tls(e.to_string()))?;
         let bind: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Config(format!("cannot open a UDP socket: {e}")))?;
         Ok(Client {
@@ -127,6 +208,9 @@ impl Client {
             map: RwLock::new(Arc::default()),
             leaders: DashMap::new(),
             suspects: DashMap::new(),
+            client_id: rand::random(),
+            next_seq: AtomicU64::new(1),
+            in_flight: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -137,10 +221,13 @@ impl Client {
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>, RpcError> {
         let slot = self.conns.entry(addr.to_string()).or_default().clone();
         let mut g = slot.lock().await;
-        if let Some(c) = g.as_ref() {
+        if let Some(c) = g.conn.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
+        }
+        if g.failed_at.is_some_and(|t| t.elapsed() < REDIAL_AFTER) {
+            return Err(RpcError::Connect { addr: addr.into(), msg: "failed moments ago".into() });
         }
         let sock = ringkv_transport::rpc::resolve(addr).await?;
         let c = tokio::time::timeout(
@@ -155,16 +242,30 @@ impl Client {
             ),
         )
         .await
-        .map_err(|_| RpcError::Connect { addr: addr.into(), msg: "timed out".into() })??;
-        let c = Arc::new(c);
-        *g = Some(c.clone());
-        Ok(c)
+        .map_err(|_| RpcError::Connect { addr: addr.into(), msg: "timed out".into() })
+        .and_then(|r| r);
+        match c {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *g = Slot { conn: Some(c.clone()), failed_at: None };
+                Ok(c)
+            }
+            Err(e) => {
+                *g = Slot { conn: None, failed_at: Some(Instant::now()) };
+                Err(e)
+            }
+        }
     }
 
-    /// Sends one request to the node at `addr`, without routing or retries.
+    /// Sends one request to the node at `addr`, without routing or retries. `timeout` bounds
+    /// everything, connecting included.
     pub async fn call_node(&self, addr: &str, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, RpcError> {
-        let c = self.conn(addr).await?;
-        let r = c.call(req, timeout).await;
+        let r = tokio::time::timeout(timeout, async {
+            let c = self.conn(addr).await?;
+            c.call(req, timeout).await
+        })
+        .await
+        .unwrap_or(Err(RpcError::Timeout(timeout)));
         if matches!(r, Err(RpcError::ConnectionLost(_))) {
             self.conns.remove(addr);
         }
@@ -208,14 +309,18 @@ impl Client {
         }
     }
 
-    /// Routes a keyed request to its shard's leader, retrying until `deadline`.
+    /// Routes a keyed request to its shard's leader, retrying until `timeout` passes.
     async fn keyed(&self, key: &[u8], make: impl Fn(GroupId, Epoch) -> ClientRequest, timeout: Duration) -> Result<ClientReply, Error> {
+        self.keyed_hash(key_hash(key), make, timeout).await
+    }
+
+    async fn keyed_hash(&self, hash: u64, make: impl Fn(GroupId, Epoch) -> ClientRequest, timeout: Duration) -> Result<ClientReply, Error> {
         let started = Instant::now();
-        let hash = key_hash(key);
         let mut backoff = BACKOFF_START;
         let mut attempt = 0usize;
         let mut last = String::new();
-        let mut failed: Vec<NodeId> = Vec::new();
+        // Replicas that just failed this call (unavailable, unreachable), and when.
+        let mut failures: Vec<(NodeId, Instant)> = Vec::new();
         loop {
             let remaining = timeout.saturating_sub(started.elapsed());
             if remaining.is_zero() {
@@ -223,7 +328,10 @@ impl Client {
             }
             let mut map = self.map();
             if !map.is_bootstrapped() {
-                match self.refresh_map().await {
+                match tokio::time::timeout(remaining, self.refresh_map())
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Deadline { deadline: timeout, last: "refreshing the map".into() }))
+                {
                     Ok(m) => map = m,
                     Err(e) => {
                         last = e.to_string();
@@ -234,8 +342,11 @@ impl Client {
             }
             let mut pause = true;
             if let Some(desc) = map.shard_for_hash(hash).cloned() {
-                // The cached leader if any; otherwise the replicas in turn, skipping the one that
-                // failed last (a deposed leader cut off from its quorum keeps claiming to lead).
+                // The cached leader if any; otherwise the replicas in turn, avoiding for a moment
+                // those that just failed (a deposed leader cut off from its quorum keeps claiming
+                // to lead) and those any call found unreachable.
+                failures.retain(|(_, t)| t.elapsed() < AVOID_AFTER_FAILURE);
+                let mut failed: Vec<NodeId> = failures.iter().map(|(n, _)| *n).collect();
                 for r in &desc.replicas {
                     if self.suspects.get(r).is_some_and(|t| t.elapsed() < SUSPECT_FOR) && !failed.contains(r) {
                         failed.push(*r);
@@ -266,7 +377,7 @@ impl Client {
                                 return Ok(reply);
                             }
                             Ok(Err(RequestError::NotLeader { leader, .. })) => {
-                                last = format!("node {target} is not the leader of shard {}", desc.id);
+                                last = format!("node {target} is not the leader of shard {} (it names {leader:?})", desc.id);
                                 match leader.filter(|l| *l != target && !failed.contains(l)) {
                                     Some(l) => {
                                         self.leaders.insert(desc.id, l);
@@ -281,18 +392,23 @@ impl Client {
                                 e @ (RequestError::StaleEpoch { .. } | RequestError::WrongShard { .. } | RequestError::NotBootstrapped),
                             )) => {
                                 last = e.to_string();
-                                let _ = self.refresh_map().await;
+                                let _ = tokio::time::timeout(timeout.saturating_sub(started.elapsed()), self.refresh_map()).await;
                             }
                             Ok(Err(e)) if e.retryable() => {
                                 self.leaders.remove(&desc.id);
-                                failed.push(target);
+                                failures.push((target, Instant::now()));
                                 last = e.to_string();
                             }
                             Ok(Err(e)) => return Err(Error::Request(e)),
                             Err(e) => {
                                 self.leaders.remove(&desc.id);
-                                self.suspects.insert(target, Instant::now());
-                                failed.push(target);
+                                // A node that cannot be reached is avoided by every call; one that
+                                // was reached but did not answer in time (a shard without quorum
+                                // there) only by this call.
+                                if !matches!(e, RpcError::Timeout(_)) {
+                                    self.suspects.insert(target, Instant::now());
+                                }
+                                failures.push((target, Instant::now()));
                                 last = format!("{addr}: {e}");
                             }
                         }
@@ -308,43 +424,169 @@ impl Client {
         }
     }
 
+    /// Starts a write session: a sequence number this client never uses again.
+    fn session(&self) -> SessionGuard<'_> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let acked_below = match self.in_flight.lock() {
+            Ok(mut f) => {
+                f.insert(seq);
+                f.first().copied().unwrap_or(seq)
+            }
+            Err(_) => 0,
+        };
+        SessionGuard { client: self, session: Session { client: self.client_id, seq, acked_below } }
+    }
+
+    fn deadline(&self, o: &CallOptions) -> Duration {
+        o.timeout.unwrap_or(self.config.timeout)
+    }
+
     /// Reads `key` linearizably.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.get_with(key, CallOptions::default()).await
+    }
+
+    /// Reads `key`; with `stale`, from any replica's applied state.
+    pub async fn get_with(&self, key: &[u8], o: CallOptions) -> Result<Option<Vec<u8>>, Error> {
         let key = key.to_vec();
-        match self
-            .keyed(&key, |shard, epoch| ClientRequest::Get { shard, epoch, key: key.clone(), stale: false }, self.config.timeout)
-            .await?
-        {
+        let make = |shard, epoch| ClientRequest::Get { shard, epoch, key: key.clone(), stale: o.stale };
+        match self.keyed(&key, make, self.deadline(&o)).await? {
             ClientReply::Value(v) => Ok(v),
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        self.put_with(key, value, CallOptions::default()).await
+    }
+
+    /// Writes `value` under `key`. Retried until the deadline, applied at most once.
+    pub async fn put_with(&self, key: &[u8], value: &[u8], o: CallOptions) -> Result<(), Error> {
         let (key, value) = (key.to_vec(), value.to_vec());
-        match self
-            .keyed(&key, |shard, epoch| ClientRequest::Put { shard, epoch, key: key.clone(), value: value.clone() }, self.config.timeout)
-            .await?
-        {
+        let s = self.session();
+        let make = |shard, epoch| ClientRequest::Put { shard, epoch, key: key.clone(), value: value.clone(), session: Some(s.session) };
+        match self.keyed(&key, make, self.deadline(&o)).await? {
             ClientReply::Done => Ok(()),
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn delete(&self, key: &[u8]) -> Result<(), Error> {
+        self.delete_with(key, CallOptions::default()).await
+    }
+
+    pub async fn delete_with(&self, key: &[u8], o: CallOptions) -> Result<(), Error> {
         let key = key.to_vec();
-        match self.keyed(&key, |shard, epoch| ClientRequest::Delete { shard, epoch, key: key.clone() }, self.config.timeout).await? {
+        let s = self.session();
+        let make = |shard, epoch| ClientRequest::Delete { shard, epoch, key: key.clone(), session: Some(s.session) };
+        match self.keyed(&key, make, self.deadline(&o)).await? {
             ClientReply::Done => Ok(()),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Sets `key` to `new` if its value is `expect` (`None`: the key is absent).
+    /// Sets `key` to `new` if its value is `expect` (`None`: the key is absent). A retry after
+    /// a timeout or a leader change returns the answer of the first application.
     pub async fn compare_and_swap(&self, key: &[u8], expect: Option<&[u8]>, new: &[u8]) -> Result<CasOutcome, Error> {
+        self.compare_and_swap_with(key, expect, new, CallOptions::default()).await
+    }
+
+    pub async fn compare_and_swap_with(&self, key: &[u8], expect: Option<&[u8]>, new: &[u8], o: CallOptions) -> Result<CasOutcome, Error> {
         let (key, expect, new) = (key.to_vec(), expect.map(|e| e.to_vec()), new.to_vec());
-        let make = |shard, epoch| ClientRequest::Cas { shard, epoch, key: key.clone(), expect: expect.clone(), new: new.clone() };
-        match self.keyed(&key, make, self.config.timeout).await? {
+        let s = self.session();
+        let make = |shard, epoch| ClientRequest::Cas {
+            shard,
+            epoch,
+            key: key.clone(),
+            expect: expect.clone(),
+            new: new.clone(),
+            session: Some(s.session),
+        };
+        match self.keyed(&key, make, self.deadline(&o)).await? {
             ClientReply::Cas { swapped, current } => Ok(CasOutcome { swapped, current }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Groups input positions by the shard their key hashes to.
+    fn by_shard<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) -> Result<Vec<Vec<usize>>, Error> {
+        let map = self.map();
+        let mut groups: std::collections::BTreeMap<GroupId, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, k) in keys.enumerate() {
+            let shard = map.shard_for_hash(key_hash(k)).ok_or_else(|| Error::Config("the cluster map does not cover the key".into()))?.id;
+            groups.entry(shard).or_default().push(i);
+        }
+        Ok(groups.into_values().collect())
+    }
+
+    /// Reads many keys: one request per shard, all shards in parallel. Results are in input
+    /// order; a shard that cannot answer fails only its own keys.
+    pub async fn batch_get(&self, keys: &[&[u8]], o: CallOptions) -> Vec<Result<Option<Vec<u8>>, Error>> {
+        let groups = match self.by_shard(keys.iter().copied()) {
+            Ok(g) => g,
+            Err(e) => return keys.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let deadline = self.deadline(&o);
+        let calls = groups.into_iter().map(|idx| async move {
+            let ks: Vec<Vec<u8>> = idx.iter().map(|i| keys[*i].to_vec()).collect();
+            let make = |shard, epoch| ClientRequest::BatchGet { shard, epoch, keys: ks.clone(), stale: o.stale };
+            let r = match self.keyed(&ks[0], make, deadline).await {
+                Ok(ClientReply::Values(v)) if v.len() == idx.len() => Ok(v),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            };
+            (idx, r)
+        });
+        let mut out: Vec<Result<Option<Vec<u8>>, Error>> = keys.iter().map(|_| Ok(None)).collect();
+        for (idx, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(values) => idx.into_iter().zip(values).for_each(|(i, v)| out[i] = Ok(v)),
+                Err(e) => idx.into_iter().for_each(|i| out[i] = Err(e.clone())),
+            }
+        }
+        out
+    }
+
+    /// Writes many pairs: one request (and one Raft entry) per shard, all shards in parallel.
+    /// Results are in input order; a shard that cannot commit fails only its own pairs.
+    pub async fn batch_put(&self, pairs: &[(&[u8], &[u8])], o: CallOptions) -> Vec<Result<(), Error>> {
+        let groups = match self.by_shard(pairs.iter().map(|(k, _)| *k)) {
+            Ok(g) => g,
+            Err(e) => return pairs.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let deadline = self.deadline(&o);
+        let calls = groups.into_iter().map(|idx| async move {
+            let ps: Vec<(Vec<u8>, Vec<u8>)> = idx.iter().map(|i| (pairs[*i].0.to_vec(), pairs[*i].1.to_vec())).collect();
+            let s = self.session();
+            let make = |shard, epoch| ClientRequest::BatchPut { shard, epoch, pairs: ps.clone(), session: Some(s.session) };
+            let r = match self.keyed(&ps[0].0, make, deadline).await {
+                Ok(ClientReply::Done) => Ok(()),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            };
+            (idx, r)
+        });
+        let mut out: Vec<Result<(), Error>> = pairs.iter().map(|_| Ok(())).collect();
+        for (idx, r) in futures::future::join_all(calls).await {
+            if let Err(e) = r {
+                idx.into_iter().for_each(|i| out[i] = Err(e.clone()));
+            }
+        }
+        out
+    }
+
+    /// The node this client believes leads `shard`, if it has learned one.
+    pub fn cached_leader(&self, shard: GroupId) -> Option<NodeId> {
+        self.leaders.get(&shard).map(|l| *l)
+    }
+
+    /// Asks the leader of `shard` to hand leadership to node `to`.
+    pub async fn transfer_leader(&self, shard: GroupId, to: NodeId) -> Result<(), Error> {
+        let map = self.map();
+        let start = map.shard(shard).ok_or_else(|| Error::Config(format!("no shard {shard}")))?.start;
+        let make = |_, _| ClientRequest::TransferLeader { shard, to };
+        match self.keyed_hash(start, make, self.config.timeout).await? {
+            ClientReply::Done => Ok(()),
             other => Err(unexpected(other)),
         }
     }

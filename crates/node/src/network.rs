@@ -10,7 +10,9 @@ use std::time::Duration;
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+};
 use openraft::OptionalSend;
 use ringkv_storage::raft_store::SnapshotData;
 use ringkv_storage::{PeerNode, SnapshotMeta, TypeConfig};
@@ -107,6 +109,14 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         flatten(self.call(RaftRpc::PreVote, &rpc, option.soft_ttl()).await)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        flatten(self.call(RaftRpc::TransferLeader, &req, option.soft_ttl()).await)
     }
 
     async fn full_snapshot(

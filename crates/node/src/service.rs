@@ -52,6 +52,7 @@ impl PeerService {
             }
             RaftRpc::Vote => enc::<RaftReply<_>>(&raft.vote(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
+            RaftRpc::TransferLeader => enc::<RaftReply<_>>(&raft.handle_transfer_leader(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::Snapshot => {
                 let (vote, meta, data): (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, Vec<u8>) = dec(&payload)?;
                 metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
@@ -140,6 +141,21 @@ impl ClientService {
         node.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: node.id() })
     }
 
+    /// Routes a request for several keys: all must belong to `shard`.
+    fn route_all<'a>(
+        &self,
+        shard: GroupId,
+        epoch: Epoch,
+        items: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<Arc<Replica>, RequestError> {
+        let mut replica = None;
+        for (key, value) in items {
+            self.check_sizes(key, value)?;
+            replica = Some(self.route(shard, epoch, key)?);
+        }
+        replica.ok_or_else(|| RequestError::Malformed("a batch needs at least one key".into()))
+    }
+
     fn not_leader(&self, shard: GroupId, leader: Option<NodeId>) -> RequestError {
         RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.node.client_addr_of(l)) }
     }
@@ -211,26 +227,53 @@ impl ClientService {
                 let v = r.sm.get(&key).map_err(|e| RequestError::Internal(e.to_string()))?;
                 Ok(ClientReply::Value(v))
             }
-            ClientRequest::Put { shard, epoch, key, value } => {
+            ClientRequest::Put { shard, epoch, key, value, session } => {
                 self.check_sizes(&key, Some(&value))?;
                 let r = self.route(shard, epoch, &key)?;
-                expect_done(self.write(&r, Command::Put { key, value }).await?)
+                expect_done(self.write(&r, with_session(session, Command::Put { key, value })).await?)
             }
-            ClientRequest::Delete { shard, epoch, key } => {
+            ClientRequest::Delete { shard, epoch, key, session } => {
                 self.check_sizes(&key, None)?;
                 let r = self.route(shard, epoch, &key)?;
-                expect_done(self.write(&r, Command::Delete { key }).await?)
+                expect_done(self.write(&r, with_session(session, Command::Delete { key })).await?)
             }
-            ClientRequest::Cas { shard, epoch, key, expect, new } => {
+            ClientRequest::Cas { shard, epoch, key, expect, new, session } => {
                 self.check_sizes(&key, Some(&new))?;
                 if let Some(e) = &expect {
                     self.check_sizes(&key, Some(e))?;
                 }
                 let r = self.route(shard, epoch, &key)?;
-                match self.write(&r, Command::Cas { key, expect, new }).await? {
+                match self.write(&r, with_session(session, Command::Cas { key, expect, new })).await? {
                     CommandResult::Cas { swapped, current } => Ok(ClientReply::Cas { swapped, current }),
                     other => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
                 }
+            }
+            ClientRequest::BatchGet { shard, epoch, keys, stale } => {
+                let r = self.route_all(shard, epoch, keys.iter().map(|k| (k.as_slice(), None)))?;
+                if !stale {
+                    self.read_barrier(&r).await?;
+                }
+                let values =
+                    keys.iter().map(|k| r.sm.get(k)).collect::<Result<Vec<_>, _>>().map_err(|e| RequestError::Internal(e.to_string()))?;
+                Ok(ClientReply::Values(values))
+            }
+            ClientRequest::BatchPut { shard, epoch, pairs, session } => {
+                let r = self.route_all(shard, epoch, pairs.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+                expect_done(self.write(&r, with_session(session, Command::PutMany { pairs })).await?)
+            }
+            ClientRequest::TransferLeader { shard, to } => {
+                let r = self.node.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.node.id() })?;
+                let voters: Vec<NodeId> = r.raft.voter_ids().collect();
+                if !voters.contains(&to) {
+                    return Err(RequestError::Malformed(format!("node {to} is not a voter of shard {shard} (voters: {voters:?})")));
+                }
+                if !r.raft.is_leader() {
+                    use openraft::async_runtime::WatchReceiver;
+                    let leader = r.raft.metrics().borrow_watched().current_leader;
+                    return Err(self.not_leader(shard, leader));
+                }
+                r.raft.trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))?;
+                Ok(ClientReply::Done)
             }
             ClientRequest::NodeStatus => Ok(ClientReply::NodeStatus(self.status())),
             ClientRequest::Bootstrap { nodes, shards, replication } => {
@@ -267,6 +310,13 @@ impl ClientService {
             .collect();
         groups.sort_by_key(|g| g.group);
         NodeStatus { node: self.node.id(), map_version: self.node.map().version, groups }
+    }
+}
+
+fn with_session(session: Option<Session>, cmd: Command) -> Command {
+    match session {
+        Some(session) => Command::Session { session, cmd: Box::new(cmd) },
+        None => cmd,
     }
 }
 

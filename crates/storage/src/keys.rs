@@ -55,6 +55,16 @@ pub const TAG_APPLIED: u8 = 1;
 pub const TAG_MEMBERSHIP: u8 = 2;
 pub const TAG_PLACEMENT_MAP: u8 = 3;
 pub const TAG_SNAPSHOT_META: u8 = 4;
+/// Answers to recent writes of client sessions: `group ++ TAG_SESSION ++ client ++ seq`.
+pub const TAG_SESSION: u8 = 5;
+
+pub fn session_key(group: GroupId, client: u64, seq: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[..9].copy_from_slice(&group_tag_key(group, TAG_SESSION));
+    k[9..17].copy_from_slice(&client.to_be_bytes());
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
 
 pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
 pub const META_MAP: &[u8] = b"map";

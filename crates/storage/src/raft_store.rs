@@ -175,7 +175,11 @@ impl ReplicaKind {
 #[derive(Serialize, Deserialize)]
 enum SnapshotPayload {
     Placement(Option<ClusterMap>),
-    Shard(Vec<(Vec<u8>, Vec<u8>)>),
+    /// User rows `(key, value)` and session answers `(client ++ seq, answer)`.
+    Shard {
+        rows: Vec<(Vec<u8>, Vec<u8>)>,
+        sessions: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 pub type SnapshotData = Cursor<Vec<u8>>;
@@ -239,7 +243,16 @@ impl StateMachine {
                     let (k, v) = kv.map_err(io_err)?;
                     rows.push((k.get(8..).unwrap_or_default().to_vec(), v.to_vec()));
                 }
-                SnapshotPayload::Shard(rows)
+                let mut sessions = Vec::new();
+                let mut ro = ReadOptions::default();
+                ro.set_iterate_upper_bound(group_tag_key(self.group, TAG_SESSION + 1).to_vec());
+                ro.set_snapshot(&snap);
+                let from = group_tag_key(self.group, TAG_SESSION);
+                for kv in db.iterator_cf_opt(self.db.cf(CF_APPLY_STATE), ro, IteratorMode::From(&from, Direction::Forward)) {
+                    let (k, v) = kv.map_err(io_err)?;
+                    sessions.push((k.get(9..).unwrap_or_default().to_vec(), v.to_vec()));
+                }
+                SnapshotPayload::Shard { rows, sessions }
             }
         };
         metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
@@ -263,35 +276,75 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-/// Applies one command against `overlay` (writes earlier in the same batch) and the database.
+/// What one apply batch has written so far, for reads later in the same batch.
+#[derive(Default)]
+struct Overlay {
+    data: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    sessions: std::collections::HashMap<(u64, u64), CommandResult>,
+}
+
+/// Applies one command against the overlay (writes earlier in the same batch) and the database.
 fn exec(
     sm: &StateMachine,
     cmd: Command,
-    overlay: &mut std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    overlay: &mut Overlay,
     batch: &mut WriteBatch,
     map: &mut Option<ClusterMap>,
 ) -> Result<CommandResult, io::Error> {
     let data = sm.db.cf(CF_DATA);
     let key_ok = |key: &[u8]| sm.kind.contains(ringkv_wire::key_hash(key));
     match cmd {
+        Command::Session { session, cmd } => {
+            let apply_cf = sm.db.cf(CF_APPLY_STATE);
+            let id = (session.client, session.seq);
+            let key = session_key(sm.group, session.client, session.seq);
+            let earlier = match overlay.sessions.get(&id) {
+                Some(r) => Some(r.clone()),
+                None => sm.db.get_cf(CF_APPLY_STATE, &key)?.map(|b| dec::<CommandResult>(&b)).transpose()?,
+            };
+            if let Some(r) = earlier {
+                metrics::counter!("ringkv_raft_duplicate_writes_total").increment(1);
+                return Ok(r);
+            }
+            let r = exec(sm, *cmd, overlay, batch, map)?;
+            if session.acked_below > 0 {
+                // The client will never retry these again: forget their answers.
+                batch.delete_range_cf(
+                    apply_cf,
+                    session_key(sm.group, session.client, 0),
+                    session_key(sm.group, session.client, session.acked_below),
+                );
+                overlay.sessions.retain(|(c, s), _| *c != session.client || *s >= session.acked_below);
+            }
+            batch.put_cf(apply_cf, key, enc(&r)?);
+            overlay.sessions.insert(id, r.clone());
+            Ok(r)
+        }
+        Command::PutMany { pairs } if pairs.iter().all(|(k, _)| key_ok(k)) => {
+            for (key, value) in pairs {
+                batch.put_cf(data, data_key(&key), &value);
+                overlay.data.insert(key, Some(value));
+            }
+            Ok(CommandResult::Done)
+        }
         Command::Put { key, value } if key_ok(&key) => {
             batch.put_cf(data, data_key(&key), &value);
-            overlay.insert(key, Some(value));
+            overlay.data.insert(key, Some(value));
             Ok(CommandResult::Done)
         }
         Command::Delete { key } if key_ok(&key) => {
             batch.delete_cf(data, data_key(&key));
-            overlay.insert(key, None);
+            overlay.data.insert(key, None);
             Ok(CommandResult::Done)
         }
         Command::Cas { key, expect, new } if key_ok(&key) => {
-            let current = match overlay.get(&key) {
+            let current = match overlay.data.get(&key) {
                 Some(v) => v.clone(),
                 None => sm.get(&key)?,
             };
             if current == expect {
                 batch.put_cf(data, data_key(&key), &new);
-                overlay.insert(key, Some(new));
+                overlay.data.insert(key, Some(new));
                 Ok(CommandResult::Cas { swapped: true, current })
             } else {
                 Ok(CommandResult::Cas { swapped: false, current })
@@ -325,7 +378,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let mut batch = WriteBatch::default();
-        let mut overlay = std::collections::HashMap::new();
+        let mut overlay = Overlay::default();
         let mut map = if self.kind == ReplicaKind::Placement { self.placement_map()? } else { None };
         let mut responders = Vec::new();
         let mut last = None;
@@ -377,7 +430,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(m) => b.put_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP), enc(&m)?),
                 None => b.delete_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP)),
             },
-            (SnapshotPayload::Shard(rows), ReplicaKind::Shard { start, end }) => {
+            (SnapshotPayload::Shard { rows, sessions }, ReplicaKind::Shard { start, end }) => {
+                b.delete_range_cf(apply_cf, group_tag_key(self.group, TAG_SESSION), group_tag_key(self.group, TAG_SESSION + 1));
+                for (k, v) in sessions {
+                    let mut key = group_tag_key(self.group, TAG_SESSION).to_vec();
+                    key.extend_from_slice(&k);
+                    b.put_cf(apply_cf, key, v);
+                }
                 let data_cf = self.db.cf(CF_DATA);
                 let (lower, upper) = data_range(start, end);
                 match upper {
@@ -410,5 +469,74 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
         let cur = self.current.lock().ok().and_then(|c| c.clone());
         Ok(cur.map(|s| openraft::Snapshot { meta: s.meta.clone(), snapshot: Cursor::new(s.data.clone()) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+
+    fn entry(index: u64, cmd: Command) -> Entry {
+        let leader = openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        Entry::new(openraft::LogId::new(leader, index), EntryPayload::Normal(cmd))
+    }
+
+    async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) {
+        let items: Vec<Result<EntryResponder<TypeConfig>, io::Error>> = entries.into_iter().map(|e| Ok((e, None))).collect();
+        sm.apply(futures::stream::iter(items)).await.expect("apply");
+    }
+
+    fn cas(seq: u64, acked_below: u64, expect: &[u8], new: &[u8]) -> Command {
+        let session = ringkv_wire::Session { client: 9, seq, acked_below };
+        Command::Session { session, cmd: Box::new(Command::Cas { key: b"n".to_vec(), expect: Some(expect.to_vec()), new: new.to_vec() }) }
+    }
+
+    /// A put under an already used session id: if deduplication failed it would overwrite.
+    fn replay_as_put(seq: u64) -> Command {
+        let session = ringkv_wire::Session { client: 9, seq, acked_below: 1 };
+        Command::Session { session, cmd: Box::new(Command::Put { key: b"n".to_vec(), value: b"replayed".to_vec() }) }
+    }
+
+    /// A write retried under the same session applies once, also when both copies land in one
+    /// apply batch, after a restart, and on a replica that got the state by snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_writes_apply_at_most_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let kind = ReplicaKind::Shard { start: 0, end: u64::MAX };
+        let mut sm = StateMachine::new(db.clone(), 1, kind);
+        apply(&mut sm, vec![entry(1, Command::Put { key: b"n".to_vec(), value: b"0".to_vec() })]).await;
+        // The first CAS and its retry in one batch, then another retry in a later batch.
+        apply(&mut sm, vec![entry(2, cas(1, 1, b"0", b"1")), entry(3, replay_as_put(1))]).await;
+        apply(&mut sm, vec![entry(4, replay_as_put(1))]).await;
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"1".to_vec()));
+        // A different request that happens to expect the new value does apply.
+        apply(&mut sm, vec![entry(5, cas(2, 1, b"1", b"2"))]).await;
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
+        // Retrying seq 1 again still answers "swapped" and changes nothing.
+        let key = session_key(1, 9, 1);
+        let answer: CommandResult = dec(&db.get_cf(CF_APPLY_STATE, &key).expect("get").expect("answer kept")).expect("decode");
+        assert_eq!(answer, CommandResult::Cas { swapped: true, current: Some(b"0".to_vec()) });
+        apply(&mut sm, vec![entry(6, replay_as_put(1))]).await;
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
+
+        // A replica filled by snapshot keeps the session answers.
+        let snap = sm.build_snapshot().await.expect("snapshot");
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let db2 = Db::open(dir2.path()).expect("db");
+        let mut sm2 = StateMachine::new(db2.clone(), 1, kind);
+        sm2.install_snapshot(&snap.meta, snap.snapshot).await.expect("install");
+        assert_eq!(sm2.get(b"n").expect("get"), Some(b"2".to_vec()));
+        apply(&mut sm2, vec![entry(7, replay_as_put(2))]).await;
+        assert_eq!(sm2.get(b"n").expect("get"), Some(b"2".to_vec()));
+        assert!(db2.get_cf(CF_APPLY_STATE, &session_key(1, 9, 2)).expect("get").is_some());
+
+        // Once the client acknowledges everything below 3, older answers are dropped.
+        apply(&mut sm2, vec![entry(8, cas(3, 3, b"2", b"3"))]).await;
+        assert!(db2.get_cf(CF_APPLY_STATE, &session_key(1, 9, 1)).expect("get").is_none());
+        assert!(db2.get_cf(CF_APPLY_STATE, &session_key(1, 9, 2)).expect("get").is_none());
+        assert!(db2.get_cf(CF_APPLY_STATE, &session_key(1, 9, 3)).expect("get").is_some());
     }
 }

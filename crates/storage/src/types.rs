@@ -33,8 +33,18 @@ pub enum Command {
         expect: Option<Vec<u8>>,
         new: Vec<u8>,
     },
+    /// Several puts applied together.
+    PutMany {
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     /// Only in the placement group.
     Placement(PlacementCommand),
+    /// `cmd` on behalf of a client session: applied at most once per `(client, seq)`; a retry
+    /// gets the first application's answer.
+    Session {
+        session: ringkv_wire::Session,
+        cmd: Box<Command>,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -43,7 +53,9 @@ impl std::fmt::Display for Command {
             Command::Put { key, value } => write!(f, "put({} bytes, {} bytes)", key.len(), value.len()),
             Command::Delete { key } => write!(f, "delete({} bytes)", key.len()),
             Command::Cas { key, .. } => write!(f, "cas({} bytes)", key.len()),
+            Command::PutMany { pairs } => write!(f, "put_many({})", pairs.len()),
             Command::Placement(p) => write!(f, "placement({p:?})"),
+            Command::Session { session, cmd } => write!(f, "{cmd} for client {:x} seq {}", session.client, session.seq),
         }
     }
 }

@@ -26,6 +26,8 @@ pub const LANE_QUEUE_MAX: usize = 4096;
 pub const WRITE_BATCH_BYTES_MAX: usize = 1 << 20;
 /// Requests one stream may have in flight on the serving side; past it, reading pauses.
 pub const SERVER_IN_FLIGHT_PER_STREAM_MAX: usize = 1024;
+/// Requests one connection may have in flight on the calling side; past it, callers wait.
+pub const CLIENT_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
 /// The id of the error frame a server sends before it closes a stream whose framing is broken.
 pub const BROKEN_STREAM_ID: u64 = u64::MAX;
 
@@ -71,6 +73,7 @@ pub struct RpcClient<Req, Resp> {
     next_lane: AtomicUsize,
     frame_bytes_max: usize,
     dead: Arc<AtomicBool>,
+    in_flight: Semaphore,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -113,6 +116,7 @@ where
             next_lane: AtomicUsize::new(0),
             frame_bytes_max,
             dead,
+            in_flight: Semaphore::new(CLIENT_IN_FLIGHT_PER_CONNECTION_MAX),
             _req: PhantomData,
         })
     }
@@ -148,6 +152,7 @@ where
         let guard = PendingGuard { pending: &self.pending, id };
         let tx = &self.lanes[lane % self.lanes.len()];
         let sent = tokio::time::timeout(timeout, async {
+            let _permit = self.in_flight.acquire().await.map_err(|_| RpcError::ConnectionLost("closed".into()))?;
             tx.send(frame).await.map_err(|_| RpcError::ConnectionLost("lane closed".into()))?;
             rx.await.map_err(|_| RpcError::ConnectionLost("connection closed while waiting".into()))?
         })

@@ -64,8 +64,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_incomplete() {
-        let msg =
-            Envelope { id: 7, body: ClientRequest::Put { shard: 3, epoch: Epoch::default(), key: b"k".to_vec(), value: vec![1; 100] } };
+        let msg = Envelope {
+            id: 7,
+            body: ClientRequest::Put { shard: 3, epoch: Epoch::default(), key: b"k".to_vec(), value: vec![1; 100], session: None },
+        };
         let mut buf = Vec::new();
         encode_frame(&msg, 1 << 20, &mut buf).expect("encode");
         encode_frame(&msg, 1 << 20, &mut buf).expect("encode");

@@ -11,6 +11,17 @@ pub struct Envelope<T> {
     pub body: T,
 }
 
+/// Identifies one write of one client, so a retried write applies at most once.
+///
+/// `seq` is unique per client; `acked_below` is the lowest `seq` the client may still retry, so
+/// the shard can forget the answers to older ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub client: u64,
+    pub seq: u64,
+    pub acked_below: u64,
+}
+
 /// A request of the client protocol.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
@@ -28,11 +39,13 @@ pub enum ClientRequest {
         epoch: Epoch,
         key: Vec<u8>,
         value: Vec<u8>,
+        session: Option<Session>,
     },
     Delete {
         shard: GroupId,
         epoch: Epoch,
         key: Vec<u8>,
+        session: Option<Session>,
     },
     /// Sets `key` to `new` only if its current value is `expect` (`None`: absent).
     Cas {
@@ -41,6 +54,26 @@ pub enum ClientRequest {
         key: Vec<u8>,
         expect: Option<Vec<u8>>,
         new: Vec<u8>,
+        session: Option<Session>,
+    },
+    /// Reads several keys of one shard (one read barrier for all).
+    BatchGet {
+        shard: GroupId,
+        epoch: Epoch,
+        keys: Vec<Vec<u8>>,
+        stale: bool,
+    },
+    /// Writes several keys of one shard in one Raft entry.
+    BatchPut {
+        shard: GroupId,
+        epoch: Epoch,
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        session: Option<Session>,
+    },
+    /// Asks the shard's leader (the node receiving this) to hand leadership to `to`.
+    TransferLeader {
+        shard: GroupId,
+        to: NodeId,
     },
     /// Roles, leaders and applied indexes of this node's replicas.
     NodeStatus,
@@ -65,6 +98,9 @@ impl ClientRequest {
             ClientRequest::Put { .. } => "put",
             ClientRequest::Delete { .. } => "delete",
             ClientRequest::Cas { .. } => "cas",
+            ClientRequest::BatchGet { .. } => "batch_get",
+            ClientRequest::BatchPut { .. } => "batch_put",
+            ClientRequest::TransferLeader { .. } => "transfer_leader",
             ClientRequest::NodeStatus => "node_status",
             ClientRequest::Bootstrap { .. } => "bootstrap",
             ClientRequest::SetPartition { .. } => "set_partition",
@@ -77,8 +113,13 @@ impl ClientRequest {
 pub enum ClientReply {
     Map(ClusterMap),
     Value(Option<Vec<u8>>),
+    /// One value per requested key, in request order.
+    Values(Vec<Option<Vec<u8>>>),
     Done,
-    Cas { swapped: bool, current: Option<Vec<u8>> },
+    Cas {
+        swapped: bool,
+        current: Option<Vec<u8>>,
+    },
     NodeStatus(NodeStatus),
 }
 
@@ -108,6 +149,7 @@ pub enum RaftRpc {
     AppendEntries,
     Vote,
     PreVote,
+    TransferLeader,
     /// A whole snapshot: `{vote, meta, data}`.
     Snapshot,
 }
