@@ -3,8 +3,13 @@
 # libclang (bindgen). Safe to run again; does nothing when everything is there.
 set -euo pipefail
 need=()
-command -v clang >/dev/null 2>&1 || need+=(clang)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if command -v dpkg >/dev/null 2>&1; then
+  for p in clang libclang-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+  done
+else
+  command -v clang >/dev/null 2>&1 || { echo "install clang and libclang (needed to build rocksdb)" >&2; exit 1; }
+fi
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
