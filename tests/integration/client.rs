@@ -144,6 +144,14 @@ async fn batches_report_failed_shards_and_finish_the_rest() -> anyhow::Result<()
     let refs: Vec<(&[u8], &[u8])> = new_pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
     let results = client.batch_put(&refs, CallOptions::timeout(deadline)).await;
     assert!(started.elapsed() < deadline + Duration::from_secs(3), "batch took {:?}", started.elapsed());
+    // Status tells the truth about the shards that lost their majority: no leader.
+    for (shard, _) in &keys {
+        if lost(*shard) {
+            for n in map.shard(*shard).map(|s| s.replicas.clone()).unwrap_or_default().iter().filter(|n| !down.contains(n)) {
+                assert!(!tc.leaders_on(&client, *n).await?.contains(shard), "node {n} claims to lead shard {shard} without a quorum");
+            }
+        }
+    }
     let mut failed = 0;
     for ((shard, _), r) in keys.iter().zip(&results) {
         assert_eq!(r.is_err(), lost(*shard), "shard {shard} (lost majority: {}) got {r:?}", lost(*shard));

@@ -290,18 +290,23 @@ impl ClientService {
         }
     }
 
+    /// Every replica's role. A leader that has not heard from a quorum for longer than an
+    /// election timeout is not reported as leader: it cannot serve, and a new one may exist.
     fn status(&self) -> NodeStatus {
         use openraft::async_runtime::WatchReceiver;
+        use openraft::Instant;
+        let limit = Duration::from_millis(self.node.config.raft.election_timeout_max_ms);
         let mut groups: Vec<GroupStatus> = self
             .node
             .replicas
             .iter()
             .map(|r| {
                 let m = r.raft.metrics().borrow_watched().clone();
+                let cut_off = m.state.is_leader() && m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() > limit);
                 GroupStatus {
                     group: r.group,
-                    leader: m.current_leader,
-                    is_leader: m.state.is_leader(),
+                    leader: if cut_off { None } else { m.current_leader },
+                    is_leader: m.state.is_leader() && !cut_off,
                     term: m.current_term,
                     applied: m.last_applied.map(|l| l.index).unwrap_or(0),
                     voters: m.membership_config.membership().voter_ids().collect(),
