@@ -126,8 +126,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let msg: (VoteOf<TypeConfig>, SnapshotMeta, Vec<u8>) = (vote, snapshot.meta, snapshot.snapshot.into_inner());
-        let bytes = msg.2.len();
+        // Borrows the shared snapshot buffer; `&[u8]` encodes as the `Vec<u8>` the peer decodes.
+        let data = snapshot.snapshot.into_inner();
+        let msg: (VoteOf<TypeConfig>, SnapshotMeta, &[u8]) = (vote, snapshot.meta, data.as_slice());
+        let bytes = data.len();
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = self.call(RaftRpc::Snapshot, &msg, SNAPSHOT_TIMEOUT) => {

@@ -50,6 +50,18 @@ impl Replica {
     }
 }
 
+/// For a leader that has heard from no quorum for longer than `limit`, how long it has been.
+/// Such a leader keeps its Raft role until a newer leader reaches it, but cannot commit or
+/// confirm a read, and a newer leader may already exist.
+pub fn cut_off_from_quorum(m: &RaftMetrics, limit: Duration) -> Option<Duration> {
+    use openraft::Instant;
+    if !m.state.is_leader() {
+        return None;
+    }
+    let since = m.last_quorum_acked.as_ref()?.elapsed();
+    (since > limit).then_some(since)
+}
+
 /// State shared by every task of a node.
 pub struct Node {
     pub config: NodeConfig,
@@ -251,6 +263,11 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
         }
         let _ = self.db.raw().flush_wal(true);
+    }
+
+    /// How long a leader may go without hearing from a quorum before it is treated as cut off.
+    pub fn quorum_silence_limit(&self) -> Duration {
+        Duration::from_millis(self.config.raft.election_timeout_max_ms)
     }
 
     pub fn client_addr_of(&self, id: NodeId) -> Option<String> {

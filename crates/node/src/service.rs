@@ -11,7 +11,7 @@ use ringkv_transport::Service;
 use ringkv_wire::*;
 
 use crate::network::RaftReply;
-use crate::node::{Node, Replica};
+use crate::node::{cut_off_from_quorum, Node, Replica};
 
 /// How long a write or linearizable read may wait for its group before the node gives up.
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,7 +56,7 @@ impl PeerService {
             RaftRpc::Snapshot => {
                 let (vote, meta, data): (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, Vec<u8>) = dec(&payload)?;
                 metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
-                let snap = openraft::Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+                let snap = openraft::Snapshot { meta, snapshot: std::io::Cursor::new(std::sync::Arc::new(data)) };
                 enc::<RaftReply<_>>(&raft.install_full_snapshot(vote, snap).await.map_err(|e| e.to_string()))
             }
         }
@@ -160,26 +160,16 @@ impl ClientService {
         RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.node.client_addr_of(l)) }
     }
 
-    /// A leader cut off from its quorum keeps its role until a new leader reaches it; answer at
-    /// once instead of letting the request wait for a commit that cannot come.
+    /// Answers at once from a leader cut off from its quorum, instead of letting the request
+    /// wait for a commit that cannot come.
     fn check_quorum_contact(&self, r: &Replica) -> Result<(), RequestError> {
         use openraft::async_runtime::WatchReceiver;
-        use openraft::Instant;
-        let limit = Duration::from_millis(self.node.config.raft.election_timeout_max_ms);
         let m = r.raft.metrics();
-        let m = m.borrow_watched();
-        if m.state.is_leader() {
-            if let Some(acked) = &m.last_quorum_acked {
-                let since = acked.elapsed();
-                if since > limit {
-                    return Err(RequestError::Unavailable(format!(
-                        "leader of shard {} has not heard from a quorum for {since:?}",
-                        r.group
-                    )));
-                }
-            }
+        let cut_off = cut_off_from_quorum(&m.borrow_watched(), self.node.quorum_silence_limit());
+        match cut_off {
+            Some(since) => Err(RequestError::Unavailable(format!("leader of shard {} has not heard from a quorum for {since:?}", r.group))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn write(&self, r: &Replica, cmd: Command) -> Result<CommandResult, RequestError> {
@@ -290,19 +280,17 @@ impl ClientService {
         }
     }
 
-    /// Every replica's role. A leader that has not heard from a quorum for longer than an
-    /// election timeout is not reported as leader: it cannot serve, and a new one may exist.
+    /// Every replica's role. A leader cut off from its quorum is not reported as leader.
     fn status(&self) -> NodeStatus {
         use openraft::async_runtime::WatchReceiver;
-        use openraft::Instant;
-        let limit = Duration::from_millis(self.node.config.raft.election_timeout_max_ms);
+        let limit = self.node.quorum_silence_limit();
         let mut groups: Vec<GroupStatus> = self
             .node
             .replicas
             .iter()
             .map(|r| {
                 let m = r.raft.metrics().borrow_watched().clone();
-                let cut_off = m.state.is_leader() && m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() > limit);
+                let cut_off = cut_off_from_quorum(&m, limit).is_some();
                 GroupStatus {
                     group: r.group,
                     leader: if cut_off { None } else { m.current_leader },

@@ -182,11 +182,12 @@ enum SnapshotPayload {
     },
 }
 
-pub type SnapshotData = Cursor<Vec<u8>>;
+/// A snapshot's bytes, shared: the stored copy and every send use one buffer.
+pub type SnapshotData = Cursor<Arc<Vec<u8>>>;
 
 struct StoredSnapshot {
     meta: SnapshotMeta,
-    data: Vec<u8>,
+    data: Arc<Vec<u8>>,
 }
 
 /// The applied state of one group.
@@ -256,7 +257,7 @@ impl StateMachine {
             }
         };
         metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
-        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership }, data: enc(&payload)? })
+        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership }, data: Arc::new(enc(&payload)?) })
     }
 
     fn set_current(&self, s: Arc<StoredSnapshot>) {
