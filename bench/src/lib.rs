@@ -1,4 +1,16 @@
-//! The benchmark harness (`ringkv-bench`): YCSB-style workloads over the client crate.
+//! The benchmark harness (`ringkv-bench`): YCSB-style workloads over the client crate, HDR
+//! latency histograms, sweeps and plots, against a local cluster it starts itself, a running
+//! cluster, or from several load hosts at once.
 //!
-//! Not written yet: the benchmark issue fills this crate. Until then there are no published
-//! numbers, and the README's status section says so.
+//! Speed figures come from here, never from timed tests; `bench/RESULTS.md` has today's.
+
+pub mod agent;
+pub mod hist;
+pub mod plot;
+pub mod run;
+pub mod sweep;
+pub mod target;
+pub mod workload;
+
+pub use run::{RunResult, RunSpec};
+pub use sweep::Target;

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub raft: RaftTuning,
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// Lets `SetPartition` requests cut this node off from chosen peers. Tests only.
     #[serde(default)]
     pub fault_injection: bool,
@@ -53,6 +55,20 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits { key_bytes_max: ringkv_wire::KEY_BYTES_MAX_DEFAULT, value_bytes_max: ringkv_wire::VALUE_BYTES_MAX_DEFAULT }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Fsync the write-ahead log before acknowledging a write. Turning it off trades the
+    /// durability of acknowledged writes across power loss (not process crashes) for speed.
+    pub fsync: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { fsync: true }
     }
 }
 
@@ -124,6 +140,7 @@ struct PartialConfig {
     seeds: Option<Vec<String>>,
     limits: Option<Limits>,
     raft: Option<RaftTuning>,
+    storage: Option<StorageConfig>,
     fault_injection: Option<bool>,
 }
 
@@ -141,7 +158,7 @@ impl NodeConfig {
         if let Some(f) = file {
             let f = read_partial(f)?;
             macro_rules! over { ($($k:ident),*) => { $( if f.$k.is_some() { p.$k = f.$k; } )* } }
-            over!(id, peer_addr, client_addr, metrics_addr, tls, seeds, limits, raft, fault_injection);
+            over!(id, peer_addr, client_addr, metrics_addr, tls, seeds, limits, raft, storage, fault_injection);
         }
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
         flag!(id, peer_addr, client_addr, metrics_addr, seeds, fault_injection);
@@ -173,6 +190,7 @@ impl NodeConfig {
             seeds: p.seeds.unwrap_or_default(),
             limits: p.limits.unwrap_or_default(),
             raft: p.raft.unwrap_or_default(),
+            storage: p.storage.unwrap_or_default(),
             fault_injection: p.fault_injection.unwrap_or(false),
         };
         cfg.validate()?;

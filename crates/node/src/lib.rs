@@ -35,7 +35,7 @@ pub fn install_metrics(addr: &str) -> Result<(), NodeError> {
 /// Runs a node until `shutdown` resolves, then stops it cleanly.
 pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     config.persist()?;
-    let db = Db::open(&config.data_dir.join("db"))?;
+    let db = Db::open_with(&config.data_dir.join("db"), config.storage.fsync)?;
     let certs = config.cert_paths();
     let peer_server = ringkv_transport::tls::server_config(&certs, ALPN_PEER)?;
     let peer_client = ringkv_transport::tls::client_config(&certs, ALPN_PEER)?;

@@ -302,6 +302,7 @@ mod tests {
             seeds: vec![],
             limits: Limits::default(),
             raft: RaftTuning::default(),
+            storage: Default::default(),
             fault_injection: false,
         }
     }

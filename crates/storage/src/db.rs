@@ -25,6 +25,9 @@ pub struct Db {
     db: DB,
     /// WAL syncs made by the group committer (for tests and metrics).
     group_syncs: std::sync::atomic::AtomicU64,
+    /// Whether the group committer fsyncs the WAL (off: writes reach the OS only, and a power
+    /// failure may lose acknowledged writes; for benchmarks and tests).
+    fsync: bool,
     committer: std::sync::Mutex<Option<std_mpsc::Sender<SyncRequest>>>,
 }
 
@@ -33,8 +36,14 @@ pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl Db {
-    /// Opens (or creates) the database under `path` with every column family ringkv uses.
+    /// Opens (or creates) the database under `path` with every column family ringkv uses; the
+    /// WAL is fsynced before a write is acknowledged.
     pub fn open(path: &Path) -> Result<Arc<Db>, StorageError> {
+        Self::open_with(path, true)
+    }
+
+    /// As [`Db::open`], choosing whether the group committer fsyncs the WAL.
+    pub fn open_with(path: &Path, fsync: bool) -> Result<Arc<Db>, StorageError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -44,7 +53,7 @@ impl Db {
         opts.set_paranoid_checks(true);
         let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
-        let db = Arc::new(Db { db, group_syncs: Default::default(), committer: std::sync::Mutex::new(None) });
+        let db = Arc::new(Db { db, group_syncs: Default::default(), fsync, committer: std::sync::Mutex::new(None) });
         let (tx, rx) = std_mpsc::channel::<SyncRequest>();
         let weak = Arc::downgrade(&db);
         std::thread::Builder::new()
@@ -159,7 +168,7 @@ fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest
             return;
         };
         let started = Instant::now();
-        let result = db.db.flush_wal(true).map_err(io_err);
+        let result = db.db.flush_wal(db.fsync).map_err(io_err);
         db.group_syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("ringkv_storage_syncs_total").increment(1);
         metrics::histogram!("ringkv_storage_group_commit_writes").record(dones.len() as f64);

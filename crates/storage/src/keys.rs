@@ -55,14 +55,16 @@ pub const TAG_APPLIED: u8 = 1;
 pub const TAG_MEMBERSHIP: u8 = 2;
 pub const TAG_PLACEMENT_MAP: u8 = 3;
 pub const TAG_SNAPSHOT_META: u8 = 4;
-/// Answers to recent writes of client sessions: `group ++ TAG_SESSION ++ client ++ seq`.
+/// Answers to a client session's recent writes: `group ++ TAG_SESSION ++ client` holds the
+/// answers the client may still retry, as `[(seq, answer)]`. One key per client (not per write)
+/// means forgetting acknowledged answers is a rewrite of that key, never a range deletion:
+/// range tombstones in the memtable slow every later read of the column family.
 pub const TAG_SESSION: u8 = 5;
 
-pub fn session_key(group: GroupId, client: u64, seq: u64) -> [u8; 25] {
-    let mut k = [0u8; 25];
+pub fn session_key(group: GroupId, client: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
     k[..9].copy_from_slice(&group_tag_key(group, TAG_SESSION));
     k[9..17].copy_from_slice(&client.to_be_bytes());
-    k[17..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
