@@ -3,6 +3,7 @@
 //! `cargo test --release -p ringkv-tests --test integration NAME -- --nocapture`.
 
 mod bad_input;
+mod bench;
 mod cli;
 mod client;
 mod data_path;
