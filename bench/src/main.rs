@@ -47,9 +47,6 @@ struct LocalArgs {
     /// Nodes of a --local cluster.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// Shards of a --local cluster.
-    #[arg(long, default_value_t = 64)]
-    shards: u64,
     /// Replicas per shard of a --local cluster.
     #[arg(long, default_value_t = 3)]
     replication: usize,
@@ -78,6 +75,9 @@ struct RunArgs {
     hosts: Option<Vec<String>>,
     #[command(flatten)]
     local_args: LocalArgs,
+    /// Shards of a --local cluster.
+    #[arg(long, default_value_t = 64)]
+    shards: u64,
     #[arg(long, value_enum, default_value_t = Workload::A)]
     workload: Workload,
     #[arg(long, value_enum, default_value_t = KeyDist::Uniform)]
@@ -171,10 +171,10 @@ struct PlotArgs {
     out: PathBuf,
 }
 
-fn local_spec(a: &LocalArgs) -> anyhow::Result<LocalSpec> {
+fn local_spec(a: &LocalArgs, shards: u64) -> anyhow::Result<LocalSpec> {
     Ok(LocalSpec {
         nodes: a.nodes,
-        shards: a.shards,
+        shards,
         replication: a.replication,
         fsync: a.fsync == OnOff::On,
         dir: a.data_dir.clone(),
@@ -187,7 +187,7 @@ impl RunArgs {
         let chosen = [self.local, self.cluster.is_some(), self.hosts.is_some()].iter().filter(|b| **b).count();
         anyhow::ensure!(chosen == 1, "choose one target: --local, --cluster FILE or --hosts HOST:PORT,...");
         Ok(if self.local {
-            Target::Local(local_spec(&self.local_args)?)
+            Target::Local(local_spec(&self.local_args, self.shards)?)
         } else if let Some(c) = &self.cluster {
             Target::Cluster(c.clone())
         } else {
@@ -263,7 +263,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Some(Cmd::Idle(a)) => {
-            let local = local_spec(&a.local)?;
+            let local = local_spec(&a.local, 1)?;
             let save = |r: &sweep::IdleResult| {
                 if let Some(p) = &a.json {
                     if let Err(e) = write_json(p, r) {

@@ -404,7 +404,7 @@ pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<
         .filter(|op| !per_op[op.index()].is_empty())
         .map(|op| (op.name().to_string(), HistData::of(&per_op[op.index()])))
         .collect();
-    Ok(assemble(spec.clone(), 1, spec.duration_ms as f64 / 1000.0, None, per_op_hist, errors_by_kind, cas_conflicts, read_misses, series)?)
+    assemble(spec.clone(), 1, spec.duration_ms as f64 / 1000.0, None, per_op_hist, errors_by_kind, cas_conflicts, read_misses, series)
 }
 
 /// Builds a result from its histograms and counters; `rate` overrides ops/elapsed (merging).

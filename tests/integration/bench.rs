@@ -79,6 +79,22 @@ async fn a_short_local_run_writes_the_contract_fields() -> anyhow::Result<()> {
     let left: Vec<_> = std::fs::read_dir(&data)?.collect();
     assert!(left.is_empty(), "local cluster data left behind: {left:?}");
 
+    // The idle cost of shards: CPU and memory of every node of a fresh cluster.
+    let idle_json = dir.path().join("idle.json");
+    let (j, d) = (idle_json.display().to_string(), data.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        bench(&["idle", "--shards", "1,4", "--nodes", "3", "--settle", "500ms", "--window", "1s", "--data-dir", &d, "--json", &j])
+    })
+    .await??;
+    assert!(out.status.success(), "idle failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&idle_json)?)?;
+    let points = v["points"].as_array().cloned().unwrap_or_default();
+    assert_eq!(points.iter().map(|p| p["shards"].as_u64()).collect::<Vec<_>>(), vec![Some(1), Some(4)]);
+    for p in &points {
+        assert!(p["rss_mib_mean"].as_f64().unwrap_or(0.0) > 1.0, "no memory measured: {p}");
+        assert!(p["cpu_percent_max"].as_f64().unwrap_or(-1.0) >= 0.0, "{p}");
+    }
+
     // Bad arguments get a clear error and a failing exit code.
     let out = tokio::task::spawn_blocking(|| bench(&["--workload", "write"])).await??;
     assert!(!out.status.success());
