@@ -287,12 +287,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Cmd::Plot(a)) => {
             let text = std::fs::read_to_string(&a.json).map_err(|e| anyhow::anyhow!("{}: {e}", a.json.display()))?;
-            let written = if let Ok(s) = serde_json::from_str::<sweep::SweepResult>(&text) {
-                plot::sweep(&s, &a.out)?
-            } else if let Ok(i) = serde_json::from_str::<sweep::IdleResult>(&text) {
-                plot::idle(&i, &a.out)?
-            } else {
-                anyhow::bail!("{}: neither a sweep nor an idle result", a.json.display());
+            let written = match (serde_json::from_str::<sweep::SweepResult>(&text), serde_json::from_str::<sweep::IdleResult>(&text)) {
+                (Ok(s), _) => plot::sweep(&s, &a.out)?,
+                (_, Ok(i)) => plot::idle(&i, &a.out)?,
+                (Err(s), Err(i)) => {
+                    anyhow::bail!("{}: neither a sweep result ({s}) nor an idle result ({i})", a.json.display())
+                }
             };
             for p in written {
                 eprintln!("wrote {}", p.display());

@@ -103,8 +103,10 @@ pub struct RunResult {
     /// Load generators whose results were merged into this one.
     pub hosts: usize,
     pub spec: RunSpec,
-    /// Every operation's latency, for merging and re-plotting.
+    /// Every operation's latency, for merging and re-plotting (empty in sweep results).
+    #[serde(default, skip_serializing_if = "HistData::is_empty")]
     pub histogram: HistData,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_op_hist: BTreeMap<String, HistData>,
 }
 
@@ -502,6 +504,13 @@ impl RunResult {
         self
     }
 
+    /// Keeps the figures and drops the histograms, for results stored many to a file (sweeps).
+    pub fn summary_only(mut self) -> RunResult {
+        self.histogram = HistData::default();
+        self.per_op_hist.clear();
+        self.compact()
+    }
+
     /// The result as a table for the terminal.
     pub fn table(&self) -> String {
         let s = &self.spec;
@@ -643,6 +652,12 @@ mod tests {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         assert!(m.table().contains("total"));
+        // Sweep results keep only the figures, and read back.
+        let slim = m.clone().summary_only();
+        let text = serde_json::to_string(&slim).expect("json");
+        assert!(!text.contains("\"histogram\""));
+        let back: RunResult = serde_json::from_str(&text).expect("slim result reads back");
+        assert_eq!((back.ops, back.p99_us), (m.ops, m.p99_us));
     }
 
     #[test]

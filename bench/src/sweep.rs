@@ -154,7 +154,7 @@ pub async fn sweep(
         eprintln!("{} = {v} ...", param.name());
         let r = run(&t, &s).await.map_err(|e| anyhow::anyhow!("{} = {v}: {e:#}", param.name()))?;
         eprintln!("{}", r.table());
-        out.points.push(SweepPoint { value: v, result: r.compact() });
+        out.points.push(SweepPoint { value: v, result: r.summary_only() });
         each(&out);
     }
     Ok(out)
