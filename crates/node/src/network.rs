@@ -24,17 +24,38 @@ use crate::peer::PeerPool;
 /// How long a snapshot transfer may take.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Log entries get openraft's deadline, at least `append_floor`, plus the time to move their
+/// bytes at this rate. openraft's own deadline for an append is 3/4 of a heartbeat interval:
+/// on a busy node, a batch of large entries missed it, was sent again, missed it again, and
+/// the retries became the load (multi-second tails at 16-64 KiB values). Heartbeats (appends
+/// without entries) keep openraft's deadline, so leadership checks stay as quick.
+pub const SLOWEST_PEER_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
+
+/// The deadline of an append carrying `bytes` of entries.
+pub fn append_timeout(openraft_ttl: Duration, floor: Duration, bytes: usize) -> Duration {
+    openraft_ttl.max(floor) + Duration::from_secs_f64(bytes as f64 / SLOWEST_PEER_BYTES_PER_SEC)
+}
+
 pub struct NetworkFactory {
     pub me: NodeId,
     pub group: GroupId,
     pub pool: Arc<PeerPool>,
+    /// Least time an append carrying entries gets (the election timeout).
+    pub append_floor: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupClient;
 
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> GroupClient {
-        GroupClient { me: self.me, group: self.group, target, addr: node.peer_addr.clone(), pool: self.pool.clone() }
+        GroupClient {
+            me: self.me,
+            group: self.group,
+            target,
+            addr: node.peer_addr.clone(),
+            pool: self.pool.clone(),
+            append_floor: self.append_floor,
+        }
     }
 }
 
@@ -44,6 +65,7 @@ pub struct GroupClient {
     target: NodeId,
     addr: String,
     pool: Arc<PeerPool>,
+    append_floor: Duration,
 }
 
 /// Why a peer call failed, before it is mapped to the error type openraft wants.
@@ -62,8 +84,15 @@ impl CallError {
 }
 
 impl GroupClient {
-    async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, rpc: RaftRpc, req: &Req, timeout: Duration) -> Result<Resp, CallError> {
+    /// Sends one RPC; `timeout` gets the payload's size once it is encoded.
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: RaftRpc,
+        req: &Req,
+        timeout: impl FnOnce(usize) -> Duration,
+    ) -> Result<Resp, CallError> {
         let payload = postcard::to_allocvec(req).map_err(|e| CallError::Network(e.to_string()))?;
+        let timeout = timeout(payload.len());
         let req = PeerRequest::Raft { from: self.me, group: self.group, rpc, payload };
         let bulk = rpc == RaftRpc::Snapshot;
         match self.pool.call(self.target, &self.addr, &req, timeout, bulk).await {
@@ -96,11 +125,14 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::AppendEntries, &rpc, option.soft_ttl()).await)
+        let (ttl, floor) = (option.soft_ttl(), self.append_floor);
+        let has_entries = !rpc.entries.is_empty();
+        let timeout = move |bytes| if has_entries { append_timeout(ttl, floor, bytes) } else { ttl };
+        flatten(self.call(RaftRpc::AppendEntries, &rpc, timeout).await)
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::Vote, &rpc, option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::Vote, &rpc, |_| option.soft_ttl()).await)
     }
 
     async fn pre_vote(
@@ -108,7 +140,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::PreVote, &rpc, option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::PreVote, &rpc, |_| option.soft_ttl()).await)
     }
 
     async fn transfer_leader(
@@ -116,7 +148,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::TransferLeader, &req, option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::TransferLeader, &req, |_| option.soft_ttl()).await)
     }
 
     async fn full_snapshot(
@@ -132,10 +164,26 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let bytes = data.len();
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            r = self.call(RaftRpc::Snapshot, &msg, SNAPSHOT_TIMEOUT) => {
+            r = self.call(RaftRpc::Snapshot, &msg, |_| SNAPSHOT_TIMEOUT) => {
                 metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(bytes as u64);
                 flatten(r).map_err(StreamingError::from)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_get_time_for_their_size_and_never_less_than_the_floor() {
+        let ttl = Duration::from_millis(187);
+        let floor = Duration::from_millis(1000);
+        assert_eq!(append_timeout(ttl, floor, 0), floor);
+        // 4 MiB of entries (64 x 64 KiB) at 8 MiB/s: half a second more.
+        assert_eq!(append_timeout(ttl, floor, 4 << 20), floor + Duration::from_millis(500));
+        // openraft's deadline wins when it is the longer one.
+        assert_eq!(append_timeout(Duration::from_secs(3), floor, 0), Duration::from_secs(3));
     }
 }

@@ -143,7 +143,8 @@ impl Node {
         register_replica(&self.db, group, kind)?;
         let log = LogStore::new(self.db.clone(), group);
         let sm = StateMachine::new(self.db.clone(), group, kind);
-        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone() };
+        let append_floor = Duration::from_millis(self.raft_config.election_timeout_min);
+        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone(), append_floor };
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
