@@ -574,6 +574,15 @@ impl RunResult {
             out.push_str(&format!("; reads of missing keys {}", self.read_misses));
         }
         out.push('\n');
+        if let Some(rate) = s.rate {
+            let done = self.ops_per_sec + self.errors as f64 / self.elapsed_s.max(1e-9);
+            if done < rate * 0.95 {
+                out.push_str(&format!(
+                    "warning: {done:.0} of the {rate:.0} ops/s asked for were issued; the latencies include the backlog \
+                     (the cluster is saturated, or more --clients/--inflight are needed)\n"
+                ));
+            }
+        }
         out
     }
 }
@@ -658,6 +667,17 @@ mod tests {
         assert!(!text.contains("\"histogram\""));
         let back: RunResult = serde_json::from_str(&text).expect("slim result reads back");
         assert_eq!((back.ops, back.p99_us), (m.ops, m.p99_us));
+    }
+
+    #[test]
+    fn an_open_loop_that_fell_behind_says_so() {
+        let values: Vec<u64> = (1..=2000).collect();
+        let mut r = part(&values, 0, 2);
+        assert!(!r.table().contains("warning"), "closed loop: nothing to warn about");
+        r.spec.rate = Some(1000.0);
+        assert!(!r.table().contains("warning"), "1000 ops/s asked, 1000 done");
+        r.spec.rate = Some(5000.0);
+        assert!(r.table().contains("warning: 1000 of the 5000 ops/s"), "{}", r.table());
     }
 
     #[test]
