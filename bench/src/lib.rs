@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod hist;
+pub mod placement_sim;
 pub mod plot;
 pub mod run;
 pub mod sweep;

@@ -30,6 +30,32 @@ enum Cmd {
     Agent(AgentArgs),
     /// Draw the plots of a sweep or idle JSON file.
     Plot(PlotArgs),
+    /// Drive the placement planner alone over a simulated cluster: nodes joining, nodes lost.
+    PlacementSim(SimArgs),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    #[arg(long, default_value_t = 1000)]
+    nodes: u64,
+    #[arg(long, default_value_t = 100_000)]
+    shards: u64,
+    /// Nodes that join, in the first scenario.
+    #[arg(long, default_value_t = 100)]
+    add: u64,
+    /// Nodes lost for good, in the second scenario.
+    #[arg(long, default_value_t = 10)]
+    lose: u64,
+    /// Moves touching one node at once.
+    #[arg(long, default_value_t = 4)]
+    max_moves_per_node: usize,
+    /// Leader transfers planned per round.
+    #[arg(long, default_value_t = 64)]
+    max_leader_transfers: usize,
+    #[arg(long, default_value_t = 100_000)]
+    rounds_max: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -284,6 +310,27 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&a.listen).await.map_err(|e| anyhow::anyhow!("--listen {}: {e}", a.listen))?;
             eprintln!("agent waiting for runs on {}", listener.local_addr()?);
             ringkv_bench::agent::serve(listener, config).await?;
+        }
+        Some(Cmd::PlacementSim(a)) => {
+            anyhow::ensure!(a.nodes >= 3 && a.shards >= 1, "a simulation needs at least 3 nodes and 1 shard");
+            anyhow::ensure!(a.lose + 3 <= a.nodes, "--lose {} leaves fewer than 3 of {} nodes", a.lose, a.nodes);
+            let spec = ringkv_bench::placement_sim::SimSpec {
+                nodes: a.nodes,
+                shards: a.shards,
+                add: a.add,
+                lose: a.lose,
+                config: ringkv_placement::planner::PlannerConfig {
+                    max_moves_per_node: a.max_moves_per_node,
+                    max_leader_transfers: a.max_leader_transfers,
+                    ..Default::default()
+                },
+                rounds_max: a.rounds_max,
+            };
+            let results = ringkv_bench::placement_sim::run(&spec);
+            print!("{}", ringkv_bench::placement_sim::table(&results));
+            if let Some(p) = &a.json {
+                write_json(p, &serde_json::json!({ "spec": spec, "results": results }))?;
+            }
         }
         Some(Cmd::Plot(a)) => {
             let text = std::fs::read_to_string(&a.json).map_err(|e| anyhow::anyhow!("{}: {e}", a.json.display()))?;

@@ -3,6 +3,8 @@
 //! **Architecture invariant:** nothing here does I/O or reads a clock. The node runs this state
 //! machine inside Raft group 0 and persists what it returns.
 
+pub mod planner;
+
 use ringkv_wire::{split_ring, ClusterMap, Epoch, NodeId, NodeInfo, NodeState, ShardDesc};
 use serde::{Deserialize, Serialize};
 
