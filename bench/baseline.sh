@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the figures in bench/RESULTS.md on one machine (3 nodes on one host, fsync on).
-#   bash bench/baseline.sh [SECTION...]     sections: workloads contract shards concurrency values idle
+#   bash bench/baseline.sh [SECTION...]     sections: workloads contract shards concurrency values idle placement
 # Results (JSON and SVG plots) go to bench/results/. Build first: cargo build --release --workspace --bins
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,12 +41,17 @@ values() {
     --clients 16 --inflight 4 --duration 10s --warmup 3s --json "$OUT/sweep-value-size.json" --plots "$OUT"
 }
 
+placement() {
+  # The planner alone over a simulated cluster (no processes): 100 nodes join, 10 are lost.
+  "$BENCH" placement-sim --nodes 1000 --shards 100000 --add 100 --lose 10 --json "$OUT/placement-sim.json"
+}
+
 idle() {
   "$BENCH" idle --shards 1,8,64,256,1024 --nodes 3 --settle 10s --window 15s --json "$OUT/idle.json" --plots "$OUT"
 }
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(workloads contract shards concurrency values idle)
+[ ${#sections[@]} -gt 0 ] || sections=(workloads contract shards concurrency values idle placement)
 for s in "${sections[@]}"; do
   echo "== $s" >&2
   "$s"

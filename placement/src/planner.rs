@@ -159,6 +159,14 @@ impl State {
         self.busy.insert(shard);
     }
 
+    /// The most loaded target that can give a replica to the least loaded one, if they differ
+    /// by 2 or more and both may move now: `(from, to)`.
+    fn unbalanced_pair(&self, max: usize) -> Option<(NodeId, NodeId)> {
+        let &(lo, to) = self.by_load.iter().find(|(_, id)| self.can_move(*id, max))?;
+        let &(_, from) = self.by_load.iter().rev().find(|(l, id)| *l >= lo + 2 && self.can_move(*id, max))?;
+        Some((from, to))
+    }
+
     /// The least loaded target that may take a replica of `shard` now.
     fn best_target(&self, shard: GroupId, max: usize) -> Option<NodeId> {
         let r = self.replicas.get(&shard)?;
@@ -197,21 +205,15 @@ pub fn plan(map: &ClusterMap, obs: &Observed, in_flight: &[InFlight], cfg: &Plan
     // 3. Balance replicas across up nodes: from the most loaded to the least loaded, until no
     // two nodes differ by more than one (then every node is within ±1 of the mean).
     if !repair_or_drain_pending(&down, &draining, &st) {
-        loop {
-            let Some(&(lo, to)) = st.by_load.iter().find(|(_, id)| st.can_move(*id, max)) else { break };
-            let Some(&(_, from)) = st.by_load.iter().rev().find(|(l, id)| *l >= lo + 2 && st.can_move(*id, max)) else { break };
+        while let Some((from, to)) = st.unbalanced_pair(max) {
             let shard = st
                 .held
                 .get(&from)
                 .and_then(|h| h.iter().copied().find(|s| !st.busy.contains(s) && st.replicas.get(s).is_some_and(|r| !r.contains(&to))));
-            match shard {
-                Some(shard) => {
-                    st.apply(shard, from, to);
-                    ops.push(Operator::MoveReplica { shard, from, to, reason: Reason::Balance });
-                }
-                // Everything `from` holds is busy or already on `to`: nothing more this round.
-                None => break,
-            }
+            // None: everything `from` holds is busy or already on `to`; nothing more this round.
+            let Some(shard) = shard else { break };
+            st.apply(shard, from, to);
+            ops.push(Operator::MoveReplica { shard, from, to, reason: Reason::Balance });
         }
     }
     if !ops.is_empty() || !in_flight.is_empty() {
