@@ -71,6 +71,36 @@ async fn ringctl_put_get_delete_cas_and_status() -> anyhow::Result<()> {
         }
         let out = ringctl(&file, &["status"], None)?;
         assert!(String::from_utf8_lossy(&out.stdout).contains("REPLICAS"));
+
+        // node list / shard list / shard show, as tables and JSON.
+        let v: serde_json::Value = serde_json::from_slice(&ringctl(&file, &["node", "list", "--output", "json"], None)?.stdout)?;
+        assert_eq!(v.as_array().map(|a| a.len()), Some(3));
+        let v: serde_json::Value = serde_json::from_slice(&ringctl(&file, &["shard", "list", "--output", "json"], None)?.stdout)?;
+        assert_eq!(v.as_array().map(|a| a.len()), Some(8));
+        let out = ringctl(&file, &["shard", "show", "3", "--output", "json"], None)?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let shard: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let replicas = shard["replicas"].as_array().cloned().unwrap_or_default();
+        assert_eq!(replicas.len(), 3);
+        assert_eq!(replicas.iter().filter(|r| r["role"] == "leader").count(), 1, "{shard}");
+        assert!(replicas.iter().all(|r| r["applied"].is_u64() && r["voters"].as_array().map(|v| v.len()) == Some(3)));
+        assert!(String::from_utf8_lossy(&ringctl(&file, &["shard", "show", "3"], None)?.stdout).contains("APPLIED"));
+        let out = ringctl(&file, &["shard", "show", "99"], None)?;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no shard 99"));
+
+        // leader transfer to a follower, seen by shard show; refused for a node without a replica.
+        let leader = shard["leader"].as_u64().expect("leader");
+        let follower = replicas.iter().filter_map(|r| r["node"].as_u64()).find(|n| *n != leader).expect("a follower");
+        let out = ringctl(&file, &["leader", "transfer", "3", &follower.to_string()], None)?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let shard: serde_json::Value = serde_json::from_slice(&ringctl(&file, &["shard", "show", "3", "--output", "json"], None)?.stdout)?;
+        assert_eq!(shard["leader"].as_u64(), Some(follower));
+        let out = ringctl(&file, &["leader", "transfer", "3", "42"], None)?;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("holds no replica of shard 3"), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = ringctl(&file, &["leader", "transfer", "3"], None)?;
+        assert_eq!(out.status.code(), Some(2), "a missing NODE is a usage error");
         Ok(())
     })
     .await??;

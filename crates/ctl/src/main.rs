@@ -67,9 +67,38 @@ enum Cmd {
     },
     /// Nodes, shards, leaders and replicas per node.
     Status,
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Shards of the cluster.
+    #[command(subcommand)]
+    Shard(ShardCmd),
+    /// Shard leaders.
+    #[command(subcommand)]
+    Leader(LeaderCmd),
     /// Certificates for a cluster.
     #[command(subcommand)]
     Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Every node with its state, replicas and leaders.
+    List,
+}
+
+#[derive(Subcommand)]
+enum ShardCmd {
+    /// Every shard with its range, replicas, leader and epoch.
+    List,
+    /// One shard: its replicas as each reports itself (role, term, applied index).
+    Show { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum LeaderCmd {
+    /// Make NODE (a replica of SHARD) the shard's leader, and wait until it is.
+    Transfer { shard: u64, node: u64 },
 }
 
 #[derive(Subcommand)]
@@ -181,21 +210,106 @@ async fn status(client: &Client) -> anyhow::Result<Status> {
 }
 
 fn print_status(s: &Status) {
+    print_nodes(&s.nodes);
+    println!();
+    print_shards(&s.shards);
+}
+
+fn print_nodes(nodes: &[NodeRow]) {
     println!("{:<6} {:<12} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
-    for n in &s.nodes {
+    for n in nodes {
         println!("{:<6} {:<12} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
     }
-    let leaderless = s.shards.iter().filter(|x| x.leader.is_none()).count();
-    println!();
-    println!("{} shards, {} without a leader", s.shards.len(), leaderless);
+}
+
+fn print_shards(shards: &[ShardRow]) {
+    let leaderless = shards.iter().filter(|x| x.leader.is_none()).count();
+    println!("{} shards, {} without a leader", shards.len(), leaderless);
     println!("{:<6} {:<18} {:<18} {:<12} {:<8} {:<8}", "SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH");
-    for x in &s.shards {
+    for x in shards {
         let reps = x.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
         let leader = x.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
         println!(
             "{:<6} {:016x}   {:016x}   {:<12} {:<8} {}.{}",
             x.id, x.range[0], x.range[1], reps, leader, x.epoch.conf_ver, x.epoch.version
         );
+    }
+}
+
+#[derive(Serialize)]
+struct ReplicaRow {
+    node: u64,
+    /// "leader", "follower", or "unreachable" when the node did not answer.
+    role: String,
+    term: Option<u64>,
+    applied: Option<u64>,
+    /// The voters as this replica knows them.
+    voters: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct ShardDetail {
+    id: u64,
+    range: [u64; 2],
+    epoch: ringkv_wire::Epoch,
+    leader: Option<u64>,
+    replicas: Vec<ReplicaRow>,
+}
+
+async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
+    let map = client.refresh_map().await?;
+    let desc = map.shard(id).ok_or_else(|| anyhow::anyhow!("no shard {id}: the cluster has shards 1 to {}", map.shards.len()))?;
+    let reports = client.node_reports().await;
+    let mut replicas = Vec::new();
+    for node in &desc.replicas {
+        let group = reports.iter().flatten().find(|r| r.node == *node).and_then(|r| r.groups.iter().find(|g| g.group == id));
+        replicas.push(match group {
+            Some(g) => ReplicaRow {
+                node: *node,
+                role: if g.is_leader { "leader" } else { "follower" }.into(),
+                term: Some(g.term),
+                applied: Some(g.applied),
+                voters: g.voters.clone(),
+            },
+            None => ReplicaRow { node: *node, role: "unreachable".into(), term: None, applied: None, voters: vec![] },
+        });
+    }
+    let leader = replicas.iter().find(|r| r.role == "leader").map(|r| r.node);
+    Ok(ShardDetail { id, range: [desc.start, desc.end], epoch: desc.epoch, leader, replicas })
+}
+
+fn print_shard(s: &ShardDetail) {
+    println!("shard {}  range {:016x}..{:016x}  epoch {}.{}", s.id, s.range[0], s.range[1], s.epoch.conf_ver, s.epoch.version);
+    println!("{:<6} {:<12} {:>8} {:>10}  VOTERS", "NODE", "ROLE", "TERM", "APPLIED");
+    for r in &s.replicas {
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let voters = r.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+        println!("{:<6} {:<12} {:>8} {:>10}  {}", r.node, r.role, opt(r.term), opt(r.applied), voters);
+    }
+}
+
+/// Asks the shard's leader to hand over to `node`, then waits until `node` reports itself leader.
+async fn leader_transfer(client: &Client, shard: u64, node: u64) -> anyhow::Result<()> {
+    let map = client.refresh_map().await?;
+    let desc = map.shard(shard).ok_or_else(|| anyhow::anyhow!("no shard {shard}: the cluster has shards 1 to {}", map.shards.len()))?;
+    anyhow::ensure!(
+        desc.replicas.contains(&node),
+        "node {node} holds no replica of shard {shard} (its replicas are on nodes {:?}); only a replica can lead",
+        desc.replicas
+    );
+    client.transfer_leader(shard, node).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let d = shard_detail(client, shard).await?;
+        if d.leader == Some(node) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "shard {shard}: node {node} did not become leader within 10 s (leader now: {:?})",
+            d.leader
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
@@ -279,6 +393,42 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print_status(&s);
+            }
+            0
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let s = status(&client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.nodes)?);
+            } else {
+                print_nodes(&s.nodes);
+            }
+            0
+        }
+        Cmd::Shard(ShardCmd::List) => {
+            let s = status(&client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.shards)?);
+            } else {
+                print_shards(&s.shards);
+            }
+            0
+        }
+        Cmd::Shard(ShardCmd::Show { id }) => {
+            let shard = shard_detail(&client, *id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shard)?);
+            } else {
+                print_shard(&shard);
+            }
+            0
+        }
+        Cmd::Leader(LeaderCmd::Transfer { shard, node }) => {
+            leader_transfer(&client, *shard, *node).await?;
+            if json {
+                println!("{}", serde_json::json!({"shard": shard, "leader": node}));
+            } else {
+                println!("shard {shard}: node {node} is the leader");
             }
             0
         }
