@@ -184,7 +184,12 @@ impl ClientService {
         match res {
             Ok(resp) => {
                 metrics::counter!("ringkv_raft_commits_total").increment(1);
-                Ok(resp.data)
+                match resp.data {
+                    CommandResult::Expired { client, seq, floor } => Err(RequestError::NotPermitted(format!(
+                        "write {seq} of client {client:x} arrived after the client moved past it (to {floor}); not applied"
+                    ))),
+                    data => Ok(data),
+                }
             }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(r.group, f.leader_id)),
             Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),

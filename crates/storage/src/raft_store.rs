@@ -281,11 +281,38 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 #[derive(Default)]
 struct Overlay {
     data: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
-    sessions: std::collections::HashMap<u64, SessionAnswers>,
+    /// Session rows and answers written earlier in the batch (`None`: deleted).
+    rows: std::collections::HashMap<u64, SessionRow>,
+    answers: std::collections::HashMap<(u64, u64), Option<CommandResult>>,
 }
 
-/// A client's answers that it may still retry, by sequence number.
-type SessionAnswers = Vec<(u64, CommandResult)>;
+/// A client's session in one group: which answers are kept, and below which sequence number
+/// the client retries nothing any more.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SessionRow {
+    floor: u64,
+    live: Vec<u64>,
+}
+
+/// The client's row; a client without one (new, or from a data dir written before rows
+/// existed) gets one listing whatever answers it already has.
+fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> {
+    if let Some(b) = sm.db.get_cf(CF_APPLY_STATE, &session_key(sm.group, client))? {
+        return dec(&b);
+    }
+    let prefix = session_key(sm.group, client);
+    let mut live = Vec::new();
+    for kv in sm.db.raw().iterator_cf(sm.db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward)) {
+        let (k, _) = kv.map_err(io_err)?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        if let Some(seq) = k.get(17..25).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            live.push(u64::from_be_bytes(seq));
+        }
+    }
+    Ok(SessionRow { floor: 0, live })
+}
 
 /// Applies one command against the overlay (writes earlier in the same batch) and the database.
 fn exec(
@@ -299,21 +326,40 @@ fn exec(
     let key_ok = |key: &[u8]| sm.kind.contains(ringkv_wire::key_hash(key));
     match cmd {
         Command::Session { session, cmd } => {
-            let key = session_key(sm.group, session.client);
-            let mut answers = match overlay.sessions.get(&session.client) {
-                Some(a) => a.clone(),
-                None => sm.db.get_cf(CF_APPLY_STATE, &key)?.map(|b| dec::<SessionAnswers>(&b)).transpose()?.unwrap_or_default(),
+            let apply_cf = sm.db.cf(CF_APPLY_STATE);
+            let (client, seq) = (session.client, session.seq);
+            let mut row = match overlay.rows.get(&client) {
+                Some(r) => r.clone(),
+                None => session_row(sm, client)?,
             };
-            if let Some((_, r)) = answers.iter().find(|(seq, _)| *seq == session.seq) {
+            let answer = match overlay.answers.get(&(client, seq)) {
+                Some(a) => a.clone(),
+                None => sm.db.get_cf(CF_APPLY_STATE, &session_answer_key(sm.group, client, seq))?.map(|b| dec(&b)).transpose()?,
+            };
+            if let Some(r) = answer {
                 metrics::counter!("ringkv_raft_duplicate_writes_total").increment(1);
-                return Ok(r.clone());
+                return Ok(r);
+            }
+            if seq < row.floor {
+                // Its answer was forgotten because the client moved past it: never apply it now.
+                metrics::counter!("ringkv_raft_expired_writes_total").increment(1);
+                return Ok(CommandResult::Expired { client, seq, floor: row.floor });
             }
             let r = exec(sm, *cmd, overlay, batch, map)?;
-            // The client will never retry writes below `acked_below` again: forget their answers.
-            answers.retain(|(seq, _)| *seq >= session.acked_below);
-            answers.push((session.seq, r.clone()));
-            batch.put_cf(sm.db.cf(CF_APPLY_STATE), key, enc(&answers)?);
-            overlay.sessions.insert(session.client, answers);
+            // The client retries nothing below `acked_below` again: forget those answers.
+            if session.acked_below > row.floor {
+                for old in row.live.iter().copied().filter(|s| *s < session.acked_below) {
+                    batch.delete_cf(apply_cf, session_answer_key(sm.group, client, old));
+                    overlay.answers.insert((client, old), None);
+                }
+                row.live.retain(|s| *s >= session.acked_below);
+                row.floor = session.acked_below;
+            }
+            row.live.push(seq);
+            batch.put_cf(apply_cf, session_answer_key(sm.group, client, seq), enc(&r)?);
+            batch.put_cf(apply_cf, session_key(sm.group, client), enc(&row)?);
+            overlay.answers.insert((client, seq), Some(r.clone()));
+            overlay.rows.insert(client, row);
             Ok(r)
         }
         Command::PutMany { pairs } if pairs.iter().all(|(k, _)| key_ok(k)) => {
@@ -512,7 +558,7 @@ mod tests {
         apply(&mut sm, vec![entry(5, cas(2, 1, b"1", b"2"))]).await;
         assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
         // Retrying seq 1 again still answers "swapped" and changes nothing.
-        let answer = answers(&db, 9).into_iter().find(|(seq, _)| *seq == 1).expect("answer kept").1;
+        let answer = answer(&db, 9, 1).expect("answer kept");
         assert_eq!(answer, CommandResult::Cas { swapped: true, current: Some(b"0".to_vec()) });
         apply(&mut sm, vec![entry(6, replay_as_put(1))]).await;
         assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
@@ -533,20 +579,22 @@ mod tests {
         assert_eq!(seqs(&db2, 9), vec![3]);
     }
 
-    fn answers(db: &Db, client: u64) -> SessionAnswers {
-        let bytes = db.get_cf(CF_APPLY_STATE, &session_key(1, client)).expect("get").expect("session kept");
-        dec(&bytes).expect("decode")
+    fn answer(db: &Db, client: u64, seq: u64) -> Option<CommandResult> {
+        db.get_cf(CF_APPLY_STATE, &session_answer_key(1, client, seq)).expect("get").map(|b| dec(&b).expect("decode"))
     }
 
     fn seqs(db: &Db, client: u64) -> Vec<u64> {
-        answers(db, client).into_iter().map(|(seq, _)| seq).collect()
+        let row: SessionRow = dec(&db.get_cf(CF_APPLY_STATE, &session_key(1, client)).expect("get").expect("row")).expect("decode");
+        let kept: Vec<u64> = row.live.iter().copied().filter(|s| answer(db, client, *s).is_some()).collect();
+        assert_eq!(kept, row.live, "the row lists exactly the answers kept");
+        row.live
     }
 
-    /// Forgetting acknowledged answers must not delete ranges: range tombstones in the memtable
-    /// make every later read of the column family re-sort all of them (this cost 10x write
-    /// throughput once).
+    /// Forgetting acknowledged answers deletes exactly their keys (point deletes; a range
+    /// deletion per write made every later read of the column family re-sort all the range
+    /// tombstones in the memtable, which cost 9x write throughput once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn forgetting_session_answers_leaves_no_range_tombstones() {
+    async fn forgetting_session_answers_deletes_exactly_their_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Db::open(dir.path()).expect("db");
         let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
@@ -556,7 +604,7 @@ mod tests {
             apply(&mut sm, vec![entry(seq, Command::Session { session, cmd: Box::new(put) })]).await;
         }
         assert_eq!(seqs(&db, 7), vec![200]);
-        // One key per client, rewritten in place: no deletions of any kind.
+        // The row and the last answer are all that is left of the client's session.
         let prefix = group_tag_key(1, TAG_SESSION);
         let keys = db
             .raw()
@@ -564,8 +612,44 @@ mod tests {
             .filter_map(Result::ok)
             .take_while(|(k, _)| k.starts_with(&prefix))
             .count();
-        assert_eq!(keys, 1);
+        assert_eq!(keys, 2);
         let deletes = db.raw().property_int_value_cf(db.cf(CF_APPLY_STATE), "rocksdb.num-deletes-active-mem-table").expect("property");
-        assert_eq!(deletes, Some(0));
+        assert_eq!(deletes, Some(199), "one point delete per forgotten answer");
+    }
+
+    /// A copy of a write that arrives after the client moved past it (its answer already
+    /// forgotten) is not applied: it could overwrite a newer value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_copy_of_an_abandoned_write_is_not_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        let put = |seq, acked_below, v: &str| {
+            let session = ringkv_wire::Session { client: 4, seq, acked_below };
+            Command::Session { session, cmd: Box::new(Command::Put { key: b"k".to_vec(), value: v.as_bytes().to_vec() }) }
+        };
+        apply(&mut sm, vec![entry(1, put(10, 10, "old"))]).await;
+        apply(&mut sm, vec![entry(2, put(12, 12, "new"))]).await;
+        // Seq 10 again: its answer is gone (acked_below moved to 12), so it must not apply.
+        apply(&mut sm, vec![entry(3, put(10, 10, "old"))]).await;
+        assert_eq!(sm.get(b"k").expect("get"), Some(b"new".to_vec()));
+        assert_eq!(seqs(&db, 4), vec![12]);
+    }
+
+    /// A data dir written before session rows existed holds bare answers; they still answer
+    /// retries, and the first new write of that client adopts them into its row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_without_a_row_still_deduplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        apply(&mut sm, vec![entry(1, Command::Put { key: b"n".to_vec(), value: b"1".to_vec() })]).await;
+        let mut b = WriteBatch::default();
+        b.put_cf(db.cf(CF_APPLY_STATE), session_answer_key(1, 9, 5), enc(&CommandResult::Done).expect("enc"));
+        db.write_sync(b).expect("write");
+        apply(&mut sm, vec![entry(2, replay_as_put(5))]).await;
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"1".to_vec()), "the retry was answered, not applied");
+        apply(&mut sm, vec![entry(3, cas(6, 1, b"1", b"2"))]).await;
+        assert_eq!(seqs(&db, 9), vec![5, 6]);
     }
 }

@@ -72,6 +72,13 @@ pub enum CommandResult {
     Placement(Result<(), ringkv_placement::PlacementError>),
     /// The command does not fit this group (a bug in the proposer, never a client's fault).
     Refused(String),
+    /// A late copy of a session write the client had already given up on (its sequence number
+    /// is below the session's floor): not applied.
+    Expired {
+        client: u64,
+        seq: u64,
+        floor: u64,
+    },
 }
 
 openraft::declare_raft_types!(
