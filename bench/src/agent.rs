@@ -116,6 +116,8 @@ pub async fn run_on_hosts(hosts: &[String], spec: &RunSpec) -> anyhow::Result<Ru
     let calls = hosts.iter().enumerate().map(|(i, h)| {
         let mut s = spec.clone();
         s.preload = false;
+        // `--rate` is the rate of all hosts together.
+        s.rate = spec.rate.map(|r| r / hosts.len() as f64);
         // Different hosts draw different keys.
         s.seed = spec.seed.wrapping_add(i as u64 * 1_000_003);
         async move { (h.clone(), call(h, &Job::Run(s), limit).await) }

@@ -133,6 +133,12 @@ async fn load_from_two_agents_merges_and_the_open_loop_keeps_its_rate() -> anyho
     assert_eq!(series, merged.ops);
     assert!(merged.per_op.contains_key("read") && merged.per_op.contains_key("update"));
 
+    // `--rate` is the total over all agents, not per agent.
+    let mut paced = spec(Workload::Write, 2000);
+    paced.rate = Some(100.0);
+    let r = ringkv_bench::sweep::run(&Target::Hosts(hosts.clone()), &paced).await?;
+    assert!((150..=230).contains(&r.ops), "2 agents at 100 ops/s in all for 2 s completed {} ops", r.ops);
+
     // A bad agent address fails the run with the address in the error.
     let err = ringkv_bench::sweep::run(&Target::Hosts(vec!["127.0.0.1:1".into()]), &s).await.expect_err("no agent there");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
@@ -145,6 +151,18 @@ async fn load_from_two_agents_merges_and_the_open_loop_keeps_its_rate() -> anyho
     let r: RunResult = ringkv_bench::sweep::run(&Target::Cluster(tc.path().join("cluster.json")), &open).await?;
     assert_eq!(r.errors, 0, "{:?}", r.errors_by_kind);
     assert!((150..=230).contains(&r.ops), "open loop at 100 ops/s for 2 s completed {} ops", r.ops);
+    assert_eq!(r.not_issued, 0);
+
+    // An open loop the generator cannot keep up with reports what it never sent, and its
+    // throughput is what completed, not the rate asked for.
+    let mut flood = spec(Workload::Write, 1500);
+    flood.clients = 1;
+    flood.inflight = 1;
+    flood.rate = Some(100_000.0);
+    let r = ringkv_bench::sweep::run(&Target::Cluster(tc.path().join("cluster.json")), &flood).await?;
+    assert!(r.not_issued > 0, "{r:?}");
+    assert!(r.ops_per_sec < 50_000.0, "one worker cannot do {} ops/s", r.ops_per_sec);
+    assert!(r.table().contains("warning"));
     Ok(())
 }
 
