@@ -71,6 +71,9 @@ pub struct Observed {
     pub last_heartbeat_ms: BTreeMap<NodeId, u64>,
     /// The leader each shard last reported.
     pub leaders: BTreeMap<GroupId, NodeId>,
+    /// When this placement leader took over: a node it has not heard from yet gets the grace
+    /// period from then, not from the epoch of the clock.
+    pub leader_since_ms: u64,
 }
 
 /// Whether node `id` counts as down at `now_ms`: marked down, or silent for `down_after_ms`.
@@ -80,8 +83,8 @@ pub fn is_down(map: &ClusterMap, obs: &Observed, cfg: &PlannerConfig, id: NodeId
         Some(NodeState::Joining) => false,
         Some(_) => match obs.last_heartbeat_ms.get(&id) {
             Some(t) => now_ms.saturating_sub(*t) >= cfg.down_after_ms,
-            // Never heard from since this leader took over: give it the grace period from 0.
-            None => now_ms >= cfg.down_after_ms,
+            // Not heard from since this leader took over: the grace period runs from then.
+            None => now_ms.saturating_sub(obs.leader_since_ms) >= cfg.down_after_ms,
         },
     }
 }
@@ -500,6 +503,19 @@ mod tests {
         let held = map.shards.iter().filter(|s| s.replicas.contains(&3)).count();
         let repairs = ops.iter().filter(|o| matches!(o, Operator::MoveReplica { from: 3, reason: Reason::Repair, .. })).count();
         assert_eq!(repairs, held, "every replica of the silent node is repaired at once: {ops:?}");
+    }
+
+    #[test]
+    fn a_new_placement_leader_gives_silent_nodes_the_grace_period_from_its_takeover() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let cfg = PlannerConfig::default();
+        let (map, mut obs) = random_cluster(&mut rng, 4, 8, 0);
+        obs.last_heartbeat_ms.clear();
+        obs.leader_since_ms = 5_000_000;
+        let now = obs.leader_since_ms + cfg.down_after_ms - 1;
+        assert!(!is_down(&map, &obs, &cfg, 1, now));
+        assert!(plan(&map, &obs, &[], &cfg, now).iter().all(|o| !matches!(o, Operator::MoveReplica { reason: Reason::Repair, .. })));
+        assert!(is_down(&map, &obs, &cfg, 1, now + 1));
     }
 
     #[test]

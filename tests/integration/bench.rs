@@ -151,7 +151,8 @@ async fn load_from_two_agents_merges_and_the_open_loop_keeps_its_rate() -> anyho
     let r: RunResult = ringkv_bench::sweep::run(&Target::Cluster(tc.path().join("cluster.json")), &open).await?;
     assert_eq!(r.errors, 0, "{:?}", r.errors_by_kind);
     assert!((150..=230).contains(&r.ops), "open loop at 100 ops/s for 2 s completed {} ops", r.ops);
-    assert_eq!(r.not_issued, 0);
+    // At most the last operation of each worker may still be due when the run ends.
+    assert!(r.not_issued <= open.concurrency() as u64, "{} never sent at a rate the cluster keeps", r.not_issued);
 
     // An open loop the generator cannot keep up with reports what it never sent, and its
     // throughput is what completed, not the rate asked for.

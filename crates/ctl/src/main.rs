@@ -173,16 +173,18 @@ struct Status {
 async fn status(client: &Client) -> anyhow::Result<Status> {
     let map = client.refresh_map().await?;
     let reports = client.node_reports().await;
-    let mut leader_of = std::collections::BTreeMap::new();
+    // During an election two replicas may both claim to lead; the higher term is the leader.
+    let mut claims: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
     let mut reachable = std::collections::BTreeSet::new();
     for r in reports.iter().flatten() {
         reachable.insert(r.node);
         for g in &r.groups {
-            if g.is_leader {
-                leader_of.insert(g.group, r.node);
+            if g.is_leader && claims.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
+                claims.insert(g.group, (g.term, r.node));
             }
         }
     }
+    let leader_of: std::collections::BTreeMap<u64, u64> = claims.into_iter().map(|(g, (_, n))| (g, n)).collect();
     let shards: Vec<ShardRow> = map
         .shards
         .iter()
@@ -274,7 +276,7 @@ async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
             None => ReplicaRow { node: *node, role: "unreachable".into(), term: None, applied: None, voters: vec![] },
         });
     }
-    let leader = replicas.iter().find(|r| r.role == "leader").map(|r| r.node);
+    let leader = replicas.iter().filter(|r| r.role == "leader").max_by_key(|r| r.term).map(|r| r.node);
     Ok(ShardDetail { id, range: [desc.start, desc.end], epoch: desc.epoch, leader, replicas })
 }
 
