@@ -336,7 +336,14 @@ fn take_second(stats: &[Arc<Mutex<Stats>>], t: u64) -> Second {
         s.interval.reset();
         errors += std::mem::take(&mut s.interval_errors);
     }
-    Second { t, ops: h.len(), errors, p50_us: h.value_at_quantile(0.5), p99_us: h.value_at_quantile(0.99), hist: HistData::of(&h) }
+    Second::of(t, &h, errors)
+}
+
+impl Second {
+    /// The second `t` from its histogram and error count.
+    pub fn of(t: u64, h: &Histogram<u64>, errors: u64) -> Second {
+        Second { t, ops: h.len(), errors, p50_us: h.value_at_quantile(0.5), p99_us: h.value_at_quantile(0.99), hist: HistData::of(h) }
+    }
 }
 
 /// Runs the warm-up and measured phases with `clients` (preloading first if the spec asks).
@@ -390,11 +397,7 @@ pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<
             Some(last) => {
                 let mut h = last.hist.to_hist()?;
                 tail.hist.add_to(&mut h)?;
-                last.ops = h.len();
-                last.errors += tail.errors;
-                last.p50_us = h.value_at_quantile(0.5);
-                last.p99_us = h.value_at_quantile(0.99);
-                last.hist = HistData::of(&h);
+                *last = Second::of(last.t, &h, last.errors + tail.errors);
             }
             None => series.push(tail),
         }
@@ -500,17 +503,7 @@ impl RunResult {
             elapsed = elapsed.max(p.elapsed_s);
             hosts += p.hosts;
         }
-        let series = seconds
-            .into_iter()
-            .map(|(t, (h, errors))| Second {
-                t,
-                ops: h.len(),
-                errors,
-                p50_us: h.value_at_quantile(0.5),
-                p99_us: h.value_at_quantile(0.99),
-                hist: HistData::of(&h),
-            })
-            .collect();
+        let series = seconds.into_iter().map(|(t, (h, errors))| Second::of(t, &h, errors)).collect();
         let per_op_hist = per_op.iter().map(|(k, h)| (k.clone(), HistData::of(h))).collect();
         let mut merged = assemble(spec, hosts, elapsed, Some(rate), per_op_hist, errors_by_kind, cas, misses, series)?;
         merged.not_issued = not_issued;

@@ -258,9 +258,14 @@ struct ShardDetail {
     replicas: Vec<ReplicaRow>,
 }
 
+fn find_shard(map: &ringkv_wire::ClusterMap, id: u64) -> anyhow::Result<&ringkv_wire::ShardDesc> {
+    map.shard(id)
+        .ok_or_else(|| anyhow::anyhow!("no shard {id} among the cluster's {} shards (`ringctl shard list` shows them)", map.shards.len()))
+}
+
 async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
     let map = client.refresh_map().await?;
-    let desc = map.shard(id).ok_or_else(|| anyhow::anyhow!("no shard {id}: the cluster has shards 1 to {}", map.shards.len()))?;
+    let desc = find_shard(&map, id)?;
     let reports = client.node_reports().await;
     let mut replicas = Vec::new();
     for node in &desc.replicas {
@@ -293,7 +298,7 @@ fn print_shard(s: &ShardDetail) {
 /// Asks the shard's leader to hand over to `node`, then waits until `node` reports itself leader.
 async fn leader_transfer(client: &Client, shard: u64, node: u64) -> anyhow::Result<()> {
     let map = client.refresh_map().await?;
-    let desc = map.shard(shard).ok_or_else(|| anyhow::anyhow!("no shard {shard}: the cluster has shards 1 to {}", map.shards.len()))?;
+    let desc = find_shard(&map, shard)?;
     anyhow::ensure!(
         desc.replicas.contains(&node),
         "node {node} holds no replica of shard {shard} (its replicas are on nodes {:?}); only a replica can lead",
