@@ -5,7 +5,7 @@
 
 pub mod planner;
 
-use ringkv_wire::{split_ring, ClusterMap, Epoch, NodeId, NodeInfo, NodeState, ShardDesc};
+use ringkv_wire::{split_ring, ClusterMap, Epoch, GroupId, MoveRecord, NodeId, NodeInfo, NodeState, PlacementSettings, ShardDesc};
 use serde::{Deserialize, Serialize};
 
 /// A change to the cluster map, proposed through the placement group's Raft log.
@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 pub enum PlacementCommand {
     /// Creates the cluster. Applies only to an empty map; later ones are refused.
     Bootstrap { cluster_id: String, nodes: Vec<NodeInfo>, shards: u64, replication: usize },
+    /// Adds a node in state joining (or updates the addresses of a known one).
+    RegisterNode { node: NodeInfo },
+    /// A lifecycle change, by an operator or by the placement leader (up, down).
+    SetNodeState { node: NodeId, state: NodeState, force: bool },
+    /// Records that `to` is to replace `from` in `shard`, which must still have `epoch`.
+    BeginMove { shard: GroupId, from: NodeId, to: NodeId, epoch: Epoch, reason: String },
+    /// The shard's Raft group now has `to` instead of `from`: the map follows (conf_ver bumps).
+    FinishMove { shard: GroupId, from: NodeId, to: NodeId },
+    /// Drops a move that cannot complete (the Raft group never switched to the new set).
+    AbortMove { shard: GroupId, from: NodeId, to: NodeId },
+    SetSettings(PlacementSettings),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -21,6 +32,153 @@ pub enum PlacementError {
     AlreadyBootstrapped,
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn refuse<T>(why: String) -> Result<T, PlacementError> {
+    Err(PlacementError::Refused(why))
+}
+
+/// Checks run-time settings: values that would stall or flood the cluster are refused.
+pub fn validate_settings(s: &PlacementSettings) -> Result<(), PlacementError> {
+    if s.down_after_ms < 1000 {
+        return Err(PlacementError::Invalid(format!("down_after_ms {} is below 1000", s.down_after_ms)));
+    }
+    if s.max_moves_per_node == 0 || s.snapshot_concurrency == 0 {
+        return Err(PlacementError::Invalid("max_moves_per_node and snapshot_concurrency must be at least 1".into()));
+    }
+    if s.snapshot_bytes_per_sec < 64 * 1024 {
+        return Err(PlacementError::Invalid(format!("snapshot_bytes_per_sec {} is below 64 KiB/s", s.snapshot_bytes_per_sec)));
+    }
+    Ok(())
+}
+
+/// The replication factor of the cluster: the size of its largest replica set.
+pub fn replication(map: &ClusterMap) -> usize {
+    map.shards.iter().map(|s| s.replicas.len()).max().unwrap_or(0)
+}
+
+fn set_node_state(map: &mut ClusterMap, id: NodeId, state: NodeState, force: bool) -> Result<bool, PlacementError> {
+    let Some(current) = map.node(id).map(|n| n.state) else {
+        return refuse(format!("no node {id} in the cluster"));
+    };
+    use NodeState::*;
+    if current == state {
+        return Ok(false);
+    }
+    let member = map.placement_members.contains(&id);
+    match (current, state) {
+        (Removed, _) => return refuse(format!("node {id} was removed; a node coming back needs a new id and an empty data dir")),
+        (Joining | Down | Decommissioning, Up) | (Up | Joining, Down) => {}
+        (Up | Down | Joining, Decommissioning) => {
+            if member {
+                return refuse(format!("node {id} holds the placement group, which cannot move yet; decommission another node"));
+            }
+            let up_after = map.nodes.iter().filter(|n| n.id != id && n.state == Up).count();
+            if up_after < replication(map) {
+                return refuse(format!(
+                    "only {up_after} nodes would stay up, fewer than the {} replicas a shard needs; add a node first",
+                    replication(map)
+                ));
+            }
+        }
+        (_, Removed) => {
+            if member {
+                return refuse(format!("node {id} holds the placement group and cannot be removed"));
+            }
+            let held = map.replicas_on(id);
+            let moving = map.moves.iter().filter(|m| m.to == id || m.from == id).count();
+            if (held > 0 || moving > 0) && !force {
+                return refuse(format!(
+                    "node {id} still holds {held} replicas ({moving} moving); decommission it and wait until it is empty, or use --force (its replicas are then rebuilt from the others)"
+                ));
+            }
+            map.moves.retain(|m| m.to != id);
+        }
+        (from, to) => return refuse(format!("node {id} cannot go from {} to {}", from.as_str(), to.as_str())),
+    }
+    if let Some(n) = map.nodes.iter_mut().find(|n| n.id == id) {
+        n.state = state;
+    }
+    Ok(true)
+}
+
+/// Applies every command except bootstrap; `Ok(false)` when the map did not change.
+fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, PlacementError> {
+    if !map.is_bootstrapped() {
+        return refuse("the cluster is not bootstrapped".into());
+    }
+    match cmd {
+        PlacementCommand::Bootstrap { .. } => Err(PlacementError::AlreadyBootstrapped),
+        PlacementCommand::RegisterNode { node } => {
+            if node.id == 0 {
+                return Err(PlacementError::Invalid("node id 0 is reserved".into()));
+            }
+            match map.nodes.iter_mut().find(|n| n.id == node.id) {
+                Some(n) if n.state == NodeState::Removed => {
+                    refuse(format!("node id {} was removed; a node coming back needs a new id and an empty data dir", node.id))
+                }
+                Some(n) if n.peer_addr == node.peer_addr && n.client_addr == node.client_addr && n.metrics_addr == node.metrics_addr => {
+                    Ok(false)
+                }
+                Some(n) => {
+                    n.peer_addr = node.peer_addr.clone();
+                    n.client_addr = node.client_addr.clone();
+                    n.metrics_addr = node.metrics_addr.clone();
+                    Ok(true)
+                }
+                None => {
+                    let mut n = node.clone();
+                    n.state = NodeState::Joining;
+                    map.nodes.push(n);
+                    map.nodes.sort_by_key(|n| n.id);
+                    Ok(true)
+                }
+            }
+        }
+        PlacementCommand::SetNodeState { node, state, force } => set_node_state(map, *node, *state, *force),
+        PlacementCommand::BeginMove { shard, from, to, epoch, reason } => {
+            let Some(s) = map.shard(*shard) else { return refuse(format!("no shard {shard}")) };
+            if s.epoch != *epoch {
+                return refuse(format!("shard {shard} changed (epoch {:?}, move planned at {:?})", s.epoch, epoch));
+            }
+            if let Some(m) = map.move_of(*shard) {
+                return refuse(format!("shard {shard} is already moving from {} to {}", m.from, m.to));
+            }
+            if !s.replicas.contains(from) || s.replicas.contains(to) {
+                return refuse(format!("shard {shard} has replicas {:?}: cannot move {from} to {to}", s.replicas));
+            }
+            if map.node(*to).map(|n| n.state) != Some(NodeState::Up) {
+                return refuse(format!("node {to} is not up"));
+            }
+            map.moves.push(MoveRecord { shard: *shard, from: *from, to: *to, epoch: *epoch, reason: reason.clone() });
+            Ok(true)
+        }
+        PlacementCommand::FinishMove { shard, from, to } => {
+            let Some(i) = map.moves.iter().position(|m| m.shard == *shard && m.from == *from && m.to == *to) else {
+                return refuse(format!("no move of shard {shard} from {from} to {to}"));
+            };
+            map.moves.remove(i);
+            let Some(s) = map.shards.iter_mut().find(|s| s.id == *shard) else { return refuse(format!("no shard {shard}")) };
+            for r in s.replicas.iter_mut().filter(|r| **r == *from) {
+                *r = *to;
+            }
+            s.epoch.conf_ver += 1;
+            Ok(true)
+        }
+        PlacementCommand::AbortMove { shard, from, to } => {
+            let before = map.moves.len();
+            map.moves.retain(|m| !(m.shard == *shard && m.from == *from && m.to == *to));
+            Ok(map.moves.len() != before)
+        }
+        PlacementCommand::SetSettings(s) => {
+            validate_settings(s)?;
+            let changed = map.settings != *s;
+            map.settings = s.clone();
+            Ok(changed)
+        }
+    }
 }
 
 /// Checks a bootstrap request before anything is proposed.
@@ -65,6 +223,12 @@ pub fn apply(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<(), Placeme
             map.shards = bootstrap_shards(&ids, *shards, *replication);
             map.nodes = nodes;
             map.version += 1;
+            Ok(())
+        }
+        other => {
+            if apply_change(map, other)? {
+                map.version += 1;
+            }
             Ok(())
         }
     }

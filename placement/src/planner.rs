@@ -35,6 +35,18 @@ impl Default for PlannerConfig {
     }
 }
 
+impl PlannerConfig {
+    /// The planner's view of the settings operators change at run time.
+    pub fn from_settings(s: &ringkv_wire::PlacementSettings) -> Self {
+        PlannerConfig { down_after_ms: s.down_after_ms, max_moves_per_node: s.max_moves_per_node as usize, ..Default::default() }
+    }
+}
+
+/// The moves the map records as running.
+pub fn in_flight(map: &ClusterMap) -> Vec<InFlight> {
+    map.moves.iter().map(|m| InFlight { shard: m.shard, from: m.from, to: m.to }).collect()
+}
+
 /// Why a move was planned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Reason {
@@ -44,6 +56,16 @@ pub enum Reason {
     Drain,
     /// The source node holds more replicas than the mean + 1 allows (or the target fewer).
     Balance,
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Repair => "repair",
+            Reason::Drain => "drain",
+            Reason::Balance => "balance",
+        }
+    }
 }
 
 /// One step the executor carries out.

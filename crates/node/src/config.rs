@@ -26,6 +26,10 @@ pub struct NodeConfig {
     /// Peer addresses to ask for the cluster map until this node has one of its own.
     #[serde(default)]
     pub seeds: Vec<String>,
+    /// A member's client address to join an existing cluster through, on the first start
+    /// (ignored once the node has the cluster map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -108,6 +112,7 @@ pub struct Overrides {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub seeds: Option<Vec<String>>,
+    pub join: Option<String>,
     pub fault_injection: Option<bool>,
 }
 
@@ -138,6 +143,7 @@ struct PartialConfig {
     metrics_addr: Option<String>,
     tls: Option<TlsConfig>,
     seeds: Option<Vec<String>>,
+    join: Option<String>,
     limits: Option<Limits>,
     raft: Option<RaftTuning>,
     storage: Option<StorageConfig>,
@@ -158,10 +164,10 @@ impl NodeConfig {
         if let Some(f) = file {
             let f = read_partial(f)?;
             macro_rules! over { ($($k:ident),*) => { $( if f.$k.is_some() { p.$k = f.$k; } )* } }
-            over!(id, peer_addr, client_addr, metrics_addr, tls, seeds, limits, raft, storage, fault_injection);
+            over!(id, peer_addr, client_addr, metrics_addr, tls, seeds, join, limits, raft, storage, fault_injection);
         }
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
-        flag!(id, peer_addr, client_addr, metrics_addr, seeds, fault_injection);
+        flag!(id, peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
         if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
             let t = p.tls.take();
             let pick = |flag: Option<PathBuf>, old: Option<PathBuf>, name| flag.or(old).ok_or(ConfigError::Missing(name));
@@ -188,6 +194,7 @@ impl NodeConfig {
             metrics_addr: p.metrics_addr.ok_or(ConfigError::Missing("metrics-addr"))?,
             tls: p.tls.ok_or(ConfigError::Missing("ca/cert/key"))?,
             seeds: p.seeds.unwrap_or_default(),
+            join: p.join,
             limits: p.limits.unwrap_or_default(),
             raft: p.raft.unwrap_or_default(),
             storage: p.storage.unwrap_or_default(),
@@ -200,6 +207,9 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, a) in [("peer_addr", &self.peer_addr), ("client_addr", &self.client_addr), ("metrics_addr", &self.metrics_addr)] {
             a.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("{name} `{a}` is not an IP:port address: {e}")))?;
+        }
+        if let Some(j) = &self.join {
+            j.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("join `{j}` is not an IP:port address: {e}")))?;
         }
         if self.limits.key_bytes_max == 0 || self.limits.value_bytes_max == 0 {
             return Err(ConfigError::Invalid("limits must be positive".into()));

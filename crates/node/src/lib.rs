@@ -4,6 +4,7 @@
 pub mod bootstrap;
 pub mod config;
 pub mod dev;
+pub mod driver;
 pub mod network;
 pub mod node;
 pub mod peer;
@@ -63,16 +64,73 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
         },
     ));
     let map_task = tokio::spawn(node.clone().map_loop());
+    let heartbeat_task = tokio::spawn(driver::heartbeat_loop(node.clone()));
+    let executor_task = tokio::spawn(driver::executor_loop(node.clone()));
+
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
-    shutdown.await;
+    tokio::pin!(shutdown);
+    let mut failure = None;
+    match config.join.clone().filter(|_| !node.map().is_bootstrapped()) {
+        Some(addr) => tokio::select! {
+            _ = &mut shutdown => {}
+            r = join(node.clone(), addr) => match r {
+                Ok(()) => (&mut shutdown).await,
+                Err(e) => failure = Some(e),
+            },
+        },
+        None => (&mut shutdown).await,
+    }
     tracing::info!("node stopping");
     node.stop().await;
     client_ep.close(0u32.into(), b"shutdown");
     peer_ep.close(0u32.into(), b"shutdown");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client_ep.wait_idle()).await;
-    let _ = tokio::join!(peer_task, client_task, map_task);
+    let _ = tokio::join!(peer_task, client_task, map_task, heartbeat_task, executor_task);
     db.shutdown();
-    Ok(())
+    match failure {
+        Some(e) => Err(NodeError::Join(e)),
+        None => Ok(()),
+    }
+}
+
+/// How long a joining node keeps trying to reach the node it joins through.
+pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Registers this (new) node with the cluster through `addr`, any member's client address,
+/// and adopts the map that lists it. Retries until the cluster answers; a refusal stops the node.
+async fn join(node: Arc<Node>, addr: String) -> Result<(), String> {
+    use std::time::{Duration, Instant};
+    let c = &node.config;
+    let info = ringkv_wire::NodeInfo {
+        id: c.id,
+        peer_addr: c.peer_addr.clone(),
+        client_addr: c.client_addr.clone(),
+        metrics_addr: c.metrics_addr.clone(),
+        state: ringkv_wire::NodeState::Joining,
+    };
+    let certs = c.cert_paths();
+    let client = ringkv_client::Client::unrouted(ringkv_client::ClientConfig::new(vec![addr.clone()], certs))
+        .map_err(|e| format!("cannot join through {addr}: {e}"))?;
+    let started = Instant::now();
+    let req = ClientRequest::Join { node: info };
+    loop {
+        let why = match client.call_node(&addr, &req, Duration::from_secs(15)).await {
+            Ok(Ok(ringkv_wire::ClientReply::Map(map))) => {
+                node.adopt_map(map).await.map_err(|e| format!("cannot join: {e}"))?;
+                tracing::info!(through = %addr, "joined the cluster");
+                return Ok(());
+            }
+            Ok(Err(e)) if !e.retryable() => return Err(format!("the cluster refused node {}: {e}", node.id())),
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(other)) => format!("unexpected reply {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > JOIN_TIMEOUT {
+            return Err(format!("cannot join through {addr} after {JOIN_TIMEOUT:?}: {why}"));
+        }
+        tracing::info!("waiting to join through {addr}: {why}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Accepts peer connections; only certificates of nodes (`CN=node-ID`) are served here.

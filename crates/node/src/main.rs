@@ -51,6 +51,9 @@ struct NodeArgs {
     /// Peer addresses of placement members to learn the cluster map from.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<String>>,
+    /// Join an existing cluster through this member's client address (first start only).
+    #[arg(long)]
+    join: Option<String>,
     /// Accept fault-injection requests (tests only).
     #[arg(long)]
     fault_injection: bool,
@@ -102,6 +105,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         cert: a.cert,
         key: a.key,
         seeds: a.seeds,
+        join: a.join,
         fault_injection: a.fault_injection.then_some(true),
     };
     let cfg = NodeConfig::resolve(&a.data_dir, a.config.as_deref(), o)?;

@@ -35,6 +35,8 @@ pub enum NodeError {
     ForeignDataDir { dir: String, stored: String, given: String },
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
+    #[error("join: {0}")]
+    Join(String),
 }
 
 /// One replica hosted here.
@@ -73,6 +75,7 @@ pub struct Node {
     /// Serializes replica creation so two tasks never build the same group.
     create_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Sender<bool>,
+    pub driver: crate::driver::Driver,
 }
 
 impl Node {
@@ -120,6 +123,7 @@ impl Node {
             raft_config,
             create_lock: tokio::sync::Mutex::new(()),
             shutdown,
+            driver: Default::default(),
         }))
     }
 
@@ -190,20 +194,63 @@ impl Node {
         }
         let bytes = postcard::to_allocvec(&map).map_err(|e| NodeError::Raft(e.to_string()))?;
         self.db.put_meta(ringkv_storage::keys::META_MAP, &bytes)?;
-        let nodes: Vec<(NodeId, String)> = map.nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
         let map = Arc::new(map);
         if let Ok(mut m) = self.map.write() {
             *m = map.clone();
         }
+        self.reconcile(&map).await
+    }
+
+    /// Brings this node's shard replicas in line with `map`: creates the replicas it lists here
+    /// (and the targets of moves to here), removes those it no longer lists.
+    pub async fn reconcile(self: &Arc<Self>, map: &ClusterMap) -> Result<(), NodeError> {
+        if !map.is_bootstrapped() {
+            return Ok(());
+        }
+        let me = self.id();
+        let nodes: Vec<(NodeId, String)> = map.nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
         for s in &map.shards {
-            if !s.replicas.contains(&self.id()) {
+            let incoming = map.move_of(s.id).is_some_and(|m| m.to == me);
+            if !s.replicas.contains(&me) && !incoming {
                 continue;
             }
+            if self.replica(s.id).is_none() && !incoming {
+                if let Some(gone) = ringkv_storage::tombstone(&self.db, s.id)?.filter(|c| *c >= s.epoch.conf_ver) {
+                    tracing::warn!(shard = s.id, "the map (conf_ver {}) lists a replica removed here at conf_ver {gone}; not recreating it", s.epoch.conf_ver);
+                    continue;
+                }
+            }
             let r = self.ensure_replica(s.id, ReplicaKind::Shard { start: s.start, end: s.end }).await?;
-            if s.replicas.first() == Some(&self.id()) {
+            // Only a shard's first membership is made here; later ones come through Raft.
+            if s.replicas.first() == Some(&me) && s.epoch.conf_ver == 1 {
                 self.initialize(&r, &s.replicas, &nodes).await?;
             }
         }
+        let stale: Vec<GroupId> = self
+            .replicas
+            .iter()
+            .map(|r| r.group)
+            .filter(|g| *g != PLACEMENT_GROUP)
+            .filter(|g| match map.shard(*g) {
+                Some(s) => !s.replicas.contains(&me) && map.move_of(*g).is_none_or(|m| m.to != me),
+                None => false,
+            })
+            .collect();
+        for g in stale {
+            let conf_ver = map.shard(g).map(|s| s.epoch.conf_ver).unwrap_or(0);
+            self.remove_replica(g, conf_ver).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops this node's replica of `group` and deletes its state, leaving a tombstone.
+    async fn remove_replica(&self, group: GroupId, conf_ver: u64) -> Result<(), NodeError> {
+        let _g = self.create_lock.lock().await;
+        let Some((_, r)) = self.replicas.remove(&group) else { return Ok(()) };
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+        ringkv_storage::remove_replica(&self.db, group, r.kind(), conf_ver)?;
+        metrics::counter!("ringkv_replicas_removed_total").increment(1);
+        tracing::info!(group, conf_ver, "replica removed");
         Ok(())
     }
 
@@ -245,6 +292,10 @@ impl Node {
                 if let Err(e) = self.adopt_map(m).await {
                     tracing::error!("cannot adopt the cluster map: {e}");
                 }
+            }
+            // Again on the current map: a replica whose creation or removal failed is retried.
+            if let Err(e) = self.reconcile(&self.map()).await {
+                tracing::error!("cannot follow the cluster map: {e}");
             }
             let leaders = self.replicas.iter().filter(|r| r.raft.metrics().borrow_watched().state.is_leader()).count();
             metrics::gauge!("ringkv_raft_leaders").set(leaders as f64);
@@ -301,6 +352,7 @@ mod tests {
             metrics_addr: "127.0.0.1:0".into(),
             tls: TlsConfig { ca: certs.join("ca.pem"), cert: c.cert, key: c.key },
             seeds: vec![],
+            join: None,
             limits: Limits::default(),
             raft: RaftTuning::default(),
             storage: Default::default(),

@@ -63,12 +63,31 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// Handles a peer request that is not a Raft message (also for requests a node sends
+    /// itself).
+    pub async fn local(node: &Arc<Node>, req: PeerRequest) -> PeerResponse {
+        match req {
+            PeerRequest::GetMap => Ok(PeerReply::Map((*node.map()).clone())),
+            PeerRequest::Heartbeat(_) | PeerRequest::Admin(_) => match node.placement_leader() {
+                Some(r) => crate::driver::handle(node, &r, req).await,
+                None => Err(node.placement_not_leader()),
+            },
+            PeerRequest::MoveStep { shard, from, to, to_peer_addr, cancel } => {
+                node.move_step(shard, from, to, to_peer_addr, cancel).await.map(PeerReply::MoveStep)
+            }
+            PeerRequest::TransferLeader { shard, to } => node.transfer_leader(shard, to).await.map(|()| PeerReply::Done),
+            PeerRequest::Raft { group, .. } => Err(RequestError::Malformed(format!("a Raft message for group {group} needs a peer connection"))),
+        }
+    }
+}
+
 impl Service<PeerRequest, PeerResponse> for PeerService {
     fn call(self: Arc<Self>, req: PeerRequest) -> BoxFuture<PeerResponse> {
         Box::pin(async move {
             match req {
                 PeerRequest::Raft { from, group, rpc, payload } => self.raft(from, group, rpc, payload).await,
-                PeerRequest::GetMap => Ok(PeerReply::Map((*self.node.map()).clone())),
+                other => Self::local(&self.node, other).await,
             }
         })
     }
@@ -257,17 +276,7 @@ impl ClientService {
                 expect_done(self.write(&r, with_session(session, Command::PutMany { pairs })).await?)
             }
             ClientRequest::TransferLeader { shard, to } => {
-                let r = self.node.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.node.id() })?;
-                let voters: Vec<NodeId> = r.raft.voter_ids().collect();
-                if !voters.contains(&to) {
-                    return Err(RequestError::Malformed(format!("node {to} is not a voter of shard {shard} (voters: {voters:?})")));
-                }
-                if !r.raft.is_leader() {
-                    use openraft::async_runtime::WatchReceiver;
-                    let leader = r.raft.metrics().borrow_watched().current_leader;
-                    return Err(self.not_leader(shard, leader));
-                }
-                r.raft.trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))?;
+                self.node.transfer_leader(shard, to).await?;
                 Ok(ClientReply::Done)
             }
             ClientRequest::NodeStatus => Ok(ClientReply::NodeStatus(self.status())),
@@ -281,6 +290,26 @@ impl ClientService {
                 tracing::warn!(?isolated_from, "fault filter set");
                 self.node.pool.set_isolated_from(isolated_from);
                 Ok(ClientReply::Done)
+            }
+            ClientRequest::Identify => {
+                let c = &self.node.config;
+                let state = self.node.map().node(c.id).map(|n| n.state).unwrap_or(NodeState::Joining);
+                Ok(ClientReply::Identity(NodeInfo {
+                    id: c.id,
+                    peer_addr: c.peer_addr.clone(),
+                    client_addr: c.client_addr.clone(),
+                    metrics_addr: c.metrics_addr.clone(),
+                    state,
+                }))
+            }
+            req @ (ClientRequest::Join { .. }
+            | ClientRequest::SetNodeState { .. }
+            | ClientRequest::PlacementStatus
+            | ClientRequest::SetPlacementSettings { .. }) => {
+                match self.node.placement_call(PeerRequest::Admin(Box::new(req))).await? {
+                    PeerReply::Admin(r) => r,
+                    other => Err(RequestError::Internal(format!("unexpected reply {other:?}"))),
+                }
             }
         }
     }

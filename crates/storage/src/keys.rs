@@ -50,6 +50,9 @@ pub const TAG_COMMITTED: u8 = 2;
 pub const TAG_PURGED: u8 = 3;
 /// Marks that a group has a replica here, with its kind; written when the replica is created.
 pub const TAG_REPLICA: u8 = 4;
+/// Written when a replica is removed: the shard's `conf_ver` at removal. A map no newer than
+/// that never brings the replica back.
+pub const TAG_TOMBSTONE: u8 = 6;
 
 pub const TAG_APPLIED: u8 = 1;
 pub const TAG_MEMBERSHIP: u8 = 2;

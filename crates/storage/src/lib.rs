@@ -33,6 +33,35 @@ pub fn register_replica(db: &Db, group: GroupId, kind: ReplicaKind) -> Result<()
     db.write_sync(b)
 }
 
+/// Forgets this node's replica of `group`: its registration, log, Raft state, applied state,
+/// sessions and (for a shard) its data, and leaves a tombstone with `conf_ver`. The replica's
+/// Raft instance must be shut down first. The registration goes first and durably, so a crash
+/// halfway never brings back a half-deleted replica.
+pub fn remove_replica(db: &Db, group: GroupId, kind: ReplicaKind, conf_ver: u64) -> Result<(), std::io::Error> {
+    let state = db.cf(keys::CF_RAFT_STATE);
+    let mut b = WriteBatch::default();
+    b.delete_cf(state, keys::group_tag_key(group, keys::TAG_REPLICA));
+    b.put_cf(state, keys::group_tag_key(group, keys::TAG_TOMBSTONE), conf_ver.to_be_bytes());
+    db.write_sync(b)?;
+    let mut b = WriteBatch::default();
+    b.delete_range_cf(state, keys::group_tag_key(group, 0), keys::group_tag_key(group, keys::TAG_TOMBSTONE));
+    b.delete_range_cf(state, keys::group_tag_key(group, keys::TAG_TOMBSTONE + 1), keys::group_tag_key(group + 1, 0));
+    b.delete_range_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(group, 0), keys::log_key(group + 1, 0));
+    b.delete_range_cf(db.cf(keys::CF_APPLY_STATE), keys::group_tag_key(group, 0), keys::group_tag_key(group + 1, 0));
+    if let ReplicaKind::Shard { start, end } = kind {
+        raft_store::delete_data_range(db, &mut b, start, end)?;
+    }
+    db.write_sync(b)
+}
+
+/// The `conf_ver` at which this node's replica of `group` was removed, if it was.
+pub fn tombstone(db: &Db, group: GroupId) -> Result<Option<u64>, std::io::Error> {
+    Ok(db
+        .get_cf(keys::CF_RAFT_STATE, &keys::group_tag_key(group, keys::TAG_TOMBSTONE))?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_be_bytes))
+}
+
 /// Every replica this node hosts, as registered.
 pub fn list_replicas(db: &Db) -> Result<Vec<(GroupId, ReplicaKind)>, std::io::Error> {
     let mut out = Vec::new();
@@ -80,6 +109,42 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn openraft_storage_suite() {
         Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+
+    /// Removing a replica deletes its log, state and data and nothing of its neighbours, and
+    /// leaves a tombstone; registering it again (a later move back) works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removing_a_replica_deletes_exactly_its_state() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("open");
+        let half = u64::MAX / 2;
+        let (a, b) = (ReplicaKind::Shard { start: 0, end: half }, ReplicaKind::Shard { start: half, end: u64::MAX });
+        register_replica(&db, 1, a).expect("reg");
+        register_replica(&db, 2, b).expect("reg");
+        let v = openraft::alias::VoteOf::<TypeConfig>::new(3, 1);
+        LogStore::new(db.clone(), 1).save_vote(&v).await.expect("vote");
+        LogStore::new(db.clone(), 2).save_vote(&v).await.expect("vote");
+        let mut w = WriteBatch::default();
+        let mut keys_of = |kind: ReplicaKind| -> Vec<u8> {
+            let k = (0u32..).map(|i| format!("k{i}").into_bytes()).find(|k| kind.contains(ringkv_wire::key_hash(k))).expect("key");
+            w.put_cf(db.cf(keys::CF_DATA), keys::data_key(&k), b"v");
+            k
+        };
+        let (ka, kb) = (keys_of(a), keys_of(b));
+        db.write_sync(w).expect("write");
+        assert_eq!(tombstone(&db, 2).expect("read"), None);
+        remove_replica(&db, 2, b, 7).expect("remove");
+        assert_eq!(list_replicas(&db).expect("list"), vec![(1, a)]);
+        assert_eq!(tombstone(&db, 2).expect("read"), Some(7));
+        let sm = |g, k| StateMachine::new(db.clone(), g, k);
+        assert_eq!(sm(2, b).get(&kb).expect("get"), None, "the removed shard's data is gone");
+        assert_eq!(sm(1, a).get(&ka).expect("get"), Some(b"v".to_vec()), "the neighbour's data stays");
+        use openraft::storage::RaftLogReader;
+        assert!(LogStore::new(db.clone(), 2).read_vote().await.expect("vote").is_none());
+        assert_eq!(LogStore::new(db.clone(), 1).read_vote().await.expect("vote"), Some(v));
+        register_replica(&db, 2, b).expect("again");
+        assert_eq!(list_replicas(&db).expect("list").len(), 2);
     }
 
     #[test]

@@ -162,8 +162,28 @@ pub enum ReplicaKind {
     Shard { start: u64, end: u64 },
 }
 
+/// Adds to `b` the deletion of every user row with a hash in `[start, end)`.
+pub fn delete_data_range(db: &Db, b: &mut WriteBatch, start: u64, end: u64) -> Result<(), io::Error> {
+    let data_cf = db.cf(CF_DATA);
+    let (lower, upper) = data_range(start, end);
+    match upper {
+        Some(u) => b.delete_range_cf(data_cf, lower, u),
+        None => {
+            // No finite key bounds the last range: delete up to the largest hash, then the keys
+            // with that hash one by one.
+            let top = u64::MAX.to_be_bytes();
+            b.delete_range_cf(data_cf, lower, top.to_vec());
+            for kv in db.raw().iterator_cf(data_cf, IteratorMode::From(&top, Direction::Forward)) {
+                let (k, _) = kv.map_err(io_err)?;
+                b.delete_cf(data_cf, k);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ReplicaKind {
-    fn contains(&self, hash: u64) -> bool {
+    pub fn contains(&self, hash: u64) -> bool {
         match *self {
             ReplicaKind::Placement => false,
             ReplicaKind::Shard { start, end } => hash >= start && (hash < end || end == u64::MAX),
@@ -215,6 +235,15 @@ impl StateMachine {
     /// Reads a user key from this node's applied state.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, io::Error> {
         self.db.get_cf(CF_DATA, &data_key(key))
+    }
+
+    /// Approximate bytes of this shard's data on disk (0 for the placement group).
+    pub fn approximate_bytes(&self) -> u64 {
+        let ReplicaKind::Shard { start, end } = self.kind else { return 0 };
+        let (lower, upper) = data_range(start, end);
+        let upper = upper.unwrap_or_else(|| vec![0xff; 9]);
+        let range = rocksdb::Range::new(&lower, &upper);
+        self.db.raw().get_approximate_sizes_cf(self.db.cf(CF_DATA), &[range]).first().copied().unwrap_or(0)
     }
 
     /// The cluster map, if this is the placement group and it has been bootstrapped.
@@ -480,20 +509,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     b.put_cf(apply_cf, key, v);
                 }
                 let data_cf = self.db.cf(CF_DATA);
-                let (lower, upper) = data_range(start, end);
-                match upper {
-                    Some(u) => b.delete_range_cf(data_cf, lower, u),
-                    None => {
-                        // No finite key bounds the last range: delete up to the largest hash,
-                        // then the keys with that hash one by one.
-                        let top = u64::MAX.to_be_bytes();
-                        b.delete_range_cf(data_cf, lower, top.to_vec());
-                        for kv in self.db.raw().iterator_cf(data_cf, IteratorMode::From(&top, Direction::Forward)) {
-                            let (k, _) = kv.map_err(io_err)?;
-                            b.delete_cf(data_cf, k);
-                        }
-                    }
-                }
+                delete_data_range(&self.db, &mut b, start, end)?;
                 for (k, v) in rows {
                     b.put_cf(data_cf, data_key(&k), v);
                 }

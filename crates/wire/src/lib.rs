@@ -11,7 +11,7 @@ pub mod ring;
 
 pub use codec::{decode_frame, encode_frame, CodecError, Decoded};
 pub use error::RequestError;
-pub use map::{ClusterMap, Epoch, NodeInfo, NodeState, ShardDesc};
+pub use map::{ClusterMap, Epoch, MoveRecord, NodeInfo, NodeState, PlacementSettings, ShardDesc};
 pub use msg::*;
 pub use ring::{key_hash, split_ring};
 

@@ -75,6 +75,50 @@ pub struct ClusterMap {
     pub shards: Vec<ShardDesc>,
     /// Voters of the placement group.
     pub placement_members: Vec<NodeId>,
+    /// Replica moves the placement leader is running (at most one per shard). A move's target
+    /// node creates its (empty) replica when it sees the move here.
+    pub moves: Vec<MoveRecord>,
+    /// Placement settings, changed at run time through the placement group.
+    pub settings: PlacementSettings,
+}
+
+/// A replica move in flight: `to` replaces `from` in `shard`, which had `epoch` when it began.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub shard: GroupId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub epoch: Epoch,
+    /// Why it was planned: "repair", "drain" or "balance".
+    pub reason: String,
+}
+
+/// What operators tune at run time (`ringctl settings`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementSettings {
+    /// Whether the placement leader balances replicas and leaders on its own. Repair and drain
+    /// run regardless.
+    pub balance: bool,
+    /// A node silent this long is marked down and its replicas are repaired elsewhere.
+    pub down_after_ms: u64,
+    /// Moves touching one node (as source or target) at once.
+    pub max_moves_per_node: u32,
+    /// Snapshot bytes per second one node sends, over all its transfers.
+    pub snapshot_bytes_per_sec: u64,
+    /// Snapshot transfers one node sends at once.
+    pub snapshot_concurrency: u32,
+}
+
+impl Default for PlacementSettings {
+    fn default() -> Self {
+        PlacementSettings {
+            balance: true,
+            down_after_ms: 30_000,
+            max_moves_per_node: 4,
+            snapshot_bytes_per_sec: 64 * 1024 * 1024,
+            snapshot_concurrency: 2,
+        }
+    }
 }
 
 impl ClusterMap {
@@ -91,6 +135,16 @@ impl ClusterMap {
 
     pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
         self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The move in flight of `shard`, if any.
+    pub fn move_of(&self, shard: GroupId) -> Option<&MoveRecord> {
+        self.moves.iter().find(|m| m.shard == shard)
+    }
+
+    /// Shards with a replica (or an incoming move) on `node`.
+    pub fn replicas_on(&self, node: NodeId) -> usize {
+        self.shards.iter().filter(|s| s.replicas.contains(&node)).count()
     }
 
     pub fn is_bootstrapped(&self) -> bool {

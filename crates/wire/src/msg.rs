@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ClusterMap, Epoch, GroupId, NodeId, RequestError};
+use crate::{ClusterMap, Epoch, GroupId, MoveRecord, NodeId, NodeInfo, NodeState, PlacementSettings, RequestError};
 
 /// One message on a multiplexed stream: the id pairs a response with its request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +88,25 @@ pub enum ClientRequest {
     SetPartition {
         isolated_from: Vec<NodeId>,
     },
+    /// Who this node is (its id and addresses), as `ringctl node add` needs it.
+    Identify,
+    /// Registers a new node (state joining); the placement leader fills it by rebalancing.
+    /// Answered with the map that lists it. Any node forwards this to the placement leader.
+    Join {
+        node: NodeInfo,
+    },
+    /// Operator lifecycle changes: `Decommissioning` drains a node, `Up` cancels that,
+    /// `Removed` forgets a node (refused while it holds replicas, unless `force`).
+    SetNodeState {
+        node: NodeId,
+        state: NodeState,
+        force: bool,
+    },
+    /// The placement leader's view: nodes, moves in flight, the plan and what is stuck.
+    PlacementStatus,
+    SetPlacementSettings {
+        settings: PlacementSettings,
+    },
 }
 
 impl ClientRequest {
@@ -104,7 +123,23 @@ impl ClientRequest {
             ClientRequest::NodeStatus => "node_status",
             ClientRequest::Bootstrap { .. } => "bootstrap",
             ClientRequest::SetPartition { .. } => "set_partition",
+            ClientRequest::Identify => "identify",
+            ClientRequest::Join { .. } => "join",
+            ClientRequest::SetNodeState { .. } => "set_node_state",
+            ClientRequest::PlacementStatus => "placement_status",
+            ClientRequest::SetPlacementSettings { .. } => "set_placement_settings",
         }
+    }
+
+    /// Requests only the placement leader answers; other nodes forward them to it.
+    pub fn is_placement_admin(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::Join { .. }
+                | ClientRequest::SetNodeState { .. }
+                | ClientRequest::PlacementStatus
+                | ClientRequest::SetPlacementSettings { .. }
+        )
     }
 }
 
@@ -121,6 +156,96 @@ pub enum ClientReply {
         current: Option<Vec<u8>>,
     },
     NodeStatus(NodeStatus),
+    Identity(NodeInfo),
+    Placement(Box<PlacementReport>),
+}
+
+/// The placement leader's report, for `ringctl node list` and `ringctl rebalance`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementReport {
+    /// The placement leader that made this report.
+    pub leader: NodeId,
+    pub map_version: u64,
+    pub settings: PlacementSettings,
+    pub nodes: Vec<NodeReport>,
+    pub moves: Vec<MoveProgress>,
+    /// What the planner would start next (moves beyond the per-node limits wait).
+    pub plan: Vec<PlannedOp>,
+    /// Shards that need a move the planner cannot make, with the reason.
+    pub stuck: Vec<(GroupId, String)>,
+    /// Replicas and leaders of every up node are within ±1 of the mean and nothing is moving.
+    pub balanced: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub id: NodeId,
+    pub state: NodeState,
+    pub client_addr: String,
+    pub replicas: usize,
+    pub leaders: usize,
+    /// Milliseconds since its last heartbeat reached this placement leader (`None`: not yet).
+    pub heartbeat_age_ms: Option<u64>,
+    /// Approximate bytes of the shard data it holds.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveProgress {
+    pub record: MoveRecord,
+    /// "starting", "learner", "promoting" or "finishing".
+    pub stage: String,
+    /// Log index the new replica has matched, and the leader's last index.
+    pub matched: u64,
+    pub last: u64,
+    /// Approximate bytes of the shard.
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedOp {
+    /// "move" or "transfer_leader".
+    pub kind: String,
+    pub shard: GroupId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub reason: String,
+    pub bytes: u64,
+}
+
+/// What a node tells the placement leader every heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    pub node: NodeId,
+    pub map_version: u64,
+    pub groups: Vec<GroupStat>,
+}
+
+/// One replica's statistics in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStat {
+    pub group: GroupId,
+    pub is_leader: bool,
+    pub term: u64,
+    pub applied: u64,
+    /// Approximate bytes of the shard's data on this node.
+    pub bytes: u64,
+    /// Entries applied per second since the previous heartbeat.
+    pub applied_per_sec: u64,
+}
+
+/// Where a replica move stands, as the shard's leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveStage {
+    /// The new replica is a learner that has matched `matched` of the leader's `last`.
+    Learner { matched: u64, last: u64 },
+    /// The voters are the new set: the move is complete in Raft.
+    Done { voters: Vec<NodeId> },
+    /// The voters are neither the old nor the new set: someone else changed them.
+    Conflict { voters: Vec<NodeId> },
+    /// The move was cancelled before `to` became a voter; the voters are unchanged.
+    Cancelled,
 }
 
 pub type ClientResponse = Result<ClientReply, RequestError>;
@@ -162,12 +287,26 @@ pub enum PeerRequest {
     Raft { from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8> },
     /// The cluster map as the placement member that answers knows it.
     GetMap,
+    /// A node's periodic report to the placement leader.
+    Heartbeat(NodeHeartbeat),
+    /// A placement admin request forwarded to the placement leader.
+    Admin(Box<ClientRequest>),
+    /// From the placement leader to a shard's leader: take the next step of moving `shard`'s
+    /// replica from `from` to `to` (add `to` as a learner; once it caught up, replace `from`
+    /// by `to` through joint consensus). Idempotent; answers where the move stands. With
+    /// `cancel`, drops the learner instead (a move already complete in Raft stays complete).
+    MoveStep { shard: GroupId, from: NodeId, to: NodeId, to_peer_addr: String, cancel: bool },
+    /// From the placement leader to a shard's leader: hand leadership to `to`.
+    TransferLeader { shard: GroupId, to: NodeId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
     Raft(Vec<u8>),
     Map(ClusterMap),
+    Done,
+    Admin(ClientResponse),
+    MoveStep(MoveStage),
 }
 
 pub type PeerResponse = Result<PeerReply, RequestError>;

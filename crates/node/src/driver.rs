@@ -1,0 +1,649 @@
+//! The placement driver on a node: every node heartbeats its replicas' statistics to the
+//! placement leader; on the placement leader, the executor turns the planner's operators into
+//! Raft membership changes, one step per round, and records each step in the cluster map.
+//!
+//! A move of `shard` from `from` to `to` runs as:
+//! 1. `BeginMove` is committed to the map; `to` sees it and creates an empty replica.
+//! 2. The shard's leader adds `to` as a learner; Raft fills it (by snapshot if the log is purged).
+//! 3. Once the learner is within [`CAUGHT_UP_SLACK`] entries of the leader, the leader replaces
+//!    `from` by `to` in one joint-consensus change (the leader first hands off leadership if it
+//!    is `from` itself).
+//! 4. `FinishMove` is committed: the map lists `to`, the shard's `conf_ver` bumps, and `from`
+//!    sees that and removes its replica (leaving a tombstone).
+//!
+//! Every step is idempotent and the move itself lives in the map, so a new placement leader
+//! resumes where the old one stopped. A move whose shard's epoch changed, or whose Raft group
+//! ended up with voters that are neither the old nor the new set, is abandoned.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ChangeMembers;
+use ringkv_placement::planner::{self, is_down, Observed, Operator, PlannerConfig};
+use ringkv_placement::PlacementCommand;
+use ringkv_storage::{Command, CommandResult, PeerNode};
+use ringkv_wire::*;
+
+use crate::node::{cut_off_from_quorum, Node, Replica};
+
+/// How often a node reports to the placement leader.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the placement leader runs a round of the executor.
+pub const EXECUTOR_INTERVAL: Duration = Duration::from_secs(1);
+/// A learner within this many entries of the leader's last index counts as caught up.
+pub const CAUGHT_UP_SLACK: u64 = 16;
+/// A new placement leader waits this long for every node's heartbeat before it balances
+/// leaders (with half the reports it would see an imbalance that is not there).
+pub const TAKEOVER_QUIET: Duration = Duration::from_secs(3);
+/// After leader transfers, the next ones wait for heartbeats that show their effect.
+pub const TRANSFER_SETTLE: Duration = Duration::from_secs(3);
+/// Deadline of one step of a move on the shard's leader.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deadline of a request forwarded to the placement leader.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Progress {
+    stage: String,
+    matched: u64,
+    last: u64,
+    started: Instant,
+    /// The shard's leader, as the last step learned it.
+    leader: Option<NodeId>,
+}
+
+/// What the placement leader keeps in memory (rebuilt from heartbeats after a takeover).
+#[derive(Default)]
+struct LeaderState {
+    since: Option<Instant>,
+    heartbeats: BTreeMap<NodeId, (Instant, NodeHeartbeat)>,
+    progress: BTreeMap<GroupId, Progress>,
+    last_transfers: Option<Instant>,
+}
+
+pub struct Driver {
+    base: Instant,
+    state: Mutex<LeaderState>,
+    /// The placement leader this node last reached.
+    leader_hint: Mutex<Option<NodeId>>,
+    /// Applied index of each local replica at the previous heartbeat.
+    applied: Mutex<BTreeMap<GroupId, (Instant, u64)>>,
+}
+
+impl Default for Driver {
+    fn default() -> Self {
+        Driver {
+            base: Instant::now(),
+            state: Mutex::new(LeaderState::default()),
+            leader_hint: Mutex::new(None),
+            applied: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Driver {
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// What the planner needs besides the map, from the heartbeats received since takeover.
+    fn observed(&self, st: &LeaderState) -> Observed {
+        let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
+        for (node, (_, hb)) in &st.heartbeats {
+            for g in hb.groups.iter().filter(|g| g.is_leader && g.group != PLACEMENT_GROUP) {
+                // Of two replicas claiming to lead, the one with the higher term does.
+                if leaders.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
+                    leaders.insert(g.group, (g.term, *node));
+                }
+            }
+        }
+        Observed {
+            last_heartbeat_ms: st.heartbeats.iter().map(|(n, (t, _))| (*n, self.ms(*t))).collect(),
+            leaders: leaders.into_iter().map(|(g, (_, n))| (g, n)).collect(),
+            leader_since_ms: st.since.map(|t| self.ms(t)).unwrap_or(0),
+        }
+    }
+
+    fn shard_bytes(st: &LeaderState) -> BTreeMap<GroupId, u64> {
+        let mut out: BTreeMap<GroupId, u64> = BTreeMap::new();
+        for (_, hb) in st.heartbeats.values() {
+            for g in &hb.groups {
+                let b = out.entry(g.group).or_default();
+                *b = (*b).max(g.bytes);
+            }
+        }
+        out
+    }
+}
+
+impl Node {
+    /// This node's placement replica, if it leads the placement group (and is not cut off).
+    pub fn placement_leader(&self) -> Option<Arc<Replica>> {
+        let r = self.replica(PLACEMENT_GROUP)?;
+        let m = r.raft.metrics().borrow_watched().clone();
+        (m.state.is_leader() && cut_off_from_quorum(&m, self.quorum_silence_limit()).is_none()).then_some(r)
+    }
+
+    pub(crate) fn placement_not_leader(&self) -> RequestError {
+        let leader = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.metrics().borrow_watched().current_leader);
+        RequestError::NotLeader { shard: PLACEMENT_GROUP, leader, leader_addr: leader.and_then(|l| self.client_addr_of(l)) }
+    }
+
+    /// Sends `req` (a heartbeat or an admin request) to the placement leader, or handles it here
+    /// if this node is the leader.
+    pub async fn placement_call(self: &Arc<Self>, req: PeerRequest) -> Result<PeerReply, RequestError> {
+        if let Some(r) = self.placement_leader() {
+            return handle(self, &r, req).await;
+        }
+        let map = self.map();
+        let mut queue: VecDeque<NodeId> = VecDeque::new();
+        if let Some(h) = *lock(&self.driver.leader_hint) {
+            queue.push_back(h);
+        }
+        if let Some(l) = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.metrics().borrow_watched().current_leader) {
+            queue.push_back(l);
+        }
+        queue.extend(map.placement_members.iter().copied());
+        let mut tried = BTreeSet::new();
+        let mut last = format!("no placement member known (map version {})", map.version);
+        while let Some(id) = queue.pop_front() {
+            if id == self.id() || !tried.insert(id) || tried.len() > 8 {
+                continue;
+            }
+            let Some(addr) = map.node(id).map(|n| n.peer_addr.clone()) else { continue };
+            match self.pool.call(id, &addr, &req, FORWARD_TIMEOUT, false).await {
+                Ok(Ok(reply)) => {
+                    *lock(&self.driver.leader_hint) = Some(id);
+                    return Ok(reply);
+                }
+                Ok(Err(RequestError::NotLeader { leader, .. })) => {
+                    if let Some(l) = leader {
+                        queue.push_front(l);
+                    }
+                    last = format!("node {id} does not lead the placement group");
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(e) => last = format!("node {id}: {e}"),
+            }
+        }
+        Err(RequestError::Unavailable(format!("no placement leader reachable: {last}")))
+    }
+
+    /// This node's heartbeat: every replica's role, applied index, size and apply rate.
+    pub fn heartbeat(&self) -> NodeHeartbeat {
+        let limit = self.quorum_silence_limit();
+        let now = Instant::now();
+        let mut prev = lock(&self.driver.applied);
+        let mut groups: Vec<GroupStat> = self
+            .replicas
+            .iter()
+            .map(|r| {
+                let m = r.raft.metrics().borrow_watched().clone();
+                let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+                let rate = match prev.insert(r.group, (now, applied)) {
+                    Some((t, a)) if now > t => (applied.saturating_sub(a) as f64 / (now - t).as_secs_f64()) as u64,
+                    _ => 0,
+                };
+                GroupStat {
+                    group: r.group,
+                    is_leader: m.state.is_leader() && cut_off_from_quorum(&m, limit).is_none(),
+                    term: m.current_term,
+                    applied,
+                    bytes: r.sm.approximate_bytes(),
+                    applied_per_sec: rate,
+                }
+            })
+            .collect();
+        prev.retain(|g, _| self.replicas.contains_key(g));
+        groups.sort_by_key(|g| g.group);
+        NodeHeartbeat { node: self.id(), map_version: self.map().version, groups }
+    }
+
+    /// One step of a move, run on the shard's leader. See the module documentation.
+    pub async fn move_step(&self, shard: GroupId, from: NodeId, to: NodeId, to_addr: String, cancel: bool) -> Result<MoveStage, RequestError> {
+        let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
+        let m = r.raft.metrics().borrow_watched().clone();
+        if !m.state.is_leader() {
+            return Err(RequestError::NotLeader { shard, leader: m.current_leader, leader_addr: m.current_leader.and_then(|l| self.client_addr_of(l)) });
+        }
+        let membership = m.membership_config.membership().clone();
+        let configs = membership.get_joint_config().clone();
+        let old: BTreeSet<NodeId> = configs.first().cloned().unwrap_or_default();
+        let mut target = old.clone();
+        target.remove(&from);
+        target.insert(to);
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let is_learner = membership.learner_ids().any(|l| l == to);
+        let raft_err = |e: String| RequestError::Unavailable(format!("shard {shard}: {e}"));
+        let change = |members: ChangeMembers<NodeId, PeerNode>| async {
+            match tokio::time::timeout(STEP_TIMEOUT, r.raft.change_membership(members, false)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(raft_err(e.to_string())),
+                Err(_) => Err(raft_err(format!("membership change not committed within {STEP_TIMEOUT:?}"))),
+            }
+        };
+        if configs.len() == 1 && old.contains(&to) && !old.contains(&from) {
+            return Ok(MoveStage::Done { voters });
+        }
+        if configs.len() > 1 {
+            // A leader change interrupted the joint phase: finish it if it is ours.
+            if configs.last() == Some(&target) || (configs.last().is_some_and(|c| c.contains(&to) && !c.contains(&from))) {
+                let last = configs.last().cloned().unwrap_or_default();
+                change(ChangeMembers::ReplaceAllVoters(last.clone())).await?;
+                return Ok(MoveStage::Done { voters: last.into_iter().collect() });
+            }
+            return Ok(MoveStage::Conflict { voters });
+        }
+        if !old.contains(&from) || old.contains(&to) {
+            return Ok(MoveStage::Conflict { voters });
+        }
+        if cancel {
+            if is_learner {
+                change(ChangeMembers::RemoveNodes(BTreeSet::from([to]))).await?;
+            }
+            return Ok(MoveStage::Cancelled);
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        if !is_learner {
+            tokio::time::timeout(STEP_TIMEOUT, r.raft.add_learner(to, PeerNode { peer_addr: to_addr }, false))
+                .await
+                .map_err(|_| raft_err("adding the learner timed out".into()))?
+                .map_err(|e| raft_err(e.to_string()))?;
+            return Ok(MoveStage::Learner { matched: 0, last });
+        }
+        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        if matched + CAUGHT_UP_SLACK < last {
+            return Ok(MoveStage::Learner { matched, last });
+        }
+        if from == self.id() {
+            // The leader is the replica leaving: hand off first, so the change runs on a leader
+            // that stays.
+            if let Some(next) = old.iter().copied().find(|n| *n != from) {
+                r.raft.trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
+            }
+            return Ok(MoveStage::Learner { matched, last });
+        }
+        change(ChangeMembers::ReplaceAllVoters(target.clone())).await?;
+        Ok(MoveStage::Done { voters: target.into_iter().collect() })
+    }
+
+    /// Hands leadership of `shard` (led here) to `to`, a voter.
+    pub async fn transfer_leader(&self, shard: GroupId, to: NodeId) -> Result<(), RequestError> {
+        let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
+        let voters: Vec<NodeId> = r.raft.voter_ids().collect();
+        if !voters.contains(&to) {
+            return Err(RequestError::Malformed(format!("node {to} is not a voter of shard {shard} (voters: {voters:?})")));
+        }
+        if !r.raft.is_leader() {
+            let leader = r.raft.metrics().borrow_watched().current_leader;
+            return Err(RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.client_addr_of(l)) });
+        }
+        r.raft.trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))
+    }
+}
+
+/// Handles a heartbeat or an admin request on the placement leader.
+pub async fn handle(node: &Arc<Node>, r: &Replica, req: PeerRequest) -> Result<PeerReply, RequestError> {
+    match req {
+        PeerRequest::Heartbeat(hb) => {
+            let mut st = lock(&node.driver.state);
+            st.since.get_or_insert_with(Instant::now);
+            st.heartbeats.insert(hb.node, (Instant::now(), hb));
+            Ok(PeerReply::Done)
+        }
+        PeerRequest::Admin(req) => Ok(PeerReply::Admin(admin(node, r, *req).await)),
+        other => Err(RequestError::Malformed(format!("not a placement request: {other:?}"))),
+    }
+}
+
+/// Commits a placement command through the placement group; answers the map after it.
+pub async fn propose(r: &Replica, cmd: PlacementCommand) -> Result<ClusterMap, RequestError> {
+    let res = tokio::time::timeout(FORWARD_TIMEOUT, r.raft.client_write(Command::Placement(cmd)))
+        .await
+        .map_err(|_| RequestError::Unavailable(format!("the placement group did not commit within {FORWARD_TIMEOUT:?}")))?;
+    match res.map(|resp| resp.data) {
+        Ok(CommandResult::Placement(Ok(()))) => {
+            r.sm.placement_map().map_err(|e| RequestError::Internal(e.to_string()))?.ok_or(RequestError::NotBootstrapped)
+        }
+        Ok(CommandResult::Placement(Err(ringkv_placement::PlacementError::Invalid(m)))) => Err(RequestError::Malformed(m)),
+        Ok(CommandResult::Placement(Err(e))) => Err(RequestError::NotPermitted(e.to_string())),
+        Ok(other) => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
+        Err(e) => Err(RequestError::Unavailable(format!("placement group: {e}"))),
+    }
+}
+
+async fn admin(node: &Arc<Node>, r: &Replica, req: ClientRequest) -> ClientResponse {
+    match req {
+        ClientRequest::Join { node: info } => {
+            for (what, addr) in [("peer", &info.peer_addr), ("client", &info.client_addr), ("metrics", &info.metrics_addr)] {
+                let ok = addr.parse::<std::net::SocketAddr>().is_ok_and(|a| !a.ip().is_unspecified() && a.port() != 0);
+                if !ok {
+                    return Err(RequestError::Malformed(format!("node {}: {what} address {addr:?} is not a reachable ip:port", info.id)));
+                }
+            }
+            let map = propose(r, PlacementCommand::RegisterNode { node: info.clone() }).await?;
+            tracing::info!(node = info.id, peer = %info.peer_addr, "node registered");
+            Ok(ClientReply::Map(map))
+        }
+        ClientRequest::SetNodeState { node: id, state, force } => {
+            if !matches!(state, NodeState::Up | NodeState::Decommissioning | NodeState::Removed) {
+                return Err(RequestError::Malformed(format!("an operator sets up, decommissioning or removed, not {}", state.as_str())));
+            }
+            propose(r, PlacementCommand::SetNodeState { node: id, state, force }).await?;
+            tracing::info!(node = id, state = state.as_str(), force, "node state set");
+            Ok(ClientReply::Done)
+        }
+        ClientRequest::SetPlacementSettings { settings } => {
+            propose(r, PlacementCommand::SetSettings(settings)).await?;
+            Ok(ClientReply::Done)
+        }
+        ClientRequest::PlacementStatus => {
+            let map = r.sm.placement_map().map_err(|e| RequestError::Internal(e.to_string()))?.ok_or(RequestError::NotBootstrapped)?;
+            Ok(ClientReply::Placement(Box::new(report(node, &map))))
+        }
+        other => Err(RequestError::Malformed(format!("{} is not a placement request", other.kind()))),
+    }
+}
+
+/// The plan for `map` as the executor would make it now, before the balance setting filters it.
+fn plan_now(node: &Node, map: &ClusterMap) -> (Vec<Operator>, Observed, u64) {
+    let st = lock(&node.driver.state);
+    let obs = node.driver.observed(&st);
+    let now = node.driver.ms(Instant::now());
+    let cfg = PlannerConfig::from_settings(&map.settings);
+    (planner::plan(map, &obs, &planner::in_flight(map), &cfg, now), obs, now)
+}
+
+fn report(node: &Node, map: &ClusterMap) -> PlacementReport {
+    let (ops, obs, now) = plan_now(node, map);
+    let cfg = PlannerConfig::from_settings(&map.settings);
+    let st = lock(&node.driver.state);
+    let bytes = Driver::shard_bytes(&st);
+    let nodes = map
+        .nodes
+        .iter()
+        .map(|n| NodeReport {
+            id: n.id,
+            state: n.state,
+            client_addr: n.client_addr.clone(),
+            replicas: map.replicas_on(n.id),
+            leaders: obs.leaders.values().filter(|l| **l == n.id).count(),
+            heartbeat_age_ms: obs.last_heartbeat_ms.get(&n.id).map(|t| now.saturating_sub(*t)),
+            bytes: st.heartbeats.get(&n.id).map(|(_, hb)| hb.groups.iter().map(|g| g.bytes).sum()).unwrap_or(0),
+        })
+        .collect();
+    let moves = map
+        .moves
+        .iter()
+        .map(|m| {
+            let p = st.progress.get(&m.shard);
+            MoveProgress {
+                record: m.clone(),
+                stage: p.map(|p| p.stage.clone()).unwrap_or_else(|| "starting".into()),
+                matched: p.map(|p| p.matched).unwrap_or(0),
+                last: p.map(|p| p.last).unwrap_or(0),
+                bytes: bytes.get(&m.shard).copied().unwrap_or(0),
+                elapsed_ms: p.map(|p| p.started.elapsed().as_millis() as u64).unwrap_or(0),
+            }
+        })
+        .collect();
+    let plan: Vec<PlannedOp> = ops
+        .iter()
+        .map(|op| match op {
+            Operator::MoveReplica { shard, from, to, reason } => PlannedOp {
+                kind: "move".into(),
+                shard: *shard,
+                from: *from,
+                to: *to,
+                reason: reason.as_str().into(),
+                bytes: bytes.get(shard).copied().unwrap_or(0),
+            },
+            Operator::TransferLeader { shard, from, to } => {
+                PlannedOp { kind: "transfer_leader".into(), shard: *shard, from: *from, to: *to, reason: "leaders".into(), bytes: 0 }
+            }
+        })
+        .collect();
+    // Shards that need a move and got none: why.
+    let quorum = |n: usize| n / 2 + 1;
+    let mut stuck = Vec::new();
+    for s in &map.shards {
+        let down: Vec<NodeId> = s.replicas.iter().copied().filter(|r| is_down(map, &obs, &cfg, *r, now)).collect();
+        let draining = s.replicas.iter().any(|r| map.node(*r).is_some_and(|n| n.state == NodeState::Decommissioning));
+        if down.is_empty() && !draining {
+            continue;
+        }
+        if s.replicas.len() - down.len() < quorum(s.replicas.len()) {
+            stuck.push((s.id, format!("lost its quorum: replicas on down nodes {down:?}; it cannot change membership until they return")));
+            continue;
+        }
+        let planned = plan.iter().any(|p| p.shard == s.id) || map.move_of(s.id).is_some();
+        if !planned {
+            let free = map.nodes.iter().any(|n| n.state == NodeState::Up && !is_down(map, &obs, &cfg, n.id, now) && !s.replicas.contains(&n.id));
+            let why = if free { "waiting for the per-node move limit" } else { "no up node without a replica of it can take one: add a node" };
+            stuck.push((s.id, why.to_string()));
+        }
+    }
+    for m in &map.moves {
+        if let Some(p) = st.progress.get(&m.shard).filter(|p| p.stage.starts_with("waiting")) {
+            stuck.push((m.shard, p.stage.clone()));
+        }
+    }
+    PlacementReport {
+        leader: node.id(),
+        map_version: map.version,
+        settings: map.settings.clone(),
+        nodes,
+        moves,
+        balanced: map.moves.is_empty() && ops.is_empty() && stuck.is_empty(),
+        plan,
+        stuck,
+    }
+}
+
+/// Every node: report to the placement leader once per [`HEARTBEAT_INTERVAL`].
+pub async fn heartbeat_loop(node: Arc<Node>) {
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        if !node.map().is_bootstrapped() {
+            continue;
+        }
+        let hb = node.heartbeat();
+        if let Err(e) = node.placement_call(PeerRequest::Heartbeat(hb)).await {
+            metrics::counter!("ringkv_placement_heartbeat_failures_total").increment(1);
+            tracing::debug!("heartbeat not delivered: {e}");
+        }
+    }
+}
+
+/// Every node: while this node leads the placement group, run the executor.
+pub async fn executor_loop(node: Arc<Node>) {
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXECUTOR_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        match node.placement_leader() {
+            Some(r) => {
+                lock(&node.driver.state).since.get_or_insert_with(Instant::now);
+                round(&node, &r).await;
+            }
+            None => {
+                // Whatever was observed as leader is stale by the time leadership comes back.
+                *lock(&node.driver.state) = LeaderState::default();
+            }
+        }
+    }
+}
+
+/// One round: lifecycle, then the moves in flight, then new operators.
+async fn round(node: &Arc<Node>, r: &Replica) {
+    let Ok(Some(map)) = r.sm.placement_map() else { return };
+    if !map.is_bootstrapped() {
+        return;
+    }
+    let cfg = PlannerConfig::from_settings(&map.settings);
+    let (obs, now, since) = {
+        let st = lock(&node.driver.state);
+        (node.driver.observed(&st), node.driver.ms(Instant::now()), st.since.unwrap_or_else(Instant::now))
+    };
+
+    // 1. Lifecycle: joining and returning nodes come up once they heartbeat; silent ones go down.
+    let mut changed = false;
+    for n in &map.nodes {
+        let fresh = obs.last_heartbeat_ms.get(&n.id).is_some_and(|t| now.saturating_sub(*t) < cfg.down_after_ms);
+        let state = match n.state {
+            NodeState::Joining | NodeState::Down if fresh => NodeState::Up,
+            NodeState::Up if is_down(&map, &obs, &cfg, n.id, now) => NodeState::Down,
+            _ => continue,
+        };
+        match propose(r, PlacementCommand::SetNodeState { node: n.id, state, force: false }).await {
+            Ok(_) => {
+                tracing::info!(node = n.id, state = state.as_str(), "node state changed");
+                changed = true;
+            }
+            Err(e) => tracing::warn!(node = n.id, "cannot mark node {}: {e}", state.as_str()),
+        }
+    }
+    if changed {
+        return;
+    }
+
+    // 2. Moves in flight, all at once.
+    let steps = map.moves.iter().map(|m| step(node, r, &map, &obs, now, m.clone()));
+    futures::future::join_all(steps).await;
+    {
+        let mut st = lock(&node.driver.state);
+        st.progress.retain(|shard, _| map.move_of(*shard).is_some());
+    }
+
+    // 3. New operators.
+    let ops = planner::plan(&map, &obs, &planner::in_flight(&map), &cfg, now);
+    let settle = lock(&node.driver.state).last_transfers.is_some_and(|t| t.elapsed() < TRANSFER_SETTLE);
+    let mut transfers = Vec::new();
+    for op in ops {
+        match op {
+            Operator::MoveReplica { reason: planner::Reason::Balance, .. } if !map.settings.balance => {}
+            Operator::MoveReplica { shard, from, to, reason } => {
+                let Some(epoch) = map.shard(shard).map(|s| s.epoch) else { continue };
+                let cmd = PlacementCommand::BeginMove { shard, from, to, epoch, reason: reason.as_str().into() };
+                match propose(r, cmd).await {
+                    Ok(_) => {
+                        metrics::counter!("ringkv_placement_moves_started_total", "reason" => reason.as_str()).increment(1);
+                        tracing::info!(shard, from, to, reason = reason.as_str(), "move started");
+                        lock(&node.driver.state).progress.insert(
+                            shard,
+                            Progress { stage: "starting".into(), matched: 0, last: 0, started: Instant::now(), leader: obs.leaders.get(&shard).copied() },
+                        );
+                    }
+                    Err(e) => tracing::warn!(shard, from, to, "cannot start move: {e}"),
+                }
+            }
+            Operator::TransferLeader { shard, from, to } => {
+                if map.settings.balance && !settle && since.elapsed() >= TAKEOVER_QUIET {
+                    transfers.push((shard, from, to));
+                }
+            }
+        }
+    }
+    if !transfers.is_empty() {
+        lock(&node.driver.state).last_transfers = Some(Instant::now());
+        let sends = transfers.into_iter().map(|(shard, from, to)| async move {
+            let req = PeerRequest::TransferLeader { shard, to };
+            match send(node, from, &req).await {
+                Ok(_) => metrics::counter!("ringkv_placement_leader_transfers_total").increment(1),
+                Err(e) => tracing::debug!(shard, from, to, "leader transfer not made: {e}"),
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+}
+
+/// Sends a request to node `to` (or runs it here).
+async fn send(node: &Arc<Node>, to: NodeId, req: &PeerRequest) -> Result<PeerReply, RequestError> {
+    if to == node.id() {
+        return crate::service::PeerService::local(node, req.clone()).await;
+    }
+    let addr = node.map().node(to).map(|n| n.peer_addr.clone()).ok_or(RequestError::Malformed(format!("no node {to}")))?;
+    match node.pool.call(to, &addr, req, STEP_TIMEOUT + Duration::from_secs(2), false).await {
+        Ok(r) => r,
+        Err(e) => Err(RequestError::Unavailable(format!("node {to}: {e}"))),
+    }
+}
+
+/// Drives one move a step further, and records what happened.
+async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, obs: &Observed, now: u64, m: MoveRecord) {
+    let cfg = PlannerConfig::from_settings(&map.settings);
+    let set = |stage: String, matched: u64, last: u64, leader: Option<NodeId>| {
+        let mut st = lock(&node.driver.state);
+        let p = st.progress.entry(m.shard).or_insert_with(|| Progress {
+            stage: String::new(),
+            matched: 0,
+            last: 0,
+            started: Instant::now(),
+            leader: None,
+        });
+        p.stage = stage;
+        p.matched = matched.max(p.matched);
+        p.last = last.max(p.last);
+        if leader.is_some() {
+            p.leader = leader;
+        }
+    };
+    let abort = |why: String| async move {
+        tracing::warn!(shard = m.shard, from = m.from, to = m.to, "move abandoned: {why}");
+        metrics::counter!("ringkv_placement_moves_abandoned_total").increment(1);
+        if let Err(e) = propose(r, PlacementCommand::AbortMove { shard: m.shard, from: m.from, to: m.to }).await {
+            tracing::warn!(shard = m.shard, "cannot abandon the move: {e}");
+        }
+    };
+    let Some(shard) = map.shard(m.shard) else { return abort("the shard is gone".into()).await };
+    if shard.epoch != m.epoch {
+        return abort(format!("the shard's epoch changed from {:?} to {:?}", m.epoch, shard.epoch)).await;
+    }
+    let cancel = is_down(map, obs, &cfg, m.to, now) || map.node(m.to).is_none_or(|n| n.state != NodeState::Up);
+    let to_addr = map.node(m.to).map(|n| n.peer_addr.clone()).unwrap_or_default();
+    let req = PeerRequest::MoveStep { shard: m.shard, from: m.from, to: m.to, to_peer_addr: to_addr, cancel };
+    // Ask the leader we know of, then whoever it points to.
+    let hint = lock(&node.driver.state).progress.get(&m.shard).and_then(|p| p.leader);
+    let mut leader = hint.or_else(|| obs.leaders.get(&m.shard).copied()).or_else(|| shard.replicas.first().copied());
+    let mut reply = Err(RequestError::Unavailable("no leader known".into()));
+    for _ in 0..3 {
+        let Some(l) = leader else { break };
+        reply = send(node, l, &req).await;
+        match &reply {
+            Err(RequestError::NotLeader { leader: next, .. }) => leader = *next,
+            _ => break,
+        }
+    }
+    match reply {
+        Ok(PeerReply::MoveStep(MoveStage::Learner { matched, last })) => set("learner".into(), matched, last, leader),
+        Ok(PeerReply::MoveStep(MoveStage::Done { voters })) => {
+            set("finishing".into(), 0, 0, leader);
+            match propose(r, PlacementCommand::FinishMove { shard: m.shard, from: m.from, to: m.to }).await {
+                Ok(_) => {
+                    metrics::counter!("ringkv_placement_moves_finished_total").increment(1);
+                    tracing::info!(shard = m.shard, from = m.from, to = m.to, ?voters, "move finished");
+                }
+                Err(e) => tracing::warn!(shard = m.shard, "cannot record the finished move: {e}"),
+            }
+        }
+        Ok(PeerReply::MoveStep(MoveStage::Conflict { voters })) => abort(format!("the group's voters are {voters:?}")).await,
+        Ok(PeerReply::MoveStep(MoveStage::Cancelled)) => abort(format!("node {} is no longer up", m.to)).await,
+        Ok(other) => set(format!("waiting: unexpected reply {other:?}"), 0, 0, None),
+        Err(e) => {
+            // Rotate to another replica next time if the leader we tried is gone.
+            let next = shard.replicas.iter().copied().find(|n| Some(*n) != leader && !is_down(map, obs, &cfg, *n, now));
+            set(format!("waiting: {e}"), 0, 0, next);
+        }
+    }
+}
