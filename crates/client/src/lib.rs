@@ -591,19 +591,52 @@ impl Client {
         }
     }
 
-    /// Every node's report of its replicas; nodes that do not answer are left out.
+    /// Every node's report of its replicas (asked in parallel), in map order.
     pub async fn node_reports(&self) -> Vec<Result<NodeStatus, String>> {
         let map = self.map();
-        let mut out = Vec::new();
-        for n in &map.nodes {
-            out.push(match self.call_node(&n.client_addr, &ClientRequest::NodeStatus, Duration::from_secs(2)).await {
+        let calls = map.nodes.iter().filter(|n| n.state != ringkv_wire::NodeState::Removed).map(|n| async move {
+            match self.call_node(&n.client_addr, &ClientRequest::NodeStatus, Duration::from_secs(2)).await {
                 Ok(Ok(ClientReply::NodeStatus(s))) => Ok(s),
                 Ok(Ok(other)) => Err(format!("node {}: unexpected reply {other:?}", n.id)),
                 Ok(Err(e)) => Err(format!("node {}: {e}", n.id)),
                 Err(e) => Err(format!("node {}: {e}", n.id)),
-            });
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    /// Sends a placement request (join, node state, placement status, settings). Any node
+    /// forwards it to the placement leader; retryable failures are retried on the next node
+    /// within the call's deadline.
+    pub async fn placement(&self, req: &ClientRequest) -> Result<ClientReply, Error> {
+        let (started, timeout) = (Instant::now(), self.config.timeout);
+        let mut backoff = BACKOFF_START;
+        let mut attempt = 0usize;
+        loop {
+            let map = self.map();
+            let mut addrs: Vec<String> = map
+                .nodes
+                .iter()
+                .filter(|n| matches!(n.state, ringkv_wire::NodeState::Up | ringkv_wire::NodeState::Decommissioning))
+                .map(|n| n.client_addr.clone())
+                .collect();
+            addrs.extend(self.config.seeds.iter().cloned());
+            let Some(addr) = addrs.get(attempt % addrs.len().max(1)) else {
+                return Err(Error::Config("no node address to send the request to".into()));
+            };
+            attempt += 1;
+            let left = timeout.saturating_sub(started.elapsed());
+            let last = match self.call_node(addr, req, left.min(self.config.attempt_timeout.max(Duration::from_secs(5)))).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if !e.retryable() => return Err(Error::Request(e)),
+                Ok(Err(e)) => format!("{addr}: {e}"),
+                Err(e) => format!("{addr}: {e}"),
+            };
+            if started.elapsed() >= timeout {
+                return Err(Error::Deadline { deadline: timeout, last });
+            }
+            continue_after_pause(&mut backoff, timeout, started).await;
         }
-        out
     }
 
     pub fn close(&self) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringkv_client::{CertPaths, Client, ClientConfig};
+use ringkv_wire::{ClientReply, ClientRequest, NodeState, PlacementReport};
 use serde::Serialize;
 
 /// Exit code of `get` for a key that does not exist.
@@ -76,6 +77,11 @@ enum Cmd {
     /// Shard leaders.
     #[command(subcommand)]
     Leader(LeaderCmd),
+    /// Balance replicas and leaders: show the plan, start it, watch it.
+    Rebalance(RebalanceArgs),
+    /// Placement settings (balance, down time, move and snapshot limits).
+    #[command(subcommand)]
+    Settings(SettingsCmd),
     /// Certificates for a cluster.
     #[command(subcommand)]
     Cert(CertCmd),
@@ -85,6 +91,63 @@ enum Cmd {
 enum NodeCmd {
     /// Every node with its state, replicas and leaders.
     List,
+    /// Add the running node whose client address is ADDR (started without --join) to the
+    /// cluster; rebalancing then fills it.
+    Add { addr: String },
+    /// Drain node ID: its replicas move to other nodes; `node remove` once it holds none.
+    Decommission {
+        id: u64,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Forget node ID. Refused while it holds replicas, unless --force (its replicas are then
+    /// rebuilt from the other replicas of each shard).
+    Remove {
+        id: u64,
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct RebalanceArgs {
+    /// Show the plan (moves, bytes, stuck shards) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Show progress until the cluster is balanced.
+    #[arg(long)]
+    watch: bool,
+    /// Give up watching after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_wait: u64,
+}
+
+#[derive(Subcommand)]
+enum SettingsCmd {
+    /// The placement settings in force.
+    Show,
+    /// Change placement settings at run time (only the ones given).
+    Set {
+        /// Balance replicas and leaders automatically (repair and drain always run).
+        #[arg(long)]
+        balance: Option<bool>,
+        /// A node silent this long (ms) is down and its replicas are rebuilt elsewhere.
+        #[arg(long)]
+        down_after_ms: Option<u64>,
+        /// Moves touching one node at once.
+        #[arg(long)]
+        max_moves_per_node: Option<u32>,
+        /// Snapshot bytes per second one node sends.
+        #[arg(long)]
+        snapshot_bytes_per_sec: Option<u64>,
+        /// Snapshot transfers one node sends at once.
+        #[arg(long)]
+        snapshot_concurrency: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -320,6 +383,119 @@ async fn leader_transfer(client: &Client, shard: u64, node: u64) -> anyhow::Resu
     }
 }
 
+/// Asks before a destructive command, unless `--yes`; refuses when nobody can answer.
+fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    anyhow::ensure!(std::io::IsTerminal::is_terminal(&std::io::stdin()), "{question} Refusing without a terminal to ask on; pass --yes");
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    anyhow::ensure!(matches!(line.trim(), "y" | "Y" | "yes"), "cancelled");
+    Ok(())
+}
+
+async fn placement_report(client: &Client) -> anyhow::Result<PlacementReport> {
+    match client.placement(&ClientRequest::PlacementStatus).await? {
+        ClientReply::Placement(r) => Ok(*r),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn placement_done(client: &Client, req: ClientRequest) -> anyhow::Result<()> {
+    match client.placement(&req).await? {
+        ClientReply::Done => Ok(()),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn print_plan(r: &PlacementReport) {
+    let moves: Vec<_> = r.plan.iter().filter(|p| p.kind == "move").collect();
+    let transfers = r.plan.len() - moves.len();
+    let bytes: u64 = moves.iter().map(|p| p.bytes).sum::<u64>() + r.moves.iter().map(|m| m.bytes).sum::<u64>();
+    println!(
+        "placement leader: node {}   balance: {}   {} moves running, {} planned, {} leader transfers planned, ~{} to copy",
+        r.leader,
+        if r.settings.balance { "on" } else { "off" },
+        r.moves.len(),
+        moves.len(),
+        transfers,
+        human_bytes(bytes)
+    );
+    if !r.moves.is_empty() || !r.plan.is_empty() {
+        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  STAGE", "OPERATION", "SHARD", "FROM", "TO", "REASON", "BYTES");
+    }
+    for m in &r.moves {
+        let stage = if m.last > 0 { format!("{} ({}/{})", m.stage, m.matched, m.last) } else { m.stage.clone() };
+        let rec = &m.record;
+        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  {stage}", "move (running)", rec.shard, rec.from, rec.to, rec.reason, human_bytes(m.bytes));
+    }
+    for p in &r.plan {
+        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  planned", p.kind, p.shard, p.from, p.to, p.reason, human_bytes(p.bytes));
+    }
+    for (shard, why) in &r.stuck {
+        println!("stuck: shard {shard}: {why}");
+    }
+    if r.balanced {
+        println!("balanced: every up node is within ±1 of the mean in replicas and leaders");
+    }
+}
+
+fn remaining(r: &PlacementReport) -> u64 {
+    (r.moves.len() + r.plan.len()) as u64
+}
+
+/// Shows progress until the placement leader reports the cluster balanced.
+async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Result<PlacementReport> {
+    let started = std::time::Instant::now();
+    let mut total = 0u64;
+    let pb = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} operations, ETA {eta}  {msg}") {
+        pb.set_style(style);
+    }
+    loop {
+        let r = match placement_report(client).await {
+            Ok(r) => r,
+            // The placement leader may be changing: keep watching.
+            Err(e) => {
+                pb.set_message(format!("waiting for the placement leader: {e}"));
+                anyhow::ensure!(started.elapsed() < max_wait, "not balanced after {max_wait:?}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let left = remaining(&r);
+        total = total.max(pb.position() + left);
+        pb.set_length(total);
+        pb.set_position(total - left);
+        let stuck = r.stuck.iter().map(|(s, why)| format!("shard {s}: {why}")).collect::<Vec<_>>();
+        pb.set_message(match stuck.first() {
+            Some(first) => format!("{} stuck; {first}", stuck.len()),
+            None => format!("{} running", r.moves.len()),
+        });
+        if r.balanced {
+            pb.finish_with_message("balanced");
+            return Ok(r);
+        }
+        if started.elapsed() >= max_wait {
+            pb.abandon();
+            anyhow::bail!("not balanced after {max_wait:?}; stuck: {}", if stuck.is_empty() { "nothing".into() } else { stuck.join("; ") });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     if let Cmd::Cert(c) = &cli.cmd {
         match c {
@@ -436,6 +612,95 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 println!("{}", serde_json::json!({"shard": shard, "leader": node}));
             } else {
                 println!("shard {shard}: node {node} is the leader");
+            }
+            0
+        }
+        Cmd::Node(NodeCmd::Add { addr }) => {
+            let map = client.refresh_map().await?;
+            let through: Vec<String> = map.nodes.iter().filter(|n| n.state == NodeState::Up).map(|n| n.client_addr.clone()).collect();
+            let wait = Duration::from_secs_f64(cli.timeout).max(Duration::from_secs(30));
+            let id = match client.call_node(addr, &ClientRequest::Identify, wait).await? {
+                Ok(ClientReply::Identity(n)) => n.id,
+                Ok(other) => anyhow::bail!("{addr}: unexpected reply {other:?}"),
+                Err(e) => anyhow::bail!("{addr}: {e}"),
+            };
+            match client.call_node(addr, &ClientRequest::JoinCluster { through }, wait).await? {
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("node {id} at {addr} did not join: {e}"),
+            }
+            if json {
+                println!("{}", serde_json::json!({"node": id, "state": "joining"}));
+            } else {
+                println!("node {id} joined; it comes up with its first heartbeat and rebalancing fills it (`ringctl rebalance --watch`)");
+            }
+            0
+        }
+        Cmd::Node(NodeCmd::Decommission { id, yes }) => {
+            let map = client.refresh_map().await?;
+            let held = map.replicas_on(*id);
+            confirm(&format!("Decommission node {id}? Its {held} replicas move to other nodes."), *yes)?;
+            placement_done(&client, ClientRequest::SetNodeState { node: *id, state: NodeState::Decommissioning, force: false }).await?;
+            if json {
+                println!("{}", serde_json::json!({"node": id, "state": "decommissioning", "replicas": held}));
+            } else {
+                println!("node {id} is decommissioning: {held} replicas to move (`ringctl rebalance --watch`; then `ringctl node remove {id}`)");
+            }
+            0
+        }
+        Cmd::Node(NodeCmd::Remove { id, force, yes }) => {
+            let map = client.refresh_map().await?;
+            let held = map.replicas_on(*id);
+            let what = if held > 0 && *force { format!(" It still holds {held} replicas, which will be rebuilt from the others.") } else { String::new() };
+            confirm(&format!("Remove node {id} from the cluster for good?{what}"), *yes)?;
+            placement_done(&client, ClientRequest::SetNodeState { node: *id, state: NodeState::Removed, force: *force }).await?;
+            if json {
+                println!("{}", serde_json::json!({"node": id, "state": "removed"}));
+            } else {
+                println!("node {id} removed; stop its process and keep its id retired");
+            }
+            0
+        }
+        Cmd::Rebalance(a) => {
+            let mut r = placement_report(&client).await?;
+            if !a.dry_run && !r.settings.balance {
+                let settings = ringkv_wire::PlacementSettings { balance: true, ..r.settings.clone() };
+                placement_done(&client, ClientRequest::SetPlacementSettings { settings }).await?;
+                r = placement_report(&client).await?;
+            }
+            if a.watch && !a.dry_run {
+                if !json {
+                    print_plan(&r);
+                }
+                r = watch(&client, Duration::from_secs(a.max_wait), json).await?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if !a.watch || a.dry_run {
+                print_plan(&r);
+            }
+            0
+        }
+        Cmd::Settings(SettingsCmd::Show) => {
+            let r = placement_report(&client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r.settings)?);
+            } else {
+                println!("{:#?}", r.settings);
+            }
+            0
+        }
+        Cmd::Settings(SettingsCmd::Set { balance, down_after_ms, max_moves_per_node, snapshot_bytes_per_sec, snapshot_concurrency }) => {
+            let mut s = placement_report(&client).await?.settings;
+            s.balance = balance.unwrap_or(s.balance);
+            s.down_after_ms = down_after_ms.unwrap_or(s.down_after_ms);
+            s.max_moves_per_node = max_moves_per_node.unwrap_or(s.max_moves_per_node);
+            s.snapshot_bytes_per_sec = snapshot_bytes_per_sec.unwrap_or(s.snapshot_bytes_per_sec);
+            s.snapshot_concurrency = snapshot_concurrency.unwrap_or(s.snapshot_concurrency);
+            placement_done(&client, ClientRequest::SetPlacementSettings { settings: s.clone() }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{s:#?}");
             }
             0
         }

@@ -73,7 +73,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     match config.join.clone().filter(|_| !node.map().is_bootstrapped()) {
         Some(addr) => tokio::select! {
             _ = &mut shutdown => {}
-            r = join(node.clone(), addr) => match r {
+            r = join(node.clone(), vec![addr]) => match r {
                 Ok(()) => (&mut shutdown).await,
                 Err(e) => failure = Some(e),
             },
@@ -96,9 +96,10 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
 /// How long a joining node keeps trying to reach the node it joins through.
 pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Registers this (new) node with the cluster through `addr`, any member's client address,
-/// and adopts the map that lists it. Retries until the cluster answers; a refusal stops the node.
-async fn join(node: Arc<Node>, addr: String) -> Result<(), String> {
+/// Registers this (new) node with the cluster through any of `through` (members' client
+/// addresses) and adopts the map that lists it. Retries until the cluster answers or
+/// [`JOIN_TIMEOUT`] passes; a refusal is final.
+pub(crate) async fn join(node: Arc<Node>, through: Vec<String>) -> Result<(), String> {
     use std::time::{Duration, Instant};
     let c = &node.config;
     let info = ringkv_wire::NodeInfo {
@@ -109,12 +110,13 @@ async fn join(node: Arc<Node>, addr: String) -> Result<(), String> {
         state: ringkv_wire::NodeState::Joining,
     };
     let certs = c.cert_paths();
-    let client = ringkv_client::Client::unrouted(ringkv_client::ClientConfig::new(vec![addr.clone()], certs))
-        .map_err(|e| format!("cannot join through {addr}: {e}"))?;
+    let client = ringkv_client::Client::unrouted(ringkv_client::ClientConfig::new(through.clone(), certs))
+        .map_err(|e| format!("cannot join through {through:?}: {e}"))?;
     let started = Instant::now();
     let req = ClientRequest::Join { node: info };
-    loop {
-        let why = match client.call_node(&addr, &req, Duration::from_secs(15)).await {
+    for attempt in 0usize.. {
+        let Some(addr) = through.get(attempt % through.len().max(1)) else { return Err("no address to join through".into()) };
+        let why = match client.call_node(addr, &req, Duration::from_secs(15)).await {
             Ok(Ok(ringkv_wire::ClientReply::Map(map))) => {
                 node.adopt_map(map).await.map_err(|e| format!("cannot join: {e}"))?;
                 tracing::info!(through = %addr, "joined the cluster");
@@ -131,6 +133,7 @@ async fn join(node: Arc<Node>, addr: String) -> Result<(), String> {
         tracing::info!("waiting to join through {addr}: {why}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    Err("no address to join through".into())
 }
 
 /// Accepts peer connections; only certificates of nodes (`CN=node-ID`) are served here.

@@ -302,6 +302,14 @@ impl ClientService {
                     state,
                 }))
             }
+            ClientRequest::JoinCluster { through } => {
+                let map = self.node.map();
+                if map.is_bootstrapped() {
+                    return Err(RequestError::NotPermitted(format!("node {} already belongs to cluster {}", self.node.id(), map.cluster_id)));
+                }
+                crate::join(self.node.clone(), through).await.map_err(RequestError::NotPermitted)?;
+                Ok(ClientReply::Done)
+            }
             req @ (ClientRequest::Join { .. }
             | ClientRequest::SetNodeState { .. }
             | ClientRequest::PlacementStatus

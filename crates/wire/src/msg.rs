@@ -88,8 +88,13 @@ pub enum ClientRequest {
     SetPartition {
         isolated_from: Vec<NodeId>,
     },
-    /// Who this node is (its id and addresses), as `ringctl node add` needs it.
+    /// Who this node is (its id and addresses).
     Identify,
+    /// Asks a node that belongs to no cluster yet to join one through any of these members'
+    /// client addresses (`ringctl node add`); answered once it is registered.
+    JoinCluster {
+        through: Vec<String>,
+    },
     /// Registers a new node (state joining); the placement leader fills it by rebalancing.
     /// Answered with the map that lists it. Any node forwards this to the placement leader.
     Join {
@@ -124,6 +129,7 @@ impl ClientRequest {
             ClientRequest::Bootstrap { .. } => "bootstrap",
             ClientRequest::SetPartition { .. } => "set_partition",
             ClientRequest::Identify => "identify",
+            ClientRequest::JoinCluster { .. } => "join_cluster",
             ClientRequest::Join { .. } => "join",
             ClientRequest::SetNodeState { .. } => "set_node_state",
             ClientRequest::PlacementStatus => "placement_status",
