@@ -12,17 +12,42 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlacementCommand {
     /// Creates the cluster. Applies only to an empty map; later ones are refused.
-    Bootstrap { cluster_id: String, nodes: Vec<NodeInfo>, shards: u64, replication: usize },
+    Bootstrap {
+        cluster_id: String,
+        nodes: Vec<NodeInfo>,
+        shards: u64,
+        replication: usize,
+    },
     /// Adds a node in state joining (or updates the addresses of a known one).
-    RegisterNode { node: NodeInfo },
+    RegisterNode {
+        node: NodeInfo,
+    },
     /// A lifecycle change, by an operator or by the placement leader (up, down).
-    SetNodeState { node: NodeId, state: NodeState, force: bool },
+    SetNodeState {
+        node: NodeId,
+        state: NodeState,
+        force: bool,
+    },
     /// Records that `to` is to replace `from` in `shard`, which must still have `epoch`.
-    BeginMove { shard: GroupId, from: NodeId, to: NodeId, epoch: Epoch, reason: String },
+    BeginMove {
+        shard: GroupId,
+        from: NodeId,
+        to: NodeId,
+        epoch: Epoch,
+        reason: String,
+    },
     /// The shard's Raft group now has `to` instead of `from`: the map follows (conf_ver bumps).
-    FinishMove { shard: GroupId, from: NodeId, to: NodeId },
+    FinishMove {
+        shard: GroupId,
+        from: NodeId,
+        to: NodeId,
+    },
     /// Drops a move that cannot complete (the Raft group never switched to the new set).
-    AbortMove { shard: GroupId, from: NodeId, to: NodeId },
+    AbortMove {
+        shard: GroupId,
+        from: NodeId,
+        to: NodeId,
+    },
     SetSettings(PlacementSettings),
 }
 

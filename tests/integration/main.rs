@@ -8,4 +8,5 @@ mod cli;
 mod client;
 mod data_path;
 mod faults;
+mod placement;
 mod routing;

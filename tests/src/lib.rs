@@ -176,3 +176,111 @@ pub fn scrape(addr: &str) -> anyhow::Result<String> {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// A background writer of unique keys; it remembers every write the cluster acknowledged.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<Vec<u8>>, u64)>,
+}
+
+impl Writer {
+    /// Writes `prefix-N` = `v-N` one after another (at most `max` writes) until stopped.
+    pub fn start(client: Client, prefix: &str, max: u64) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, prefix) = (stop.clone(), prefix.to_string());
+        let task = tokio::spawn(async move {
+            let (mut acked, mut failed) = (Vec::new(), 0u64);
+            for i in 0..max {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("{prefix}-{i}").into_bytes();
+                match client.put(&key, format!("v-{i}").as_bytes()).await {
+                    Ok(()) => acked.push(key),
+                    // Outcome unknown: neither counted as written nor as lost.
+                    Err(_) => failed += 1,
+                }
+            }
+            (acked, failed)
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops the writer; returns the acknowledged keys and the count of failed writes.
+    pub async fn stop(self) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// Checks that every acknowledged key reads back its value (`prefix-N` = `v-N`).
+pub async fn check_acked(client: &Client, acked: &[Vec<u8>]) -> anyhow::Result<()> {
+    for key in acked {
+        let k = String::from_utf8_lossy(key).into_owned();
+        let n = k.rsplit('-').next().unwrap_or_default();
+        let got = client.get(key).await?;
+        anyhow::ensure!(got.as_deref() == Some(format!("v-{n}").as_bytes()), "acknowledged write {k} lost: read {got:?}");
+    }
+    Ok(())
+}
+
+/// The placement leader's report.
+pub async fn placement_report(client: &Client) -> anyhow::Result<ringkv_wire::PlacementReport> {
+    match client.placement(&ClientRequest::PlacementStatus).await? {
+        ClientReply::Placement(r) => Ok(*r),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// Replicas and leaders per up node, from the map and the nodes' own reports (not from the
+/// placement leader's report, so the two check each other).
+pub async fn load_per_node(client: &Client) -> anyhow::Result<std::collections::BTreeMap<NodeId, (usize, usize)>> {
+    let map = client.refresh_map().await?;
+    let mut claims: std::collections::BTreeMap<u64, (u64, NodeId)> = std::collections::BTreeMap::new();
+    for r in client.node_reports().await.into_iter().flatten() {
+        for g in r.groups.iter().filter(|g| g.is_leader && g.group != ringkv_wire::PLACEMENT_GROUP) {
+            if claims.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
+                claims.insert(g.group, (g.term, r.node));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for n in map.nodes.iter().filter(|n| n.state == ringkv_wire::NodeState::Up) {
+        let leaders = claims.values().filter(|(_, l)| *l == n.id).count();
+        out.insert(n.id, (map.replicas_on(n.id), leaders));
+    }
+    Ok(out)
+}
+
+/// Waits until the placement leader reports the cluster balanced and, independently, every up
+/// node holds the mean ±1 replicas and leads the mean ±1 shards.
+pub async fn wait_balanced(client: &Client, timeout: Duration) -> anyhow::Result<std::collections::BTreeMap<NodeId, (usize, usize)>> {
+    eventually(timeout, "the cluster balances", || async {
+        let r = placement_report(client).await?;
+        anyhow::ensure!(r.balanced, "not balanced: {} moves running, {} planned, stuck {:?}", r.moves.len(), r.plan.len(), r.stuck);
+        let load = load_per_node(client).await?;
+        let map = client.map();
+        let nodes = load.len() as f64;
+        let replica_mean = map.shards.iter().map(|s| s.replicas.len()).sum::<usize>() as f64 / nodes;
+        let leader_mean = map.shards.len() as f64 / nodes;
+        for (id, (replicas, leaders)) in &load {
+            anyhow::ensure!(
+                (*replicas as f64 - replica_mean).abs() <= 1.0,
+                "node {id}: {replicas} replicas, mean {replica_mean}: {load:?}"
+            );
+            anyhow::ensure!((*leaders as f64 - leader_mean).abs() <= 1.0, "node {id}: leads {leaders}, mean {leader_mean}: {load:?}");
+        }
+        Ok(load)
+    })
+    .await
+}
+
+/// Changes placement settings at run time.
+pub async fn set_placement(client: &Client, f: impl FnOnce(&mut ringkv_wire::PlacementSettings)) -> anyhow::Result<()> {
+    let mut settings = placement_report(client).await?.settings;
+    f(&mut settings);
+    match client.placement(&ClientRequest::SetPlacementSettings { settings }).await? {
+        ClientReply::Done => Ok(()),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}

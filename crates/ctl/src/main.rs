@@ -439,7 +439,15 @@ fn print_plan(r: &PlacementReport) {
     for m in &r.moves {
         let stage = if m.last > 0 { format!("{} ({}/{})", m.stage, m.matched, m.last) } else { m.stage.clone() };
         let rec = &m.record;
-        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  {stage}", "move (running)", rec.shard, rec.from, rec.to, rec.reason, human_bytes(m.bytes));
+        println!(
+            "{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  {stage}",
+            "move (running)",
+            rec.shard,
+            rec.from,
+            rec.to,
+            rec.reason,
+            human_bytes(m.bytes)
+        );
     }
     for p in &r.plan {
         println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  planned", p.kind, p.shard, p.from, p.to, p.reason, human_bytes(p.bytes));
@@ -461,7 +469,9 @@ async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Resul
     let started = std::time::Instant::now();
     let mut total = 0u64;
     let pb = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} operations, ETA {eta}  {msg}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} operations, ETA {eta}  {msg}")
+    {
         pb.set_style(style);
     }
     loop {
@@ -643,14 +653,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::json!({"node": id, "state": "decommissioning", "replicas": held}));
             } else {
-                println!("node {id} is decommissioning: {held} replicas to move (`ringctl rebalance --watch`; then `ringctl node remove {id}`)");
+                println!(
+                    "node {id} is decommissioning: {held} replicas to move (`ringctl rebalance --watch`; then `ringctl node remove {id}`)"
+                );
             }
             0
         }
         Cmd::Node(NodeCmd::Remove { id, force, yes }) => {
             let map = client.refresh_map().await?;
             let held = map.replicas_on(*id);
-            let what = if held > 0 && *force { format!(" It still holds {held} replicas, which will be rebuilt from the others.") } else { String::new() };
+            let what = if held > 0 && *force {
+                format!(" It still holds {held} replicas, which will be rebuilt from the others.")
+            } else {
+                String::new()
+            };
             confirm(&format!("Remove node {id} from the cluster for good?{what}"), *yes)?;
             placement_done(&client, ClientRequest::SetNodeState { node: *id, state: NodeState::Removed, force: *force }).await?;
             if json {

@@ -34,6 +34,52 @@ pub struct CertsEntry {
 pub struct ClusterFile {
     pub nodes: Vec<NodeEntry>,
     pub certs: CertsEntry,
+    /// Pid of the `ringkv dev` process running the cluster, which starts nodes `ringkv dev
+    /// add-node` adds.
+    #[serde(default)]
+    pub supervisor: Option<u32>,
+    /// Settings every node of the cluster gets on its first start (added nodes too).
+    #[serde(default)]
+    pub fault_injection: bool,
+    #[serde(default)]
+    pub extra_config: Option<String>,
+}
+
+/// `ringkv dev add-node`: adds a node to the dev cluster that a running `ringkv dev` supervises,
+/// and waits until the placement driver has it up.
+pub async fn add_node_to_running(dir: &Path, timeout: Duration) -> anyhow::Result<NodeEntry> {
+    let path = dir.join(CLUSTER_FILE);
+    anyhow::ensure!(path.exists(), "no dev cluster in {} (start one with `ringkv dev --data-dir {}`)", dir.display(), dir.display());
+    let mut file = ClusterFile::load(&path)?;
+    let running = file.supervisor.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    anyhow::ensure!(
+        running,
+        "the dev cluster in {} is not running; start it with `ringkv dev --data-dir {}` first",
+        dir.display(),
+        dir.display()
+    );
+    let e = DevCluster::prepare_node(&mut file, dir)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&file)?)?;
+    std::fs::rename(tmp, &path)?;
+    wait_node_up(&file.client_config(), e.id, timeout)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err} (its log: {})", e.data_dir.join("node.log").display()))?;
+    Ok(e)
+}
+
+/// Waits until the cluster map lists node `id` as up.
+pub async fn wait_node_up(config: &ClientConfig, id: NodeId, timeout: Duration) -> anyhow::Result<()> {
+    let client = Client::unrouted(config.clone())?;
+    let started = Instant::now();
+    loop {
+        let state = client.refresh_map().await.ok().and_then(|m| m.node(id).map(|n| n.state));
+        if state == Some(NodeState::Up) {
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < timeout, "node {id} is not up after {timeout:?} (state: {state:?})");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 impl ClusterFile {
@@ -92,7 +138,7 @@ impl DevCluster {
             let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
             let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
             for id in ids {
-                c.spawn(id, &[])?;
+                c.start_node(id)?;
             }
             c.write_file()?;
             c.wait_ready(Duration::from_secs(60)).await?;
@@ -124,6 +170,9 @@ impl DevCluster {
         let file = ClusterFile {
             nodes,
             certs: CertsEntry { dir: certs_dir.clone(), ca: certs_dir.join("ca.pem"), client_cert: client.cert, client_key: client.key },
+            supervisor: None,
+            fault_injection: opts.fault_injection,
+            extra_config: opts.extra_config.clone(),
         };
         let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
         let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
@@ -140,6 +189,73 @@ impl DevCluster {
 
     pub fn entry(&self, id: NodeId) -> anyhow::Result<&NodeEntry> {
         self.file.nodes.iter().find(|n| n.id == id).ok_or_else(|| anyhow::anyhow!("no node {id} in the cluster"))
+    }
+
+    /// Starts node `id`: from its data dir, or from its first-start configuration if it never
+    /// ran (a node added while the cluster was stopping).
+    fn start_node(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let e = self.entry(id)?.clone();
+        if e.data_dir.join(crate::config::IDENTITY_FILE).exists() {
+            self.spawn(id, &[])
+        } else {
+            self.spawn(id, &["--config".into(), e.data_dir.join("first-start.toml").display().to_string()])
+        }
+    }
+
+    /// Adds a node to the running cluster: a certificate, a data dir and a first-start
+    /// configuration that joins through node `through`'s client address. Returns its entry;
+    /// the caller starts it (`adopt_new_nodes` in the supervisor, or the tests).
+    pub fn prepare_node(file: &mut ClusterFile, dir: &Path) -> anyhow::Result<NodeEntry> {
+        let id = file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let through = file.nodes.first().map(|n| n.client_addr.clone()).ok_or_else(|| anyhow::anyhow!("the cluster has no node"))?;
+        let node_dir = dir.join(format!("node-{id}"));
+        anyhow::ensure!(!node_dir.exists(), "{} already exists", node_dir.display());
+        std::fs::create_dir_all(&node_dir)?;
+        let certs_dir = &file.certs.dir;
+        let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id)?;
+        let e = NodeEntry {
+            id,
+            pid: None,
+            peer_addr: format!("127.0.0.1:{}", free_port()?),
+            client_addr: format!("127.0.0.1:{}", free_port()?),
+            metrics_addr: format!("127.0.0.1:{}", free_port()?),
+            data_dir: node_dir.clone(),
+        };
+        let mut cfg = node_toml(&e, &file.certs.ca, &cert.cert, &cert.key, file.fault_injection, file.extra_config.as_deref());
+        cfg.insert_str(0, &format!("join = {through:?}\n"));
+        std::fs::write(node_dir.join("first-start.toml"), cfg)?;
+        file.nodes.push(e.clone());
+        Ok(e)
+    }
+
+    /// Adds a node and starts it (it joins the cluster on its own). Returns its id.
+    pub fn add_node(&mut self) -> anyhow::Result<NodeId> {
+        let e = Self::prepare_node(&mut self.file, &self.dir)?;
+        self.start_node(e.id)?;
+        self.write_file()?;
+        Ok(e.id)
+    }
+
+    /// The supervisor's side of `ringkv dev add-node`: starts the nodes the cluster file lists
+    /// that this process does not know yet. Returns their ids.
+    pub fn adopt_new_nodes(&mut self) -> anyhow::Result<Vec<NodeId>> {
+        let on_disk = ClusterFile::load(&self.dir.join(CLUSTER_FILE))?;
+        let new: Vec<NodeEntry> = on_disk.nodes.into_iter().filter(|n| self.entry(n.id).is_err()).collect();
+        let ids: Vec<NodeId> = new.iter().map(|n| n.id).collect();
+        for e in new {
+            self.file.nodes.push(e.clone());
+            self.start_node(e.id)?;
+        }
+        if !ids.is_empty() {
+            self.write_file()?;
+        }
+        Ok(ids)
+    }
+
+    /// Records this process as the one running the cluster.
+    pub fn set_supervisor(&mut self, pid: Option<u32>) -> anyhow::Result<()> {
+        self.file.supervisor = pid;
+        self.write_file()
     }
 
     /// Starts node `id` from its data dir (plus `args` on its first start).
@@ -267,7 +383,7 @@ impl DevCluster {
 
     /// Restarts a stopped node from its data dir.
     pub fn restart(&mut self, id: NodeId) -> anyhow::Result<()> {
-        self.spawn(id, &[])?;
+        self.start_node(id)?;
         self.write_file()
     }
 

@@ -205,11 +205,22 @@ impl Node {
     }
 
     /// One step of a move, run on the shard's leader. See the module documentation.
-    pub async fn move_step(&self, shard: GroupId, from: NodeId, to: NodeId, to_addr: String, cancel: bool) -> Result<MoveStage, RequestError> {
+    pub async fn move_step(
+        &self,
+        shard: GroupId,
+        from: NodeId,
+        to: NodeId,
+        to_addr: String,
+        cancel: bool,
+    ) -> Result<MoveStage, RequestError> {
         let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
         let m = r.raft.metrics().borrow_watched().clone();
         if !m.state.is_leader() {
-            return Err(RequestError::NotLeader { shard, leader: m.current_leader, leader_addr: m.current_leader.and_then(|l| self.client_addr_of(l)) });
+            return Err(RequestError::NotLeader {
+                shard,
+                leader: m.current_leader,
+                leader_addr: m.current_leader.and_then(|l| self.client_addr_of(l)),
+            });
         }
         let membership = m.membership_config.membership().clone();
         let configs = membership.get_joint_config().clone();
@@ -423,8 +434,10 @@ fn report(node: &Node, map: &ClusterMap) -> PlacementReport {
         }
         let planned = plan.iter().any(|p| p.shard == s.id) || map.move_of(s.id).is_some();
         if !planned {
-            let free = map.nodes.iter().any(|n| n.state == NodeState::Up && !is_down(map, &obs, &cfg, n.id, now) && !s.replicas.contains(&n.id));
-            let why = if free { "waiting for the per-node move limit" } else { "no up node without a replica of it can take one: add a node" };
+            let free =
+                map.nodes.iter().any(|n| n.state == NodeState::Up && !is_down(map, &obs, &cfg, n.id, now) && !s.replicas.contains(&n.id));
+            let why =
+                if free { "waiting for the per-node move limit" } else { "no up node without a replica of it can take one: add a node" };
             stuck.push((s.id, why.to_string()));
         }
     }
@@ -542,7 +555,13 @@ async fn round(node: &Arc<Node>, r: &Replica) {
                         tracing::info!(shard, from, to, reason = reason.as_str(), "move started");
                         lock(&node.driver.state).progress.insert(
                             shard,
-                            Progress { stage: "starting".into(), matched: 0, last: 0, started: Instant::now(), leader: obs.leaders.get(&shard).copied() },
+                            Progress {
+                                stage: "starting".into(),
+                                matched: 0,
+                                last: 0,
+                                started: Instant::now(),
+                                leader: obs.leaders.get(&shard).copied(),
+                            },
                         );
                     }
                     Err(e) => tracing::warn!(shard, from, to, "cannot start move: {e}"),

@@ -23,6 +23,18 @@ enum Cmd {
     Dev(DevArgs),
 }
 
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Add a node to the running dev cluster in --data-dir; returns once it is up.
+    AddNode {
+        #[arg(long, default_value = "./data/dev")]
+        data_dir: PathBuf,
+        /// Give up waiting for the node after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
 #[derive(Args)]
 struct NodeArgs {
     /// Where the node keeps its identity and data.
@@ -60,7 +72,10 @@ struct NodeArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct DevArgs {
+    #[command(subcommand)]
+    cmd: Option<DevCmd>,
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     #[arg(long, default_value_t = 64)]
@@ -114,6 +129,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    if let Some(DevCmd::AddNode { data_dir, timeout }) = a.cmd {
+        let e = ringkv_node::dev::add_node_to_running(&data_dir, std::time::Duration::from_secs(timeout)).await?;
+        eprintln!("node {} is up: client {} metrics http://{}/metrics; rebalancing fills it", e.id, e.client_addr, e.metrics_addr);
+        return Ok(());
+    }
     let binary = std::env::current_exe()?;
     let fresh = !a.data_dir.join(ringkv_node::dev::CLUSTER_FILE).exists();
     eprintln!("{} a {}-node cluster in {} ...", if fresh { "starting" } else { "restarting" }, a.nodes, a.data_dir.display());
@@ -127,6 +147,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         extra_config: None,
     };
     let mut cluster = DevCluster::start(opts).await?;
+    cluster.set_supervisor(Some(std::process::id()))?;
     let file = a.data_dir.join(ringkv_node::dev::CLUSTER_FILE);
     eprintln!("cluster ready: {} nodes", cluster.file.nodes.len());
     for n in &cluster.file.nodes {
@@ -140,6 +161,10 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             for (id, status) in cluster.exited() {
                 eprintln!("node {id} exited: {status}");
             }
+            match cluster.adopt_new_nodes() {
+                Ok(ids) => ids.iter().for_each(|id| eprintln!("node {id} added; it joins the cluster")),
+                Err(e) => eprintln!("cannot start added nodes: {e:#}"),
+            }
         }
     };
     tokio::select! {
@@ -148,6 +173,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     }
     eprintln!("stopping the cluster ...");
     cluster.stop_all().await;
+    cluster.set_supervisor(None)?;
     Ok(())
 }
 

@@ -216,7 +216,11 @@ impl Node {
             }
             if self.replica(s.id).is_none() && !incoming {
                 if let Some(gone) = ringkv_storage::tombstone(&self.db, s.id)?.filter(|c| *c >= s.epoch.conf_ver) {
-                    tracing::warn!(shard = s.id, "the map (conf_ver {}) lists a replica removed here at conf_ver {gone}; not recreating it", s.epoch.conf_ver);
+                    tracing::warn!(
+                        shard = s.id,
+                        "the map (conf_ver {}) lists a replica removed here at conf_ver {gone}; not recreating it",
+                        s.epoch.conf_ver
+                    );
                     continue;
                 }
             }

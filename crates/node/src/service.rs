@@ -77,7 +77,9 @@ impl PeerService {
                 node.move_step(shard, from, to, to_peer_addr, cancel).await.map(PeerReply::MoveStep)
             }
             PeerRequest::TransferLeader { shard, to } => node.transfer_leader(shard, to).await.map(|()| PeerReply::Done),
-            PeerRequest::Raft { group, .. } => Err(RequestError::Malformed(format!("a Raft message for group {group} needs a peer connection"))),
+            PeerRequest::Raft { group, .. } => {
+                Err(RequestError::Malformed(format!("a Raft message for group {group} needs a peer connection")))
+            }
         }
     }
 }
@@ -305,7 +307,11 @@ impl ClientService {
             ClientRequest::JoinCluster { through } => {
                 let map = self.node.map();
                 if map.is_bootstrapped() {
-                    return Err(RequestError::NotPermitted(format!("node {} already belongs to cluster {}", self.node.id(), map.cluster_id)));
+                    return Err(RequestError::NotPermitted(format!(
+                        "node {} already belongs to cluster {}",
+                        self.node.id(),
+                        map.cluster_id
+                    )));
                 }
                 crate::join(self.node.clone(), through).await.map_err(RequestError::NotPermitted)?;
                 Ok(ClientReply::Done)
@@ -313,12 +319,10 @@ impl ClientService {
             req @ (ClientRequest::Join { .. }
             | ClientRequest::SetNodeState { .. }
             | ClientRequest::PlacementStatus
-            | ClientRequest::SetPlacementSettings { .. }) => {
-                match self.node.placement_call(PeerRequest::Admin(Box::new(req))).await? {
-                    PeerReply::Admin(r) => r,
-                    other => Err(RequestError::Internal(format!("unexpected reply {other:?}"))),
-                }
-            }
+            | ClientRequest::SetPlacementSettings { .. }) => match self.node.placement_call(PeerRequest::Admin(Box::new(req))).await? {
+                PeerReply::Admin(r) => r,
+                other => Err(RequestError::Internal(format!("unexpected reply {other:?}"))),
+            },
         }
     }
 

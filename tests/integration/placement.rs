@@ -1,0 +1,143 @@
+//! The placement driver on live clusters: nodes join, drain, die and are replaced, and the
+//! placement leader dies mid-rebalance, all under write load with no acknowledged write lost.
+
+use std::time::Duration;
+
+use ringkv_node::dev::wait_node_up;
+use ringkv_tests::{check_acked, eventually, placement_report, set_placement, wait_balanced, TestCluster, Writer};
+use ringkv_wire::{ClientReply, ClientRequest, NodeState, RequestError};
+
+const BALANCE_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_and_fifth_node_join_under_load_and_the_cluster_balances() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 16).await?;
+    let client = tc.client().await?;
+    let writer = Writer::start(tc.client().await?, "join", 20_000);
+    for _ in 0..2 {
+        let id = tc.cluster.add_node()?;
+        wait_node_up(&tc.cluster.client_config(), id, Duration::from_secs(60)).await?;
+    }
+    let load = wait_balanced(&client, BALANCE_TIMEOUT).await?;
+    let (acked, failed) = writer.stop().await?;
+    eprintln!("balanced: {load:?}; {} writes acknowledged, {failed} failed", acked.len());
+    assert_eq!(load.len(), 5, "five up nodes: {load:?}");
+    assert!(load.get(&5).is_some_and(|(r, _)| *r >= 9), "the fifth node was filled: {load:?}");
+    assert!(acked.len() > 50, "the writer made progress during the moves: {}", acked.len());
+    check_acked(&client, &acked).await?;
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_node_drains_to_zero_and_can_be_removed() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(4, 16).await?;
+    let client = tc.client().await?;
+    let writer = Writer::start(tc.client().await?, "drain", 20_000);
+    let remove = ClientRequest::SetNodeState { node: 4, state: NodeState::Removed, force: false };
+    match client.placement(&remove).await {
+        Err(ringkv_client::Error::Request(RequestError::NotPermitted(why))) => assert!(why.contains("still holds"), "{why}"),
+        other => panic!("removing a node that holds replicas must be refused, got {other:?}"),
+    }
+    let member = ClientRequest::SetNodeState { node: 1, state: NodeState::Decommissioning, force: false };
+    assert!(client.placement(&member).await.is_err(), "a placement member cannot be decommissioned yet");
+    let drain = ClientRequest::SetNodeState { node: 4, state: NodeState::Decommissioning, force: false };
+    assert!(matches!(client.placement(&drain).await?, ClientReply::Done));
+    eventually(BALANCE_TIMEOUT, "node 4 drains", || async {
+        let map = client.refresh_map().await?;
+        anyhow::ensure!(map.replicas_on(4) == 0 && map.moves.is_empty(), "node 4 holds {} replicas", map.replicas_on(4));
+        Ok(())
+    })
+    .await?;
+    assert!(matches!(client.placement(&remove).await?, ClientReply::Done));
+    // Nodes pick up the new map within a map-sync interval.
+    let map = eventually(Duration::from_secs(10), "the map says node 4 is removed", || async {
+        let map = client.refresh_map().await?;
+        anyhow::ensure!(map.node(4).map(|n| n.state) == Some(NodeState::Removed), "node 4: {:?}", map.node(4));
+        Ok(map)
+    })
+    .await?;
+    assert!(map.shards.iter().all(|s| s.replicas.len() == 3 && !s.replicas.contains(&4)));
+    // The drained node dropped its replicas' data (tombstoned), and the cluster serves without it.
+    eventually(Duration::from_secs(30), "node 4 drops its replicas", || async {
+        match client.call_node(&tc.client_addr(4), &ClientRequest::NodeStatus, Duration::from_secs(5)).await? {
+            Ok(ClientReply::NodeStatus(s)) => anyhow::ensure!(s.groups.is_empty(), "node 4 still hosts {:?}", s.groups),
+            other => anyhow::bail!("node status: {other:?}"),
+        }
+        Ok(())
+    })
+    .await?;
+    tc.cluster.kill(4).await?;
+    let (acked, failed) = writer.stop().await?;
+    eprintln!("{} writes acknowledged during the drain, {failed} failed", acked.len());
+    check_acked(&client, &acked).await?;
+    wait_balanced(&client, BALANCE_TIMEOUT).await?;
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_for_good_is_replaced_after_the_down_time() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(4, 16).await?;
+    let client = tc.client().await?;
+    set_placement(&client, |s| s.down_after_ms = 4000).await?;
+    let writer = Writer::start(tc.client().await?, "repair", 20_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = client.refresh_map().await?.replicas_on(4);
+    assert!(held >= 11, "node 4 holds its share before the kill: {held}");
+    tc.cluster.kill(4).await?;
+    // Within the down time nothing moves: a restart would be cheaper than a rebuild.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let map = client.refresh_map().await?;
+    assert_eq!(map.replicas_on(4), held, "replicas left node 4 before its down time");
+    assert!(map.moves.iter().all(|m| m.from != 4), "repair began before the down time: {:?}", map.moves);
+    eventually(BALANCE_TIMEOUT, "every shard is back to 3 replicas", || async {
+        let map = client.refresh_map().await?;
+        anyhow::ensure!(map.node(4).map(|n| n.state) == Some(NodeState::Down), "node 4 is not marked down");
+        let short = map.shards.iter().filter(|s| s.replicas.contains(&4) || s.replicas.len() != 3).count();
+        anyhow::ensure!(short == 0 && map.moves.is_empty(), "{short} shards not repaired yet");
+        Ok(())
+    })
+    .await?;
+    let (acked, failed) = writer.stop().await?;
+    eprintln!("{} writes acknowledged across the repair, {failed} failed", acked.len());
+    check_acked(&client, &acked).await?;
+    wait_balanced(&client, BALANCE_TIMEOUT).await?;
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rebalance_completes_when_the_placement_leader_is_killed_midway() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 32).await?;
+    let client = tc.client().await?;
+    // One move per node at a time, so the rebalance is still running when the leader dies.
+    set_placement(&client, |s| s.max_moves_per_node = 1).await?;
+    let writer = Writer::start(tc.client().await?, "takeover", 20_000);
+    for _ in 0..2 {
+        let id = tc.cluster.add_node()?;
+        wait_node_up(&tc.cluster.client_config(), id, Duration::from_secs(60)).await?;
+    }
+    let leader = eventually(Duration::from_secs(60), "a move is running", || async {
+        let r = placement_report(&client).await?;
+        anyhow::ensure!(!r.moves.is_empty(), "no move running yet");
+        Ok(r.leader)
+    })
+    .await?;
+    tc.cluster.kill(leader).await?;
+    let successor = eventually(Duration::from_secs(30), "a new placement leader", || async {
+        let r = placement_report(&client).await?;
+        anyhow::ensure!(r.leader != leader, "node {leader} still reported as placement leader");
+        Ok(r.leader)
+    })
+    .await?;
+    eprintln!("placement leader {leader} killed mid-rebalance; node {successor} took over");
+    tc.cluster.restart(leader)?;
+    let load = wait_balanced(&client, BALANCE_TIMEOUT).await?;
+    let (acked, failed) = writer.stop().await?;
+    eprintln!("balanced: {load:?}; {} writes acknowledged, {failed} failed", acked.len());
+    assert_eq!(load.len(), 5);
+    check_acked(&client, &acked).await?;
+    tc.stop().await;
+    Ok(())
+}
