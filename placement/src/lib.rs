@@ -344,4 +344,101 @@ mod tests {
         assert!(validate_bootstrap(&nodes(3), 6, 3).is_err());
         assert!(validate_bootstrap(&nodes(3), 8, 2).is_err());
     }
+
+    fn cluster(n: u64) -> ClusterMap {
+        let mut map = ClusterMap::default();
+        let cmd = PlacementCommand::Bootstrap { cluster_id: "c".into(), nodes: nodes(n), shards: 8, replication: 3 };
+        apply(&mut map, &cmd).expect("bootstrap");
+        map
+    }
+
+    fn node(id: u64) -> NodeInfo {
+        nodes(id).pop().expect("node")
+    }
+
+    #[test]
+    fn nodes_register_once_and_removed_ids_stay_retired() {
+        let mut map = cluster(3);
+        let v = map.version;
+        apply(&mut map, &PlacementCommand::RegisterNode { node: node(4) }).expect("register");
+        assert_eq!(map.node(4).map(|n| n.state), Some(NodeState::Joining));
+        assert_eq!(map.version, v + 1);
+        apply(&mut map, &PlacementCommand::RegisterNode { node: node(4) }).expect("again");
+        assert_eq!(map.version, v + 1, "registering the same node twice changes nothing");
+        let mut moved = node(4);
+        moved.peer_addr = "127.0.0.1:9999".into();
+        apply(&mut map, &PlacementCommand::RegisterNode { node: moved }).expect("new address");
+        assert_eq!(map.node(4).map(|n| n.peer_addr.as_str()), Some("127.0.0.1:9999"));
+        apply(&mut map, &PlacementCommand::SetNodeState { node: 4, state: NodeState::Removed, force: false }).expect("remove empty node");
+        let again = apply(&mut map, &PlacementCommand::RegisterNode { node: node(4) });
+        assert!(matches!(again, Err(PlacementError::Refused(_))), "{again:?}");
+        let zero = NodeInfo { id: 0, ..node(5) };
+        assert!(matches!(apply(&mut map, &PlacementCommand::RegisterNode { node: zero }), Err(PlacementError::Invalid(_))));
+    }
+
+    #[test]
+    fn lifecycle_changes_that_would_lose_data_or_the_placement_group_are_refused() {
+        let mut map = cluster(4);
+        let set = |map: &mut ClusterMap, node, state, force| apply(map, &PlacementCommand::SetNodeState { node, state, force });
+        assert!(set(&mut map, 1, NodeState::Decommissioning, false).is_err(), "placement member");
+        assert!(set(&mut map, 1, NodeState::Removed, true).is_err(), "placement member, even forced");
+        let held = map.replicas_on(4);
+        assert!(held > 0);
+        let e = set(&mut map, 4, NodeState::Removed, false).expect_err("holds replicas");
+        assert!(e.to_string().contains("--force"), "{e}");
+        set(&mut map, 4, NodeState::Decommissioning, false).expect("drain");
+        set(&mut map, 4, NodeState::Up, false).expect("recommission");
+        // With node 4 down, draining node 3 would leave two up nodes for three replicas.
+        set(&mut map, 4, NodeState::Down, false).expect("down");
+        assert!(set(&mut map, 3, NodeState::Decommissioning, false).is_err());
+        set(&mut map, 4, NodeState::Removed, true).expect("forced removal");
+        assert!(set(&mut map, 4, NodeState::Up, false).is_err(), "removed is final");
+        assert!(set(&mut map, 9, NodeState::Up, false).is_err(), "unknown node");
+    }
+
+    #[test]
+    fn a_move_begins_on_the_epoch_it_was_planned_for_and_finishing_bumps_conf_ver() {
+        let mut map = cluster(3);
+        apply(&mut map, &PlacementCommand::RegisterNode { node: node(4) }).expect("register");
+        let s = map.shards[0].clone();
+        let from = s.replicas[0];
+        let begin = |epoch| PlacementCommand::BeginMove { shard: s.id, from, to: 4, epoch, reason: "balance".into() };
+        assert!(apply(&mut map, &begin(s.epoch)).is_err(), "node 4 is joining, not up");
+        apply(&mut map, &PlacementCommand::SetNodeState { node: 4, state: NodeState::Up, force: false }).expect("up");
+        let stale = Epoch { conf_ver: s.epoch.conf_ver + 1, ..s.epoch };
+        assert!(apply(&mut map, &begin(stale)).is_err(), "the shard changed since the plan");
+        apply(&mut map, &begin(s.epoch)).expect("begin");
+        assert!(apply(&mut map, &begin(s.epoch)).is_err(), "one move per shard");
+        assert!(apply(&mut map, &PlacementCommand::SetNodeState { node: 4, state: NodeState::Removed, force: false }).is_err());
+        apply(&mut map, &PlacementCommand::FinishMove { shard: s.id, from, to: 4 }).expect("finish");
+        let after = map.shard(s.id).expect("shard");
+        assert!(after.replicas.contains(&4) && !after.replicas.contains(&from));
+        assert_eq!(after.epoch.conf_ver, s.epoch.conf_ver + 1);
+        assert!(map.moves.is_empty());
+        assert!(apply(&mut map, &PlacementCommand::FinishMove { shard: s.id, from, to: 4 }).is_err(), "finished once");
+        let s2 = map.shards[1].clone();
+        let from2 = s2.replicas.iter().copied().find(|r| *r != 4).expect("replica");
+        if !s2.replicas.contains(&4) {
+            apply(&mut map, &PlacementCommand::BeginMove { shard: s2.id, from: from2, to: 4, epoch: s2.epoch, reason: "balance".into() })
+                .expect("begin");
+            apply(&mut map, &PlacementCommand::AbortMove { shard: s2.id, from: from2, to: 4 }).expect("abort");
+            assert_eq!(map.shard(s2.id).map(|s| s.replicas.clone()), Some(s2.replicas), "an abandoned move changes no replicas");
+        }
+    }
+
+    #[test]
+    fn settings_that_would_stall_the_cluster_are_refused() {
+        let mut map = cluster(3);
+        let ok = PlacementSettings { down_after_ms: 5000, ..Default::default() };
+        apply(&mut map, &PlacementCommand::SetSettings(ok.clone())).expect("valid");
+        assert_eq!(map.settings, ok);
+        for bad in [
+            PlacementSettings { down_after_ms: 10, ..Default::default() },
+            PlacementSettings { max_moves_per_node: 0, ..Default::default() },
+            PlacementSettings { snapshot_bytes_per_sec: 1, ..Default::default() },
+        ] {
+            assert!(matches!(apply(&mut map, &PlacementCommand::SetSettings(bad)), Err(PlacementError::Invalid(_))));
+        }
+        assert_eq!(map.settings, ok);
+    }
 }

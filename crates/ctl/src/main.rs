@@ -264,7 +264,10 @@ async fn status(client: &Client) -> anyhow::Result<Status> {
         .iter()
         .map(|n| NodeRow {
             id: n.id,
-            state: if reachable.contains(&n.id) { n.state.as_str().to_string() } else { "unreachable".into() },
+            state: match n.state {
+                NodeState::Up | NodeState::Joining | NodeState::Decommissioning if !reachable.contains(&n.id) => "unreachable".into(),
+                s => s.as_str().to_string(),
+            },
             client_addr: n.client_addr.clone(),
             replicas: shards.iter().filter(|s| s.replicas.contains(&n.id)).count(),
             leaders: shards.iter().filter(|s| s.leader == Some(n.id)).count(),
@@ -281,9 +284,9 @@ fn print_status(s: &Status) {
 }
 
 fn print_nodes(nodes: &[NodeRow]) {
-    println!("{:<6} {:<12} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
+    println!("{:<6} {:<16} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
     for n in nodes {
-        println!("{:<6} {:<12} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
+        println!("{:<6} {:<16} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
     }
 }
 
@@ -688,6 +691,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     print_plan(&r);
                 }
                 r = watch(&client, Duration::from_secs(a.max_wait), json).await?;
+                if !json {
+                    println!("balanced: every up node is within ±1 of the mean in replicas and leaders");
+                }
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
