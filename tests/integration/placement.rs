@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use ringkv_client::CallOptions;
 use ringkv_node::dev::wait_node_up;
-use ringkv_tests::{check_acked, eventually, placement_report, set_placement, wait_balanced, TestCluster, Writer};
+use ringkv_tests::{
+    check_acked, eventually, keys_for_every_shard, metric, placement_report, scrape, set_placement, wait_balanced, TestCluster, Writer,
+};
 use ringkv_wire::{ClientReply, ClientRequest, NodeState, RequestError};
 
 const BALANCE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -13,6 +16,17 @@ const BALANCE_TIMEOUT: Duration = Duration::from_secs(180);
 async fn a_fourth_and_fifth_node_join_under_load_and_the_cluster_balances() -> anyhow::Result<()> {
     let mut tc = TestCluster::start(3, 16).await?;
     let client = tc.client().await?;
+    // Enough entries per shard that the log is purged behind a snapshot (TEST_RAFT: snapshot
+    // every 100, keep 20; openraft purges 256 entries at a time): new replicas must be filled
+    // by snapshot transfers, not from the log.
+    let map = client.map();
+    for i in 0..320 {
+        let keys = keys_for_every_shard(&map, &format!("fill{i}"));
+        let pairs: Vec<(&[u8], &[u8])> = keys.iter().map(|(_, k)| (k.as_slice(), b"fill".as_slice())).collect();
+        for r in client.batch_put(&pairs, CallOptions::default()).await {
+            r?;
+        }
+    }
     let writer = Writer::start(tc.client().await?, "join", 20_000);
     for _ in 0..2 {
         let id = tc.cluster.add_node()?;
@@ -25,6 +39,11 @@ async fn a_fourth_and_fifth_node_join_under_load_and_the_cluster_balances() -> a
     assert!(load.get(&5).is_some_and(|(r, _)| *r >= 9), "the fifth node was filled: {load:?}");
     assert!(acked.len() > 50, "the writer made progress during the moves: {}", acked.len());
     check_acked(&client, &acked).await?;
+    for id in [4, 5] {
+        let text = scrape(&tc.cluster.entry(id)?.metrics_addr)?;
+        let installed = metric(&text, "ringkv_raft_snapshots_installed_total").unwrap_or(0.0);
+        assert!(installed >= 1.0, "node {id} was filled by snapshots: {installed} installed");
+    }
     tc.stop().await;
     Ok(())
 }

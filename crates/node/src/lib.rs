@@ -9,6 +9,7 @@ pub mod network;
 pub mod node;
 pub mod peer;
 pub mod service;
+pub mod snapshot;
 
 use std::sync::Arc;
 

@@ -20,8 +20,9 @@ use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, RaftRpc};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::peer::PeerPool;
+use crate::snapshot::{SnapshotThrottle, SNAPSHOT_CHUNK_BYTES};
 
-/// How long a snapshot transfer may take.
+/// How long a snapshot transfer may take beyond the time its bytes need at the throttled rate.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Log entries get openraft's deadline, at least `append_floor`, plus the time to move their
@@ -42,6 +43,7 @@ pub struct NetworkFactory {
     pub pool: Arc<PeerPool>,
     /// Least time an append carrying entries gets (the election timeout).
     pub append_floor: Duration,
+    pub throttle: Arc<SnapshotThrottle>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -55,6 +57,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.peer_addr.clone(),
             pool: self.pool.clone(),
             append_floor: self.append_floor,
+            throttle: self.throttle.clone(),
         }
     }
 }
@@ -66,6 +69,7 @@ pub struct GroupClient {
     addr: String,
     pool: Arc<PeerPool>,
     append_floor: Duration,
+    throttle: Arc<SnapshotThrottle>,
 }
 
 /// Why a peer call failed, before it is mapped to the error type openraft wants.
@@ -158,15 +162,50 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        // Borrows the shared snapshot buffer; `&[u8]` encodes as the `Vec<u8>` the peer decodes.
-        let data = snapshot.snapshot.into_inner();
-        let msg: (VoteOf<TypeConfig>, SnapshotMeta, &[u8]) = (vote, snapshot.meta, data.as_slice());
-        let bytes = data.len();
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            r = self.call(RaftRpc::Snapshot, &msg, |_| SNAPSHOT_TIMEOUT) => {
-                metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(bytes as u64);
-                flatten(r).map_err(StreamingError::from)
+            r = self.send_snapshot(vote, snapshot) => r,
+        }
+    }
+}
+
+impl GroupClient {
+    /// Sends a snapshot in chunks, within the node's transfer slots and byte rate.
+    async fn send_snapshot(
+        &self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let _slot = self.throttle.slot().await;
+        let started = std::time::Instant::now();
+        let data = snapshot.snapshot.into_inner();
+        let meta = snapshot.meta;
+        let id = format!("{:?}", meta.last_log_id);
+        let total = data.len();
+        let deadline = SNAPSHOT_TIMEOUT + self.throttle.time_for(total);
+        let mut offset = 0;
+        loop {
+            if started.elapsed() > deadline {
+                return Err(StreamingError::from(RPCError::Network(NetworkError::from_string(format!(
+                    "snapshot transfer not done within {deadline:?} ({offset} of {total} bytes sent)"
+                )))));
+            }
+            let end = (offset + SNAPSHOT_CHUNK_BYTES).min(total);
+            let chunk = data.get(offset..end).unwrap_or_default();
+            self.throttle.pace(chunk.len()).await;
+            // `&[u8]` encodes as the `Vec<u8>` the peer decodes.
+            let msg: (&VoteOf<TypeConfig>, &SnapshotMeta, &str, u64, u64, &[u8]) = (&vote, &meta, &id, offset as u64, total as u64, chunk);
+            let floor = self.append_floor;
+            let r = self.call(RaftRpc::SnapshotChunk, &msg, |bytes| append_timeout(floor, floor, bytes)).await;
+            metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(chunk.len() as u64);
+            match flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)? {
+                Some(resp) => return Ok(resp),
+                None if end < total => offset = end,
+                None => {
+                    return Err(StreamingError::from(RPCError::Network(NetworkError::from_string(
+                        "the receiver wants more of a snapshot that was sent whole".to_string(),
+                    ))))
+                }
             }
         }
     }

@@ -76,6 +76,10 @@ pub struct Node {
     create_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Sender<bool>,
     pub driver: crate::driver::Driver,
+    /// Limits on sending snapshots, from the placement settings.
+    pub snapshot_throttle: Arc<crate::snapshot::SnapshotThrottle>,
+    /// Snapshots being received in chunks.
+    pub reassembly: crate::snapshot::Reassembly,
 }
 
 impl Node {
@@ -124,6 +128,8 @@ impl Node {
             create_lock: tokio::sync::Mutex::new(()),
             shutdown,
             driver: Default::default(),
+            snapshot_throttle: Default::default(),
+            reassembly: Default::default(),
         }))
     }
 
@@ -148,7 +154,7 @@ impl Node {
         let log = LogStore::new(self.db.clone(), group);
         let sm = StateMachine::new(self.db.clone(), group, kind);
         let append_floor = Duration::from_millis(self.raft_config.election_timeout_min);
-        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone(), append_floor };
+        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone(), append_floor, throttle: self.snapshot_throttle.clone() };
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
@@ -207,6 +213,7 @@ impl Node {
         if !map.is_bootstrapped() {
             return Ok(());
         }
+        self.snapshot_throttle.set(&map.settings);
         let me = self.id();
         let nodes: Vec<(NodeId, String)> = map.nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
         for s in &map.shards {

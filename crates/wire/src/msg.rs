@@ -281,8 +281,12 @@ pub enum RaftRpc {
     Vote,
     PreVote,
     TransferLeader,
-    /// A whole snapshot: `{vote, meta, data}`.
+    /// A whole snapshot: `{vote, meta, data}` (kept so a node can still receive one from a
+    /// peer of the previous version).
     Snapshot,
+    /// One chunk of a snapshot: `{vote, meta, offset, total, bytes}`; the receiver installs the
+    /// snapshot once it holds all `total` bytes.
+    SnapshotChunk,
 }
 
 /// A request of the peer protocol.
