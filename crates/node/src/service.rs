@@ -57,8 +57,7 @@ impl PeerService {
                 type Chunk = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, u64, u64, Vec<u8>);
                 let (vote, meta, id, offset, total, bytes): Chunk = dec(&payload)?;
                 metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(bytes.len() as u64);
-                let max = crate::peer::PEER_FRAME_BYTES_MAX;
-                let got = self.node.reassembly.add(group, from, &id, offset as usize, total as usize, &bytes, max);
+                let got = self.node.reassembly.add(group, from, &id, offset as usize, total as usize, &bytes);
                 let reply: RaftReply<Option<_>> = match got {
                     Ok(crate::snapshot::Received::Partial) => Ok(None),
                     Ok(crate::snapshot::Received::Complete(data)) => {

@@ -97,9 +97,16 @@ struct Assembly {
 }
 
 /// The receiving side: chunks so far, per (group, sender).
-#[derive(Default)]
 pub struct Reassembly {
     parts: DashMap<(GroupId, NodeId), Assembly>,
+    /// Largest snapshot accepted.
+    max: usize,
+}
+
+impl Default for Reassembly {
+    fn default() -> Self {
+        Reassembly::with_limit(crate::peer::PEER_FRAME_BYTES_MAX)
+    }
 }
 
 /// What to do after a chunk.
@@ -111,20 +118,15 @@ pub enum Received {
 }
 
 impl Reassembly {
+    pub fn with_limit(max: usize) -> Self {
+        Reassembly { parts: DashMap::new(), max }
+    }
+
     /// Adds one chunk. A chunk at offset 0 starts over; any other chunk must continue exactly
     /// where the last one of the same snapshot ended.
-    pub fn add(
-        &self,
-        group: GroupId,
-        from: NodeId,
-        id: &str,
-        offset: usize,
-        total: usize,
-        bytes: &[u8],
-        max: usize,
-    ) -> Result<Received, String> {
-        if total > max {
-            return Err(format!("snapshot of {total} bytes exceeds the {max}-byte limit"));
+    pub fn add(&self, group: GroupId, from: NodeId, id: &str, offset: usize, total: usize, bytes: &[u8]) -> Result<Received, String> {
+        if total > self.max {
+            return Err(format!("snapshot of {total} bytes exceeds the {}-byte limit", self.max));
         }
         let key = (group, from);
         if offset == 0 {
@@ -152,19 +154,19 @@ mod tests {
 
     #[test]
     fn chunks_reassemble_in_order_and_a_gap_starts_over() {
-        let r = Reassembly::default();
+        let r = Reassembly::with_limit(100);
         let data: Vec<u8> = (0..10u8).collect();
-        assert!(matches!(r.add(1, 2, "s1", 0, 10, &data[..4], 100), Ok(Received::Partial)));
-        assert!(matches!(r.add(1, 2, "s1", 4, 10, &data[4..8], 100), Ok(Received::Partial)));
-        match r.add(1, 2, "s1", 8, 10, &data[8..], 100) {
+        assert!(matches!(r.add(1, 2, "s1", 0, 10, &data[..4]), Ok(Received::Partial)));
+        assert!(matches!(r.add(1, 2, "s1", 4, 10, &data[4..8]), Ok(Received::Partial)));
+        match r.add(1, 2, "s1", 8, 10, &data[8..]) {
             Ok(Received::Complete(all)) => assert_eq!(all, data),
             _ => panic!("not complete"),
         }
         // A chunk of another snapshot, or one that skips ahead, is refused and forgets the rest.
-        assert!(matches!(r.add(1, 2, "s2", 0, 10, &data[..4], 100), Ok(Received::Partial)));
-        assert!(r.add(1, 2, "s2", 6, 10, &data[6..], 100).is_err());
-        assert!(r.add(1, 2, "s2", 4, 10, &data[4..8], 100).is_err(), "after a gap the sender must start over");
-        assert!(r.add(1, 3, "s3", 0, 1000, &data, 100).is_err(), "over the size limit");
+        assert!(matches!(r.add(1, 2, "s2", 0, 10, &data[..4]), Ok(Received::Partial)));
+        assert!(r.add(1, 2, "s2", 6, 10, &data[6..]).is_err());
+        assert!(r.add(1, 2, "s2", 4, 10, &data[4..8]).is_err(), "after a gap the sender must start over");
+        assert!(r.add(1, 3, "s3", 0, 1000, &data).is_err(), "over the size limit");
     }
 
     /// The pacer never lets bytes out faster than the rate (a lower bound on time: a busy host
