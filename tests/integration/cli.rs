@@ -107,3 +107,55 @@ async fn ringctl_put_get_delete_cas_and_status() -> anyhow::Result<()> {
     tc.stop().await;
     Ok(())
 }
+
+/// The placement commands: confirmation, clear refusals, settings, `node add` of a node started
+/// without `--join`, and `rebalance --watch` until balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ringctl_placement_commands_confirm_refuse_clearly_and_add_a_node() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 8).await?;
+    let dir = tc.path();
+    let file = dir.join("cluster.json");
+    // A node started on its own (no --join), to be added by `ringctl node add`.
+    let entry = ringkv_node::dev::DevCluster::prepare_node(&mut tc.cluster.file, &dir)?;
+    let first = entry.data_dir.join("first-start.toml");
+    let cfg = std::fs::read_to_string(&first)?;
+    std::fs::write(&first, cfg.lines().filter(|l| !l.starts_with("join")).collect::<Vec<_>>().join("\n"))?;
+    tc.cluster.restart(entry.id)?;
+    let (f, d, addr) = (file.clone(), dir.clone(), entry.client_addr.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let text = |o: &Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let add = std::process::Command::new(ringkv_binary()).args(["dev", "add-node", "--data-dir"]).arg(&d).output()?;
+        assert!(!add.status.success() && text(&add).contains("not running"), "{}", text(&add));
+        let out = ringctl(&f, &["node", "remove", "3"], None)?;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out).contains("--yes"), "asks for confirmation: {}", text(&out));
+        let out = ringctl(&f, &["node", "decommission", "1", "--yes"], None)?;
+        assert!(!out.status.success() && text(&out).contains("placement group"), "{}", text(&out));
+        let out = ringctl(&f, &["settings", "set", "--down-after-ms", "5"], None)?;
+        assert!(!out.status.success() && text(&out).contains("below 1000"), "{}", text(&out));
+        let out = ringctl(&f, &["settings", "set", "--balance", "false", "--output", "json"], None)?;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["balance"], false);
+
+        let out = ringctl(&f, &["node", "add", &addr, "--output", "json"], None)?;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["node"], 4);
+        // Balancing is off: the new node gets nothing until `rebalance` turns it on.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let out = ringctl(&f, &["rebalance", "--dry-run", "--output", "json"], None)?;
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(plan["balanced"], false, "{plan}");
+        assert!(plan["plan"].as_array().is_some_and(|p| p.iter().any(|op| op["to"] == 4)), "{plan}");
+        let out = ringctl(&f, &["--timeout", "30", "rebalance", "--watch", "--max-wait", "150", "--output", "json"], None)?;
+        assert!(out.status.success(), "{}", text(&out));
+        let done: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(done["balanced"], true, "{done}");
+        assert_eq!(done["settings"]["balance"], true);
+        let node4 = done["nodes"].as_array().and_then(|n| n.iter().find(|n| n["id"] == 4).cloned()).expect("node 4 listed");
+        assert_eq!(node4["replicas"], 6, "24 replicas over 4 nodes: {node4}");
+        Ok(())
+    })
+    .await??;
+    tc.stop().await;
+    Ok(())
+}
