@@ -20,7 +20,7 @@ use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, RaftRpc};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::peer::PeerPool;
-use crate::snapshot::{SnapshotThrottle, SNAPSHOT_CHUNK_BYTES};
+use crate::snapshot::{Part, SnapshotThrottle, SNAPSHOT_CHUNK_BYTES};
 
 /// How long a snapshot transfer may take beyond the time its bytes need at the throttled rate.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -98,7 +98,7 @@ impl GroupClient {
         let payload = postcard::to_allocvec(req).map_err(|e| CallError::Network(e.to_string()))?;
         let timeout = timeout(payload.len());
         let req = PeerRequest::Raft { from: self.me, group: self.group, rpc, payload };
-        let bulk = rpc == RaftRpc::Snapshot;
+        let bulk = rpc == RaftRpc::SnapshotChunk;
         match self.pool.call(self.target, &self.addr, &req, timeout, bulk).await {
             Ok(Ok(PeerReply::Raft(bytes))) => postcard::from_bytes(&bytes).map_err(|e| CallError::Network(format!("bad reply: {e}"))),
             Ok(Ok(other)) => Err(CallError::Network(format!("unexpected reply {other:?}"))),
@@ -170,7 +170,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
 }
 
 impl GroupClient {
-    /// Sends a snapshot in chunks, within the node's transfer slots and byte rate.
+    /// Sends a snapshot: a header, every file in chunks, then the end; within the node's
+    /// transfer slots and byte rate. Only one chunk is in memory at a time.
     async fn send_snapshot(
         &self,
         vote: VoteOf<TypeConfig>,
@@ -178,36 +179,58 @@ impl GroupClient {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let _slot = self.throttle.slot().await;
         let started = std::time::Instant::now();
-        let data = snapshot.snapshot.into_inner();
         let meta = snapshot.meta;
-        let id = format!("{:?}", meta.last_log_id);
-        let total = data.len();
+        let data = snapshot.snapshot;
+        let id = format!("{:016x}", rand::random::<u64>());
+        let total = data.len() as usize;
         let deadline = SNAPSHOT_TIMEOUT + self.throttle.time_for(total);
-        let mut offset = 0;
-        loop {
-            if started.elapsed() > deadline {
-                return Err(StreamingError::from(RPCError::Network(NetworkError::from_string(format!(
-                    "snapshot transfer not done within {deadline:?} ({offset} of {total} bytes sent)"
-                )))));
+        let failed = |m: String| StreamingError::from(RPCError::<TypeConfig>::Network(NetworkError::from_string(m)));
+        let header: Part<&[u8]> = match &data {
+            SnapshotData::Memory(b) => Part::Header { memory: Some(b.as_slice()), sizes: vec![], sessions: vec![] },
+            SnapshotData::Files(f) => {
+                Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect(), sessions: f.sessions.clone() }
             }
-            let end = (offset + SNAPSHOT_CHUNK_BYTES).min(total);
-            let chunk = data.get(offset..end).unwrap_or_default();
-            self.throttle.pace(chunk.len()).await;
-            // `&[u8]` encodes as the `Vec<u8>` the peer decodes.
-            let msg: (&VoteOf<TypeConfig>, &SnapshotMeta, &str, u64, u64, &[u8]) = (&vote, &meta, &id, offset as u64, total as u64, chunk);
-            let floor = self.append_floor;
-            let r = self.call(RaftRpc::SnapshotChunk, &msg, |bytes| append_timeout(floor, floor, bytes)).await;
-            metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(chunk.len() as u64);
-            match flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)? {
-                Some(resp) => return Ok(resp),
-                None if end < total => offset = end,
-                None => {
-                    return Err(StreamingError::from(RPCError::Network(NetworkError::from_string(
-                        "the receiver wants more of a snapshot that was sent whole".to_string(),
-                    ))))
+        };
+        self.send_part(&vote, &meta, &id, &header).await?;
+        if let SnapshotData::Files(f) = &data {
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            for (i, (path, size)) in f.files.iter().enumerate() {
+                use std::io::Read;
+                let mut file = std::fs::File::open(path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+                let mut offset = 0u64;
+                while offset < *size {
+                    if started.elapsed() > deadline {
+                        return Err(failed(format!("snapshot transfer not done within {deadline:?}")));
+                    }
+                    let n = file.read(&mut buf).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+                    if n == 0 {
+                        return Err(failed(format!("{} ended at {offset} of {size} bytes", path.display())));
+                    }
+                    let chunk = buf.get(..n).unwrap_or_default();
+                    self.throttle.pace(n).await;
+                    self.send_part(&vote, &meta, &id, &Part::Bytes { file: i as u32, offset, data: chunk }).await?;
+                    metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(n as u64);
+                    offset += n as u64;
                 }
             }
         }
+        match self.send_part(&vote, &meta, &id, &Part::End).await? {
+            Some(resp) => Ok(resp),
+            None => Err(failed("the receiver did not install the snapshot".into())),
+        }
+    }
+
+    async fn send_part(
+        &self,
+        vote: &VoteOf<TypeConfig>,
+        meta: &SnapshotMeta,
+        id: &str,
+        part: &Part<&[u8]>,
+    ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
+        let msg = (vote, meta, id, part);
+        let floor = self.append_floor;
+        let r = self.call(RaftRpc::SnapshotChunk, &msg, |bytes| append_timeout(floor, floor, bytes)).await;
+        flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)
     }
 }
 

@@ -118,6 +118,7 @@ impl Node {
             None => ClusterMap::default(),
         };
         let (shutdown, _) = watch::channel(false);
+        let snapshots_in = db.snapshot_dir("in");
         Ok(Arc::new(Node {
             config,
             db,
@@ -129,7 +130,7 @@ impl Node {
             shutdown,
             driver: Default::default(),
             snapshot_throttle: Default::default(),
-            reassembly: Default::default(),
+            reassembly: crate::snapshot::Reassembly::new(snapshots_in),
         }))
     }
 

@@ -54,25 +54,20 @@ impl PeerService {
             RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::TransferLeader => enc::<RaftReply<_>>(&raft.handle_transfer_leader(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::SnapshotChunk => {
-                type Chunk = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, u64, u64, Vec<u8>);
-                let (vote, meta, id, offset, total, bytes): Chunk = dec(&payload)?;
-                metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(bytes.len() as u64);
-                let got = self.node.reassembly.add(group, from, &id, offset as usize, total as usize, &bytes);
-                let reply: RaftReply<Option<_>> = match got {
-                    Ok(crate::snapshot::Received::Partial) => Ok(None),
-                    Ok(crate::snapshot::Received::Complete(data)) => {
-                        let snap = openraft::Snapshot { meta, snapshot: std::io::Cursor::new(std::sync::Arc::new(data)) };
+                type Msg = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, crate::snapshot::Part<Vec<u8>>);
+                let (vote, meta, id, part): Msg = dec(&payload)?;
+                if let crate::snapshot::Part::Bytes { data, .. } = &part {
+                    metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
+                }
+                let reply: RaftReply<Option<_>> = match self.node.reassembly.add(group, from, &id, part) {
+                    Ok(None) => Ok(None),
+                    Ok(Some(data)) => {
+                        let snap = openraft::Snapshot { meta, snapshot: data };
                         raft.install_full_snapshot(vote, snap).await.map(Some).map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e),
                 };
                 enc(&reply)
-            }
-            RaftRpc::Snapshot => {
-                let (vote, meta, data): (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, Vec<u8>) = dec(&payload)?;
-                metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
-                let snap = openraft::Snapshot { meta, snapshot: std::io::Cursor::new(std::sync::Arc::new(data)) };
-                enc::<RaftReply<_>>(&raft.install_full_snapshot(vote, snap).await.map_err(|e| e.to_string()))
             }
         }
     }

@@ -1,16 +1,23 @@
-//! Snapshot transfer between nodes: chunks paced by a node-wide byte rate, a node-wide limit on
-//! concurrent transfers (both from the placement settings, so they change at run time), and
-//! the receiver's reassembly.
+//! Snapshot transfer between nodes, streamed: a shard snapshot is a set of SST files (each a
+//! contiguous key range of the shard) that the sender reads and the receiver writes in chunks,
+//! never whole in memory; the receiver then ingests them atomically. Sending is paced by a
+//! node-wide byte rate and a node-wide limit on concurrent transfers, both from the placement
+//! settings, so they change at run time.
 //!
-//! Snapshots are still built and installed whole in memory (bounded by the peer frame limit);
-//! only the transfer is streamed.
+//! On the wire a transfer is `Header` (file sizes and the shard's sessions, or the placement
+//! map inline), then `Bytes` chunks of each file in order, then `End`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use dashmap::DashMap;
+use ringkv_storage::raft_store::{SnapshotData, SnapshotFiles};
 use ringkv_wire::{GroupId, NodeId, PlacementSettings};
+use serde::{Deserialize, Serialize};
 
 /// Bytes per snapshot chunk: small enough that a chunk never holds a lane for long.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -88,63 +95,109 @@ impl SnapshotThrottle {
     }
 }
 
-/// A snapshot being received from `from` for `group`.
-struct Assembly {
-    /// The snapshot's id, so chunks of two snapshots never mix.
+/// One message of a snapshot transfer; `B` is `&[u8]` when sending and `Vec<u8>` when received
+/// (postcard encodes both alike).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Part<B> {
+    /// First: the placement map inline, or the sizes of the SST files to follow and the shard's
+    /// session rows.
+    Header { memory: Option<B>, sizes: Vec<u64>, sessions: Vec<(Vec<u8>, Vec<u8>)> },
+    /// `data` of file `file` at `offset`.
+    Bytes { file: u32, offset: u64, data: B },
+    /// Last: everything arrived; install.
+    End,
+}
+
+/// A snapshot being received from `from` for `group`; its directory goes away with it unless
+/// the snapshot completes.
+struct Incoming {
     id: String,
-    buf: Vec<u8>,
-    total: usize,
+    dir: PathBuf,
+    sizes: Vec<u64>,
+    written: Vec<u64>,
+    sessions: Vec<(Vec<u8>, Vec<u8>)>,
+    memory: Option<Vec<u8>>,
 }
 
-/// The receiving side: chunks so far, per (group, sender).
-pub struct Reassembly {
-    parts: DashMap<(GroupId, NodeId), Assembly>,
-    /// Largest snapshot accepted.
-    max: usize,
-}
-
-impl Default for Reassembly {
-    fn default() -> Self {
-        Reassembly::with_limit(crate::peer::PEER_FRAME_BYTES_MAX)
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
-/// What to do after a chunk.
-pub enum Received {
-    /// More chunks to come.
-    Partial,
-    /// The whole snapshot.
-    Complete(Vec<u8>),
+fn file_name(i: usize) -> String {
+    format!("{i:05}.sst")
+}
+
+/// The receiving side: transfers in progress, per (group, sender), written under `dir`.
+pub struct Reassembly {
+    dir: PathBuf,
+    parts: DashMap<(GroupId, NodeId), Incoming>,
+    seq: AtomicU64,
 }
 
 impl Reassembly {
-    pub fn with_limit(max: usize) -> Self {
-        Reassembly { parts: DashMap::new(), max }
+    pub fn new(dir: PathBuf) -> Self {
+        Reassembly { dir, parts: DashMap::new(), seq: AtomicU64::new(0) }
     }
 
-    /// Adds one chunk. A chunk at offset 0 starts over; any other chunk must continue exactly
-    /// where the last one of the same snapshot ended.
-    pub fn add(&self, group: GroupId, from: NodeId, id: &str, offset: usize, total: usize, bytes: &[u8]) -> Result<Received, String> {
-        if total > self.max {
-            return Err(format!("snapshot of {total} bytes exceeds the {}-byte limit", self.max));
-        }
+    /// Takes one part of transfer `id`. Returns the snapshot once `End` arrives with every byte.
+    /// A `Header` starts over; a part that does not continue the transfer in progress is
+    /// refused and forgets it (the sender starts again).
+    pub fn add(&self, group: GroupId, from: NodeId, id: &str, part: Part<Vec<u8>>) -> Result<Option<SnapshotData>, String> {
         let key = (group, from);
-        if offset == 0 {
-            self.parts.insert(key, Assembly { id: id.to_string(), buf: Vec::with_capacity(total), total });
+        let io = |e: std::io::Error| format!("snapshot of group {group} from node {from}: {e}");
+        if let Part::Header { memory, sizes, sessions } = part {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let dir = self.dir.join(format!("g{group}-n{from}-{seq}"));
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            let written = vec![0; sizes.len()];
+            self.parts.insert(key, Incoming { id: id.to_string(), dir, sizes, written, sessions, memory });
+            return Ok(None);
         }
-        let mut a = self.parts.get_mut(&key).ok_or_else(|| format!("chunk at {offset} of a snapshot whose start never arrived"))?;
-        if a.id != id || a.total != total || a.buf.len() != offset || offset + bytes.len() > total {
-            let have = a.buf.len();
-            drop(a);
+        let mut inc = self.parts.get_mut(&key).ok_or_else(|| format!("a snapshot part of group {group} whose header never arrived"))?;
+        if inc.id != id {
+            drop(inc);
             self.parts.remove(&key);
-            return Err(format!("snapshot chunk {offset}+{} does not continue snapshot {id} at {have}; start over", bytes.len()));
+            return Err(format!("snapshot part of transfer {id} while another was in progress; start over"));
         }
-        a.buf.extend_from_slice(bytes);
-        if a.buf.len() < a.total {
-            return Ok(Received::Partial);
+        match part {
+            Part::Header { .. } => Ok(None),
+            Part::Bytes { file, offset, data } => {
+                let i = file as usize;
+                let ok = i < inc.sizes.len() && inc.written[i] == offset && offset + data.len() as u64 <= inc.sizes[i];
+                if !ok {
+                    drop(inc);
+                    self.parts.remove(&key);
+                    return Err(format!("snapshot chunk {file}@{offset} does not continue transfer {id}; start over"));
+                }
+                use std::io::Write;
+                let path = inc.dir.join(file_name(i));
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+                f.write_all(&data).map_err(io)?;
+                inc.written[i] += data.len() as u64;
+                Ok(None)
+            }
+            Part::End => {
+                drop(inc);
+                let Some((_, mut inc)) = self.parts.remove(&key) else { return Ok(None) };
+                if inc.written != inc.sizes {
+                    return Err(format!("snapshot transfer {id} ended with {:?} of {:?} bytes", inc.written, inc.sizes));
+                }
+                if let Some(m) = inc.memory.take() {
+                    return Ok(Some(SnapshotData::Memory(Arc::new(m))));
+                }
+                // Durable before the install records them as the files to ingest.
+                for i in 0..inc.sizes.len() {
+                    std::fs::File::open(inc.dir.join(file_name(i))).and_then(|f| f.sync_all()).map_err(io)?;
+                }
+                let files = inc.sizes.iter().enumerate().map(|(i, n)| (inc.dir.join(file_name(i)), *n)).collect();
+                let dir = std::mem::take(&mut inc.dir);
+                Ok(Some(SnapshotData::Files(Arc::new(SnapshotFiles { dir, files, sessions: std::mem::take(&mut inc.sessions) }))))
+            }
         }
-        drop(a);
-        Ok(self.parts.remove(&key).map(|(_, a)| Received::Complete(a.buf)).unwrap_or(Received::Partial))
     }
 }
 
@@ -152,21 +205,39 @@ impl Reassembly {
 mod tests {
     use super::*;
 
+    fn bytes(file: u32, offset: u64, data: &[u8]) -> Part<Vec<u8>> {
+        Part::Bytes { file, offset, data: data.to_vec() }
+    }
+
     #[test]
-    fn chunks_reassemble_in_order_and_a_gap_starts_over() {
-        let r = Reassembly::with_limit(100);
-        let data: Vec<u8> = (0..10u8).collect();
-        assert!(matches!(r.add(1, 2, "s1", 0, 10, &data[..4]), Ok(Received::Partial)));
-        assert!(matches!(r.add(1, 2, "s1", 4, 10, &data[4..8]), Ok(Received::Partial)));
-        match r.add(1, 2, "s1", 8, 10, &data[8..]) {
-            Ok(Received::Complete(all)) => assert_eq!(all, data),
-            _ => panic!("not complete"),
-        }
-        // A chunk of another snapshot, or one that skips ahead, is refused and forgets the rest.
-        assert!(matches!(r.add(1, 2, "s2", 0, 10, &data[..4]), Ok(Received::Partial)));
-        assert!(r.add(1, 2, "s2", 6, 10, &data[6..]).is_err());
-        assert!(r.add(1, 2, "s2", 4, 10, &data[4..8]).is_err(), "after a gap the sender must start over");
-        assert!(r.add(1, 3, "s3", 0, 1000, &data).is_err(), "over the size limit");
+    fn parts_land_in_files_in_order_and_a_gap_starts_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Reassembly::new(dir.path().to_path_buf());
+        let header = || Part::Header { memory: None, sizes: vec![6, 3], sessions: vec![(b"s".to_vec(), b"v".to_vec())] };
+        assert!(matches!(r.add(1, 2, "t1", header()), Ok(None)));
+        assert!(matches!(r.add(1, 2, "t1", bytes(0, 0, b"abc")), Ok(None)));
+        assert!(matches!(r.add(1, 2, "t1", bytes(0, 3, b"def")), Ok(None)));
+        assert!(matches!(r.add(1, 2, "t1", bytes(1, 0, b"xyz")), Ok(None)));
+        let Ok(Some(SnapshotData::Files(f))) = r.add(1, 2, "t1", Part::End) else { panic!("not complete") };
+        assert_eq!(f.files.len(), 2);
+        assert_eq!(std::fs::read(&f.files[0].0).expect("file 0"), b"abcdef");
+        assert_eq!(std::fs::read(&f.files[1].0).expect("file 1"), b"xyz");
+        assert_eq!(f.sessions, vec![(b"s".to_vec(), b"v".to_vec())]);
+        let kept = f.dir.clone();
+        drop(f);
+        assert!(!kept.exists(), "the files go away with the snapshot");
+
+        // A gap, another transfer's part, or an early end: refused, and the partial files go.
+        assert!(matches!(r.add(1, 2, "t2", header()), Ok(None)));
+        assert!(r.add(1, 2, "t2", bytes(0, 3, b"def")).is_err());
+        assert!(r.add(1, 2, "t2", bytes(0, 0, b"abc")).is_err(), "after a gap the sender must start over");
+        assert!(matches!(r.add(1, 2, "t3", header()), Ok(None)));
+        assert!(r.add(1, 2, "t4", bytes(0, 0, b"abc")).is_err());
+        assert!(matches!(r.add(1, 2, "t5", header()), Ok(None)));
+        assert!(r.add(1, 2, "t5", bytes(0, 0, b"abcdefg")).is_err(), "more than the file's size");
+        assert!(matches!(r.add(1, 2, "t6", header()), Ok(None)));
+        assert!(r.add(1, 2, "t6", Part::End).is_err(), "ended before every byte arrived");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "nothing left behind");
     }
 
     /// The pacer never lets bytes out faster than the rate (a lower bound on time: a busy host

@@ -29,7 +29,12 @@ pub struct Db {
     /// failure may lose acknowledged writes; for benchmarks and tests).
     fsync: bool,
     committer: std::sync::Mutex<Option<std_mpsc::Sender<SyncRequest>>>,
+    /// Snapshot files: `out/` built here, `in/` received from peers.
+    snapshots: std::path::PathBuf,
 }
+
+/// The directory (inside the database directory) that holds snapshot files.
+pub const SNAPSHOT_DIR: &str = "ringkv-snapshots";
 
 pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -53,7 +58,9 @@ impl Db {
         opts.set_paranoid_checks(true);
         let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
-        let db = Arc::new(Db { db, group_syncs: Default::default(), fsync, committer: std::sync::Mutex::new(None) });
+        let snapshots = path.join(SNAPSHOT_DIR);
+        let db = Arc::new(Db { db, group_syncs: Default::default(), fsync, committer: std::sync::Mutex::new(None), snapshots });
+        db.clean_snapshot_dirs().map_err(|e| StorageError::Open(path.to_path_buf(), format!("snapshot files: {e}")))?;
         let (tx, rx) = std_mpsc::channel::<SyncRequest>();
         let weak = Arc::downgrade(&db);
         std::thread::Builder::new()
@@ -64,6 +71,34 @@ impl Db {
             *c = Some(tx);
         }
         Ok(db)
+    }
+
+    /// Where snapshot files live: `out` for snapshots built here, `in` for received ones.
+    pub fn snapshot_dir(&self, sub: &str) -> std::path::PathBuf {
+        self.snapshots.join(sub)
+    }
+
+    /// Removes snapshot files left by an earlier run, except those an unfinished install
+    /// still needs.
+    fn clean_snapshot_dirs(&self) -> Result<(), std::io::Error> {
+        let _ = std::fs::remove_dir_all(self.snapshot_dir("out"));
+        let mut keep = std::collections::HashSet::new();
+        for kv in self.db.iterator_cf(self.cf(crate::keys::CF_APPLY_STATE), rocksdb::IteratorMode::Start) {
+            let (k, v) = kv.map_err(io_err)?;
+            if k.len() == 9 && k[8] == crate::keys::TAG_INSTALLING {
+                let marker: crate::raft_store::InstallMarker =
+                    postcard::from_bytes(&v).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+                keep.extend(marker.files.iter().filter_map(|f| f.parent().map(|p| p.to_path_buf())));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.snapshot_dir("in")) {
+            for e in entries.flatten() {
+                if !keep.contains(&e.path()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn raw(&self) -> &DB {

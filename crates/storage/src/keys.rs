@@ -67,6 +67,10 @@ pub const TAG_SNAPSHOT_META: u8 = 4;
 /// by a range deletion: range tombstones in the memtable make every later read of the column
 /// family re-sort them all (that cost 9x in write throughput once).
 pub const TAG_SESSION: u8 = 5;
+/// A snapshot install in progress: the SST files to ingest and the snapshot's meta. Present
+/// only between clearing a shard's old state and recording the new applied index, so a crash
+/// in between finishes the install on restart.
+pub const TAG_INSTALLING: u8 = 6;
 
 pub fn session_key(group: GroupId, client: u64) -> [u8; 17] {
     let mut k = [0u8; 17];

@@ -1,8 +1,9 @@
 //! openraft's log storage and state machine for one group, on the node's shared RocksDB.
 
 use std::fmt::Debug;
-use std::io::{self, Cursor};
+use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
@@ -162,6 +163,57 @@ pub enum ReplicaKind {
     Shard { start: u64, end: u64 },
 }
 
+/// Writes a shard's rows `[start, end)` as read in `snap` to SST files in `dir`, starting a new
+/// file (the next key range) whenever one reaches `file_bytes`. Returns the files and sizes.
+fn write_sst_files(
+    db: &Db,
+    snap: &rocksdb::Snapshot<'_>,
+    dir: &std::path::Path,
+    start: u64,
+    end: u64,
+    file_bytes: u64,
+) -> Result<Vec<(PathBuf, u64)>, io::Error> {
+    std::fs::create_dir_all(dir)?;
+    let (lower, upper) = data_range(start, end);
+    let mut ro = ReadOptions::default();
+    if let Some(u) = upper {
+        ro.set_iterate_upper_bound(u);
+    }
+    ro.set_snapshot(snap);
+    let opts = rocksdb::Options::default();
+    let mut files = Vec::new();
+    let mut open: Option<(rocksdb::SstFileWriter<'_>, PathBuf)> = None;
+    let mut in_file = 0u64;
+    for kv in db.raw().iterator_cf_opt(db.cf(CF_DATA), ro, IteratorMode::From(&lower, Direction::Forward)) {
+        let (k, v) = kv.map_err(io_err)?;
+        if open.is_none() {
+            let path = dir.join(format!("{:05}.sst", files.len()));
+            let w = rocksdb::SstFileWriter::create(&opts);
+            w.open(&path).map_err(io_err)?;
+            open = Some((w, path));
+            in_file = 0;
+        }
+        if let Some((w, _)) = open.as_mut() {
+            w.put(&k, &v).map_err(io_err)?;
+            // Counted here: the writer's own size lags behind what it buffers.
+            in_file += (k.len() + v.len()) as u64;
+            if in_file >= file_bytes {
+                if let Some((mut w, path)) = open.take() {
+                    w.finish().map_err(io_err)?;
+                    let len = std::fs::metadata(&path)?.len();
+                    files.push((path, len));
+                }
+            }
+        }
+    }
+    if let Some((mut w, path)) = open.take() {
+        w.finish().map_err(io_err)?;
+        let len = std::fs::metadata(&path)?.len();
+        files.push((path, len));
+    }
+    Ok(files)
+}
+
 /// Adds to `b` the deletion of every user row with a hash in `[start, end)`.
 pub fn delete_data_range(db: &Db, b: &mut WriteBatch, start: u64, end: u64) -> Result<(), io::Error> {
     let data_cf = db.cf(CF_DATA);
@@ -191,23 +243,66 @@ impl ReplicaKind {
     }
 }
 
-/// A snapshot's bytes: the whole state of the group at `meta.last_log_id`.
+/// The placement group's snapshot: the whole map (small).
 #[derive(Serialize, Deserialize)]
 enum SnapshotPayload {
     Placement(Option<ClusterMap>),
-    /// User rows `(key, value)` and session answers `(client, [(seq, answer)])`.
-    Shard {
-        rows: Vec<(Vec<u8>, Vec<u8>)>,
-        sessions: Vec<(Vec<u8>, Vec<u8>)>,
-    },
 }
 
-/// A snapshot's bytes, shared: the stored copy and every send use one buffer.
-pub type SnapshotData = Cursor<Arc<Vec<u8>>>;
+/// A group's state at `meta.last_log_id`, as openraft moves it around.
+#[derive(Clone, Debug)]
+pub enum SnapshotData {
+    /// The placement group: its payload in memory.
+    Memory(Arc<Vec<u8>>),
+    /// A shard: its rows as SST files on disk, each a contiguous key range, plus its sessions.
+    Files(Arc<SnapshotFiles>),
+}
+
+/// A shard snapshot on disk. Its directory is deleted when the last holder lets go.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    pub dir: PathBuf,
+    /// SST files in key order with their sizes.
+    pub files: Vec<(PathBuf, u64)>,
+    /// Session rows and answers `(key after the group tag, value)`.
+    pub sessions: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Drop for SnapshotFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl SnapshotData {
+    /// Bytes on the wire: the payload or every file.
+    pub fn len(&self) -> u64 {
+        match self {
+            SnapshotData::Memory(b) => b.len() as u64,
+            SnapshotData::Files(f) => f.files.iter().map(|(_, n)| n).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a shard install still has to do, recorded before its old state is cleared.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InstallMarker {
+    pub files: Vec<PathBuf>,
+    pub meta: SnapshotMeta,
+}
+
+/// Largest SST file of a shard snapshot: one key range of it.
+pub const SNAPSHOT_FILE_BYTES: u64 = 8 << 20;
+
+static SNAPSHOT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct StoredSnapshot {
     meta: SnapshotMeta,
-    data: Arc<Vec<u8>>,
+    data: SnapshotData,
 }
 
 /// The applied state of one group.
@@ -217,11 +312,13 @@ pub struct StateMachine {
     group: GroupId,
     kind: ReplicaKind,
     current: Arc<Mutex<Option<Arc<StoredSnapshot>>>>,
+    /// Size at which a snapshot's SST file is closed and the next key range starts.
+    pub file_bytes: u64,
 }
 
 impl StateMachine {
     pub fn new(db: Arc<Db>, group: GroupId, kind: ReplicaKind) -> Self {
-        StateMachine { db, group, kind, current: Arc::new(Mutex::new(None)) }
+        StateMachine { db, group, kind, current: Arc::new(Mutex::new(None)), file_bytes: SNAPSHOT_FILE_BYTES }
     }
 
     pub fn kind(&self) -> ReplicaKind {
@@ -259,20 +356,12 @@ impl StateMachine {
         };
         let last_log_id: Option<LogId> = read(TAG_APPLIED)?.map(|b| dec(&b)).transpose()?.flatten();
         let last_membership: StoredMembership = read(TAG_MEMBERSHIP)?.map(|b| dec(&b)).transpose()?.unwrap_or_default();
-        let payload = match self.kind {
-            ReplicaKind::Placement => SnapshotPayload::Placement(read(TAG_PLACEMENT_MAP)?.map(|b| dec(&b)).transpose()?),
+        let data = match self.kind {
+            ReplicaKind::Placement => {
+                let map = read(TAG_PLACEMENT_MAP)?.map(|b| dec(&b)).transpose()?;
+                SnapshotData::Memory(Arc::new(enc(&SnapshotPayload::Placement(map))?))
+            }
             ReplicaKind::Shard { start, end } => {
-                let (lower, upper) = data_range(start, end);
-                let mut ro = ReadOptions::default();
-                if let Some(u) = upper {
-                    ro.set_iterate_upper_bound(u);
-                }
-                ro.set_snapshot(&snap);
-                let mut rows = Vec::new();
-                for kv in db.iterator_cf_opt(self.db.cf(CF_DATA), ro, IteratorMode::From(&lower, Direction::Forward)) {
-                    let (k, v) = kv.map_err(io_err)?;
-                    rows.push((k.get(8..).unwrap_or_default().to_vec(), v.to_vec()));
-                }
                 let mut sessions = Vec::new();
                 let mut ro = ReadOptions::default();
                 ro.set_iterate_upper_bound(group_tag_key(self.group, TAG_SESSION + 1).to_vec());
@@ -282,11 +371,31 @@ impl StateMachine {
                     let (k, v) = kv.map_err(io_err)?;
                     sessions.push((k.get(9..).unwrap_or_default().to_vec(), v.to_vec()));
                 }
-                SnapshotPayload::Shard { rows, sessions }
+                let seq = SNAPSHOT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let dir = self.db.snapshot_dir("out").join(format!("g{}-{}", self.group, seq));
+                let files = write_sst_files(&self.db, &snap, &dir, start, end, self.file_bytes)?;
+                SnapshotData::Files(Arc::new(SnapshotFiles { dir, files, sessions }))
             }
         };
         metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
-        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership }, data: Arc::new(enc(&payload)?) })
+        Ok(StoredSnapshot { meta: SnapshotMeta { last_log_id, last_membership }, data })
+    }
+
+    /// Finishes a shard install whose old state is already replaced by the marker's batch:
+    /// ingests the files (atomically; again after a crash, which is harmless since nothing was
+    /// applied since) and records the new applied state.
+    fn finish_install(&self, marker: &InstallMarker) -> Result<(), io::Error> {
+        if !marker.files.is_empty() {
+            let mut opts = rocksdb::IngestExternalFileOptions::default();
+            opts.set_move_files(false);
+            self.db.raw().ingest_external_file_cf_opts(self.db.cf(CF_DATA), &opts, marker.files.clone()).map_err(io_err)?;
+        }
+        let apply_cf = self.db.cf(CF_APPLY_STATE);
+        let mut b = WriteBatch::default();
+        b.put_cf(apply_cf, self.apply_key(TAG_APPLIED), enc(&marker.meta.last_log_id)?);
+        b.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&marker.meta.last_membership)?);
+        b.delete_cf(apply_cf, self.apply_key(TAG_INSTALLING));
+        self.db.write_sync(b)
     }
 
     fn set_current(&self, s: Arc<StoredSnapshot>) {
@@ -302,7 +411,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
         let s = Arc::new(self.build()?);
         self.set_current(s.clone());
-        Ok(openraft::Snapshot { meta: s.meta.clone(), snapshot: Cursor::new(s.data.clone()) })
+        Ok(openraft::Snapshot { meta: s.meta.clone(), snapshot: s.data.clone() })
     }
 }
 
@@ -438,6 +547,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        // A crash in the middle of installing a snapshot: finish it first.
+        if let Some(b) = self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_INSTALLING))? {
+            let marker: InstallMarker = dec(&b)?;
+            if let Some(missing) = marker.files.iter().find(|f| !f.exists()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("group {}: an interrupted snapshot install needs {}, which is gone", self.group, missing.display()),
+                ));
+            }
+            tracing::warn!(group = self.group, "finishing a snapshot install interrupted by a crash");
+            self.finish_install(&marker)?;
+        }
         let applied: Option<LogId> = self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_APPLIED))?.map(|b| dec(&b)).transpose()?.flatten();
         let membership: StoredMembership =
             self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_MEMBERSHIP))?.map(|b| dec(&b)).transpose()?.unwrap_or_default();
@@ -492,41 +613,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
-        let data = snapshot.into_inner();
-        let payload: SnapshotPayload = dec(&data)?;
-        let mut b = WriteBatch::default();
         let apply_cf = self.db.cf(CF_APPLY_STATE);
-        match (payload, self.kind) {
-            (SnapshotPayload::Placement(map), ReplicaKind::Placement) => match map {
-                Some(m) => b.put_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP), enc(&m)?),
-                None => b.delete_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP)),
-            },
-            (SnapshotPayload::Shard { rows, sessions }, ReplicaKind::Shard { start, end }) => {
+        match (&snapshot, self.kind) {
+            (SnapshotData::Memory(data), ReplicaKind::Placement) => {
+                let SnapshotPayload::Placement(map) = dec(data)?;
+                let mut b = WriteBatch::default();
+                match map {
+                    Some(m) => b.put_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP), enc(&m)?),
+                    None => b.delete_cf(apply_cf, self.apply_key(TAG_PLACEMENT_MAP)),
+                }
+                b.put_cf(apply_cf, self.apply_key(TAG_APPLIED), enc(&meta.last_log_id)?);
+                b.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&meta.last_membership)?);
+                self.db.write_sync(b)?;
+            }
+            (SnapshotData::Files(f), ReplicaKind::Shard { start, end }) => {
+                // One synced batch replaces the old rows and sessions and records what is left
+                // to do; the files are then ingested in one atomic step.
+                let marker = InstallMarker { files: f.files.iter().map(|(p, _)| p.clone()).collect(), meta: meta.clone() };
+                let mut b = WriteBatch::default();
+                b.put_cf(apply_cf, self.apply_key(TAG_INSTALLING), enc(&marker)?);
                 b.delete_range_cf(apply_cf, group_tag_key(self.group, TAG_SESSION), group_tag_key(self.group, TAG_SESSION + 1));
-                for (k, v) in sessions {
+                for (k, v) in &f.sessions {
                     let mut key = group_tag_key(self.group, TAG_SESSION).to_vec();
-                    key.extend_from_slice(&k);
+                    key.extend_from_slice(k);
                     b.put_cf(apply_cf, key, v);
                 }
-                let data_cf = self.db.cf(CF_DATA);
                 delete_data_range(&self.db, &mut b, start, end)?;
-                for (k, v) in rows {
-                    b.put_cf(data_cf, data_key(&k), v);
-                }
+                self.db.write_sync(b)?;
+                self.finish_install(&marker)?;
             }
             _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot is for another kind of group")),
         }
-        b.put_cf(apply_cf, self.apply_key(TAG_APPLIED), enc(&meta.last_log_id)?);
-        b.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&meta.last_membership)?);
-        self.db.write_sync(b)?;
-        self.set_current(Arc::new(StoredSnapshot { meta: meta.clone(), data }));
+        self.set_current(Arc::new(StoredSnapshot { meta: meta.clone(), data: snapshot }));
         metrics::counter!("ringkv_raft_snapshots_installed_total").increment(1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
         let cur = self.current.lock().ok().and_then(|c| c.clone());
-        Ok(cur.map(|s| openraft::Snapshot { meta: s.meta.clone(), snapshot: Cursor::new(s.data.clone()) }))
+        Ok(cur.map(|s| openraft::Snapshot { meta: s.meta.clone(), snapshot: s.data.clone() }))
     }
 }
 
@@ -593,6 +718,51 @@ mod tests {
         // Once the client acknowledges everything below 3, older answers are dropped.
         apply(&mut sm2, vec![entry(8, cas(3, 3, b"2", b"3"))]).await;
         assert_eq!(seqs(&db2, 9), vec![3]);
+    }
+
+    /// A shard snapshot is SST files, one per key range, built without holding the shard in
+    /// memory; installing replaces the old rows atomically, and an install interrupted after the
+    /// old state was cleared finishes when the replica starts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shard_snapshots_are_sst_files_by_key_range_and_an_interrupted_install_finishes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kind = ReplicaKind::Shard { start: 0, end: u64::MAX };
+        let db = Db::open(&dir.path().join("a")).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, kind);
+        sm.file_bytes = 4096;
+        let puts = (1..=200u64).map(|i| entry(i, Command::Put { key: format!("k{i}").into_bytes(), value: vec![b'v'; 100] })).collect();
+        apply(&mut sm, puts).await;
+        let snap = sm.build_snapshot().await.expect("snapshot");
+        let SnapshotData::Files(files) = &snap.snapshot else { panic!("a shard snapshot is files") };
+        assert!(files.files.len() >= 4, "about 4 KiB per key range: {} files", files.files.len());
+        assert_eq!(snap.snapshot.len(), files.files.iter().map(|(p, _)| std::fs::metadata(p).expect("file").len()).sum::<u64>());
+
+        let db2 = Db::open(&dir.path().join("b")).expect("db");
+        let mut sm2 = StateMachine::new(db2.clone(), 1, kind);
+        apply(&mut sm2, vec![entry(1, Command::Put { key: b"stale".to_vec(), value: b"x".to_vec() })]).await;
+        // The first half of an install, then a crash: the marker is written and the old rows
+        // are gone, but nothing is ingested and the applied index is the old one.
+        let marker = InstallMarker { files: files.files.iter().map(|(p, _)| p.clone()).collect(), meta: snap.meta.clone() };
+        let mut b = WriteBatch::default();
+        b.put_cf(db2.cf(CF_APPLY_STATE), group_tag_key(1, TAG_INSTALLING), enc(&marker).expect("enc"));
+        delete_data_range(&db2, &mut b, 0, u64::MAX).expect("range");
+        db2.write_sync(b).expect("write");
+        let mut restarted = StateMachine::new(db2.clone(), 1, kind);
+        let (applied, _) = restarted.applied_state().await.expect("recovers");
+        assert_eq!(applied, snap.meta.last_log_id);
+        assert_eq!(restarted.get(b"stale").expect("get"), None);
+        for i in [1u64, 100, 200] {
+            assert_eq!(restarted.get(format!("k{i}").as_bytes()).expect("get"), Some(vec![b'v'; 100]));
+        }
+        assert!(db2.get_cf(CF_APPLY_STATE, &group_tag_key(1, TAG_INSTALLING)).expect("get").is_none(), "marker cleared");
+
+        // A normal install over existing rows leaves exactly the snapshot's rows.
+        let db3 = Db::open(&dir.path().join("c")).expect("db");
+        let mut sm3 = StateMachine::new(db3.clone(), 1, kind);
+        apply(&mut sm3, vec![entry(1, Command::Put { key: b"stale".to_vec(), value: b"x".to_vec() })]).await;
+        sm3.install_snapshot(&snap.meta, snap.snapshot.clone()).await.expect("install");
+        assert_eq!(sm3.get(b"stale").expect("get"), None);
+        assert_eq!(sm3.get(b"k7").expect("get"), Some(vec![b'v'; 100]));
     }
 
     fn answer(db: &Db, client: u64, seq: u64) -> Option<CommandResult> {

@@ -281,11 +281,8 @@ pub enum RaftRpc {
     Vote,
     PreVote,
     TransferLeader,
-    /// A whole snapshot: `{vote, meta, data}` (kept so a node can still receive one from a
-    /// peer of the previous version).
-    Snapshot,
-    /// One chunk of a snapshot: `{vote, meta, offset, total, bytes}`; the receiver installs the
-    /// snapshot once it holds all `total` bytes.
+    /// One part of a streamed snapshot: `{vote, meta, transfer id, part}` (header, file bytes,
+    /// end); the receiver installs the snapshot at the end.
     SnapshotChunk,
 }
 
