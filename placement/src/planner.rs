@@ -265,6 +265,9 @@ pub fn plan(map: &ClusterMap, obs: &Observed, in_flight: &[InFlight], cfg: &Plan
         // from a leader to a voter of the same shard); the chain leaves the middle unchanged.
         // A shard changes leader at most once per round: the executor runs transfers in any order.
         let Some(chain) = leader_chain(&leaders, &st.replicas, &transferred, from, hi) else { break };
+        if transfers + chain.len() > cfg.max_leader_transfers {
+            break;
+        }
         for (shard, a, b) in chain {
             transferred.insert(shard);
             if let Some(set) = leaders.get_mut(&a) {
@@ -421,6 +424,10 @@ mod tests {
         if let Some((n, c)) = per_node.iter().find(|(_, c)| **c > cfg.max_moves_per_node) {
             return Err(format!("{c} moves touch node {n} at once (max {})", cfg.max_moves_per_node));
         }
+        let transfers = ops.iter().filter(|o| matches!(o, Operator::TransferLeader { .. })).count();
+        if transfers > cfg.max_leader_transfers {
+            return Err(format!("{transfers} leader transfers in one round (max {})", cfg.max_leader_transfers));
+        }
         Ok(())
     }
 
@@ -485,9 +492,10 @@ mod tests {
             lost in 0u64..3,
             drained in 0u64..2,
             max_moves in 1usize..5,
+            max_transfers in 2usize..8,
         ) {
             let now = 1_000_000;
-            let cfg = PlannerConfig { max_moves_per_node: max_moves, ..PlannerConfig::default() };
+            let cfg = PlannerConfig { max_moves_per_node: max_moves, max_leader_transfers: max_transfers, ..PlannerConfig::default() };
             let mut rng = StdRng::seed_from_u64(seed);
             let (mut map, mut obs) = random_cluster(&mut rng, nodes, shards, now);
             for id in nodes + 1..=nodes + joined {
