@@ -119,7 +119,6 @@ fn set_node_state(map: &mut ClusterMap, id: NodeId, state: NodeState, force: boo
                     "node {id} still holds {held} replicas ({moving} moving); decommission it and wait until it is empty, or use --force (its replicas are then rebuilt from the others)"
                 ));
             }
-            map.moves.retain(|m| m.to != id);
         }
         (from, to) => return refuse(format!("node {id} cannot go from {} to {}", from.as_str(), to.as_str())),
     }
@@ -410,6 +409,10 @@ mod tests {
         apply(&mut map, &begin(s.epoch)).expect("begin");
         assert!(apply(&mut map, &begin(s.epoch)).is_err(), "one move per shard");
         assert!(apply(&mut map, &PlacementCommand::SetNodeState { node: 4, state: NodeState::Removed, force: false }).is_err());
+        // Forcing it keeps the move: the executor finishes or cancels it from what Raft says.
+        let mut forced = map.clone();
+        apply(&mut forced, &PlacementCommand::SetNodeState { node: 4, state: NodeState::Removed, force: true }).expect("forced");
+        assert_eq!(forced.moves.len(), 1, "the move survives a forced removal");
         apply(&mut map, &PlacementCommand::FinishMove { shard: s.id, from, to: 4 }).expect("finish");
         let after = map.shard(s.id).expect("shard");
         assert!(after.replicas.contains(&4) && !after.replicas.contains(&from));

@@ -60,7 +60,12 @@ struct LeaderState {
     heartbeats: BTreeMap<NodeId, (Instant, NodeHeartbeat)>,
     progress: BTreeMap<GroupId, Progress>,
     last_transfers: Option<Instant>,
+    /// Shards whose Raft voters disagreed with the map, and when: no new move for a while.
+    conflicts: BTreeMap<GroupId, Instant>,
 }
+
+/// How long no new move is planned for a shard whose voters disagreed with the map.
+pub const CONFLICT_BACKOFF: Duration = Duration::from_secs(60);
 
 pub struct Driver {
     base: Instant,
@@ -222,6 +227,14 @@ impl Node {
                 leader_addr: m.current_leader.and_then(|l| self.client_addr_of(l)),
             });
         }
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        // Decide only on a committed membership: an appended but uncommitted change may still
+        // be lost with this leader, and a move recorded as finished on it could leave the shard
+        // below quorum. Until it commits there is nothing to do but wait.
+        if m.membership_config.log_id() != m.committed_membership_config.log_id() {
+            return Ok(MoveStage::Learner { matched, last });
+        }
         let membership = m.membership_config.membership().clone();
         let configs = membership.get_joint_config().clone();
         let old: BTreeSet<NodeId> = configs.first().cloned().unwrap_or_default();
@@ -259,7 +272,6 @@ impl Node {
             }
             return Ok(MoveStage::Cancelled);
         }
-        let last = m.last_log_index.unwrap_or(0);
         if !is_learner {
             tokio::time::timeout(STEP_TIMEOUT, r.raft.add_learner(to, PeerNode { peer_addr: to_addr }, false))
                 .await
@@ -267,14 +279,15 @@ impl Node {
                 .map_err(|e| raft_err(e.to_string()))?;
             return Ok(MoveStage::Learner { matched: 0, last });
         }
-        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten()).map(|l| l.index).unwrap_or(0);
         if matched + CAUGHT_UP_SLACK < last {
             return Ok(MoveStage::Learner { matched, last });
         }
         if from == self.id() {
             // The leader is the replica leaving: hand off first, so the change runs on a leader
             // that stays.
-            if let Some(next) = old.iter().copied().find(|n| *n != from) {
+            // To the voter furthest along, so the shard is not left waiting for a laggard.
+            let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+            if let Some(next) = old.iter().copied().filter(|n| *n != from).max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
                 r.raft.trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
             }
             return Ok(MoveStage::Learner { matched, last });
@@ -541,11 +554,16 @@ async fn round(node: &Arc<Node>, r: &Replica) {
 
     // 3. New operators.
     let ops = planner::plan(&map, &obs, &planner::in_flight(&map), &cfg, now);
-    let settle = lock(&node.driver.state).last_transfers.is_some_and(|t| t.elapsed() < TRANSFER_SETTLE);
+    let (settle, backoff) = {
+        let mut st = lock(&node.driver.state);
+        st.conflicts.retain(|_, t| t.elapsed() < CONFLICT_BACKOFF);
+        (st.last_transfers.is_some_and(|t| t.elapsed() < TRANSFER_SETTLE), st.conflicts.keys().copied().collect::<BTreeSet<GroupId>>())
+    };
     let mut transfers = Vec::new();
     for op in ops {
         match op {
             Operator::MoveReplica { reason: planner::Reason::Balance, .. } if !map.settings.balance => {}
+            Operator::MoveReplica { shard, .. } if backoff.contains(&shard) => {}
             Operator::MoveReplica { shard, from, to, reason } => {
                 let Some(epoch) = map.shard(shard).map(|s| s.epoch) else { continue };
                 let cmd = PlacementCommand::BeginMove { shard, from, to, epoch, reason: reason.as_str().into() };
@@ -656,7 +674,11 @@ async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, obs: &Observed, n
                 Err(e) => tracing::warn!(shard = m.shard, "cannot record the finished move: {e}"),
             }
         }
-        Ok(PeerReply::MoveStep(MoveStage::Conflict { voters })) => abort(format!("the group's voters are {voters:?}")).await,
+        Ok(PeerReply::MoveStep(MoveStage::Conflict { voters })) => {
+            tracing::error!(shard = m.shard, ?voters, replicas = ?shard.replicas, "the shard's Raft voters disagree with the map");
+            lock(&node.driver.state).conflicts.insert(m.shard, Instant::now());
+            abort(format!("the group's voters are {voters:?}")).await
+        }
         Ok(PeerReply::MoveStep(MoveStage::Cancelled)) => abort(format!("node {} is no longer up", m.to)).await,
         Ok(other) => set(format!("waiting: unexpected reply {other:?}"), 0, 0, None),
         Err(e) => {

@@ -214,7 +214,9 @@ impl GroupClient {
                 }
             }
         }
-        match self.send_part(&vote, &meta, &id, &Part::End).await? {
+        // The answer to the end comes after the install: syncing and ingesting every file.
+        let install = SNAPSHOT_TIMEOUT + Duration::from_secs_f64(total as f64 / SLOWEST_PEER_BYTES_PER_SEC);
+        match self.send_part_within(&vote, &meta, &id, &Part::End, install).await? {
             Some(resp) => Ok(resp),
             None => Err(failed("the receiver did not install the snapshot".into())),
         }
@@ -227,8 +229,19 @@ impl GroupClient {
         id: &str,
         part: &Part<&[u8]>,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
+        self.send_part_within(vote, meta, id, part, self.append_floor).await
+    }
+
+    /// Sends one part; it gets `floor` plus the time for its bytes.
+    async fn send_part_within(
+        &self,
+        vote: &VoteOf<TypeConfig>,
+        meta: &SnapshotMeta,
+        id: &str,
+        part: &Part<&[u8]>,
+        floor: Duration,
+    ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
         let msg = (vote, meta, id, part);
-        let floor = self.append_floor;
         let r = self.call(RaftRpc::SnapshotChunk, &msg, |bytes| append_timeout(floor, floor, bytes)).await;
         flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)
     }

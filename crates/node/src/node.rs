@@ -74,6 +74,8 @@ pub struct Node {
     raft_config: Arc<openraft::Config>,
     /// Serializes replica creation so two tasks never build the same group.
     create_lock: tokio::sync::Mutex<()>,
+    /// Serializes map adoption, so a map never replaces a newer one.
+    adopt_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Sender<bool>,
     pub driver: crate::driver::Driver,
     /// Limits on sending snapshots, from the placement settings.
@@ -127,6 +129,7 @@ impl Node {
             map: RwLock::new(Arc::new(map)),
             raft_config,
             create_lock: tokio::sync::Mutex::new(()),
+            adopt_lock: tokio::sync::Mutex::new(()),
             shutdown,
             driver: Default::default(),
             snapshot_throttle: Default::default(),
@@ -185,6 +188,7 @@ impl Node {
     /// Adopts `map` if it is newer than ours: checks the cluster id, persists it, and creates
     /// the replicas it gives this node.
     pub async fn adopt_map(self: &Arc<Self>, map: ClusterMap) -> Result<(), NodeError> {
+        let _g = self.adopt_lock.lock().await;
         if !map.is_bootstrapped() || map.version <= self.map().version {
             return Ok(());
         }
@@ -232,10 +236,17 @@ impl Node {
                     continue;
                 }
             }
-            let r = self.ensure_replica(s.id, ReplicaKind::Shard { start: s.start, end: s.end }).await?;
-            // Only a shard's first membership is made here; later ones come through Raft.
-            if s.replicas.first() == Some(&me) && s.epoch.conf_ver == 1 {
-                self.initialize(&r, &s.replicas, &nodes).await?;
+            // One replica that cannot start must not hold up the others.
+            let created = async {
+                let r = self.ensure_replica(s.id, ReplicaKind::Shard { start: s.start, end: s.end }).await?;
+                // Only a shard's first membership is made here; later ones come through Raft.
+                if s.replicas.first() == Some(&me) && s.epoch.conf_ver == 1 {
+                    self.initialize(&r, &s.replicas, &nodes).await?;
+                }
+                Ok::<(), NodeError>(())
+            };
+            if let Err(e) = created.await {
+                tracing::error!(shard = s.id, "cannot start this node's replica: {e}");
             }
         }
         let stale: Vec<GroupId> = self
@@ -250,7 +261,9 @@ impl Node {
             .collect();
         for g in stale {
             let conf_ver = map.shard(g).map(|s| s.epoch.conf_ver).unwrap_or(0);
-            self.remove_replica(g, conf_ver).await?;
+            if let Err(e) = self.remove_replica(g, conf_ver).await {
+                tracing::error!(shard = g, "cannot remove this node's replica yet: {e}");
+            }
         }
         Ok(())
     }
@@ -259,7 +272,15 @@ impl Node {
     async fn remove_replica(&self, group: GroupId, conf_ver: u64) -> Result<(), NodeError> {
         let _g = self.create_lock.lock().await;
         let Some((_, r)) = self.replicas.remove(&group) else { return Ok(()) };
-        let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+        // Its state is deleted only once the group has stopped writing it.
+        match tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(group, "replica stopped with an error: {e}"),
+            Err(_) => {
+                self.replicas.insert(group, r);
+                return Err(NodeError::Raft(format!("group {group} did not stop within 5 s; its removal is retried")));
+            }
+        }
         ringkv_storage::remove_replica(&self.db, group, r.kind(), conf_ver)?;
         metrics::counter!("ringkv_replicas_removed_total").increment(1);
         tracing::info!(group, conf_ver, "replica removed");

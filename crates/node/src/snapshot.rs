@@ -112,6 +112,8 @@ pub enum Part<B> {
 /// the snapshot completes.
 struct Incoming {
     id: String,
+    /// When its last part arrived: a transfer idle for [`ABANDONED_AFTER`] is dropped.
+    touched: Instant,
     dir: PathBuf,
     sizes: Vec<u64>,
     written: Vec<u64>,
@@ -126,6 +128,9 @@ impl Drop for Incoming {
         }
     }
 }
+
+/// A transfer that got no part for this long was abandoned by its sender.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(300);
 
 fn file_name(i: usize) -> String {
     format!("{i:05}.sst")
@@ -150,11 +155,16 @@ impl Reassembly {
         let key = (group, from);
         let io = |e: std::io::Error| format!("snapshot of group {group} from node {from}: {e}");
         if let Part::Header { memory, sizes, sessions } = part {
+            self.parts.retain(|_, inc| inc.touched.elapsed() < ABANDONED_AFTER);
+            // Unique per transfer and per process run: a directory left by an earlier run is
+            // never written into again.
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let dir = self.dir.join(format!("g{group}-n{from}-{seq}"));
-            std::fs::create_dir_all(&dir).map_err(io)?;
+            let dir =
+                self.dir.join(format!("g{group}-n{from}-{}-{seq}", id.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>()));
+            std::fs::create_dir_all(&self.dir).map_err(io)?;
+            std::fs::create_dir(&dir).map_err(io)?;
             let written = vec![0; sizes.len()];
-            self.parts.insert(key, Incoming { id: id.to_string(), dir, sizes, written, sessions, memory });
+            self.parts.insert(key, Incoming { id: id.to_string(), touched: Instant::now(), dir, sizes, written, sessions, memory });
             return Ok(None);
         }
         let mut inc = self.parts.get_mut(&key).ok_or_else(|| format!("a snapshot part of group {group} whose header never arrived"))?;
@@ -175,9 +185,15 @@ impl Reassembly {
                 }
                 use std::io::Write;
                 let path = inc.dir.join(file_name(i));
-                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+                let mut f = if offset == 0 {
+                    std::fs::OpenOptions::new().write(true).create_new(true).open(path)
+                } else {
+                    std::fs::OpenOptions::new().append(true).open(path)
+                }
+                .map_err(io)?;
                 f.write_all(&data).map_err(io)?;
                 inc.written[i] += data.len() as u64;
+                inc.touched = Instant::now();
                 Ok(None)
             }
             Part::End => {
@@ -193,9 +209,10 @@ impl Reassembly {
                 for i in 0..inc.sizes.len() {
                     std::fs::File::open(inc.dir.join(file_name(i))).and_then(|f| f.sync_all()).map_err(io)?;
                 }
+                std::fs::File::open(&inc.dir).and_then(|d| d.sync_all()).map_err(io)?;
                 let files = inc.sizes.iter().enumerate().map(|(i, n)| (inc.dir.join(file_name(i)), *n)).collect();
                 let dir = std::mem::take(&mut inc.dir);
-                Ok(Some(SnapshotData::Files(Arc::new(SnapshotFiles { dir, files, sessions: std::mem::take(&mut inc.sessions) }))))
+                Ok(Some(SnapshotData::Files(Arc::new(SnapshotFiles::new(dir, files, std::mem::take(&mut inc.sessions))))))
             }
         }
     }

@@ -258,7 +258,8 @@ pub enum SnapshotData {
     Files(Arc<SnapshotFiles>),
 }
 
-/// A shard snapshot on disk. Its directory is deleted when the last holder lets go.
+/// A shard snapshot on disk. Its directory is deleted when the last holder lets go, unless an
+/// unfinished install still needs it.
 #[derive(Debug)]
 pub struct SnapshotFiles {
     pub dir: PathBuf,
@@ -266,11 +267,21 @@ pub struct SnapshotFiles {
     pub files: Vec<(PathBuf, u64)>,
     /// Session rows and answers `(key after the group tag, value)`.
     pub sessions: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Set when an install failed after recording its marker: the next start retries it.
+    pub keep: std::sync::atomic::AtomicBool,
+}
+
+impl SnapshotFiles {
+    pub fn new(dir: PathBuf, files: Vec<(PathBuf, u64)>, sessions: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        SnapshotFiles { dir, files, sessions, keep: Default::default() }
+    }
 }
 
 impl Drop for SnapshotFiles {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -334,7 +345,8 @@ impl StateMachine {
         self.db.get_cf(CF_DATA, &data_key(key))
     }
 
-    /// Approximate bytes of this shard's data on disk (0 for the placement group).
+    /// Approximate bytes of this shard's data in SST files; rows still in the memtable are not
+    /// counted (0 for the placement group).
     pub fn approximate_bytes(&self) -> u64 {
         let ReplicaKind::Shard { start, end } = self.kind else { return 0 };
         let (lower, upper) = data_range(start, end);
@@ -374,7 +386,7 @@ impl StateMachine {
                 let seq = SNAPSHOT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let dir = self.db.snapshot_dir("out").join(format!("g{}-{}", self.group, seq));
                 let files = write_sst_files(&self.db, &snap, &dir, start, end, self.file_bytes)?;
-                SnapshotData::Files(Arc::new(SnapshotFiles { dir, files, sessions }))
+                SnapshotData::Files(Arc::new(SnapshotFiles::new(dir, files, sessions)))
             }
         };
         metrics::counter!("ringkv_raft_snapshots_built_total").increment(1);
@@ -558,6 +570,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             tracing::warn!(group = self.group, "finishing a snapshot install interrupted by a crash");
             self.finish_install(&marker)?;
+            // Those files were kept only for this; nothing holds them any more.
+            for dir in marker.files.iter().filter_map(|f| f.parent()).collect::<std::collections::BTreeSet<_>>() {
+                if dir.starts_with(self.db.snapshot_dir("in")) {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
         }
         let applied: Option<LogId> = self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_APPLIED))?.map(|b| dec(&b)).transpose()?.flatten();
         let membership: StoredMembership =
@@ -640,7 +658,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 delete_data_range(&self.db, &mut b, start, end)?;
                 self.db.write_sync(b)?;
-                self.finish_install(&marker)?;
+                if let Err(e) = self.finish_install(&marker) {
+                    // The marker now names these files: keep them for the retry at restart.
+                    f.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
             }
             _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot is for another kind of group")),
         }

@@ -192,7 +192,8 @@ pub struct NodeReport {
     pub leaders: usize,
     /// Milliseconds since its last heartbeat reached this placement leader (`None`: not yet).
     pub heartbeat_age_ms: Option<u64>,
-    /// Approximate bytes of the shard data it holds.
+    /// Approximate bytes of the shard data it holds in SST files (data still in the memtable is
+    /// not counted).
     pub bytes: u64,
 }
 
