@@ -471,6 +471,7 @@ fn remaining(r: &PlacementReport) -> u64 {
 async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Result<PlacementReport> {
     let started = std::time::Instant::now();
     let mut total = 0u64;
+    let mut shown: Vec<String> = Vec::new();
     let pb = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} operations, ETA {eta}  {msg}")
@@ -493,6 +494,13 @@ async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Resul
         pb.set_length(total);
         pb.set_position(total - left);
         let stuck = r.stuck.iter().map(|(s, why)| format!("shard {s}: {why}")).collect::<Vec<_>>();
+        // Every stuck shard with its reason, each time the set changes.
+        if stuck != shown {
+            for line in stuck.iter().filter(|l| !shown.contains(l)) {
+                pb.println(format!("stuck: {line}"));
+            }
+            shown = stuck.clone();
+        }
         pb.set_message(match stuck.first() {
             Some(first) => format!("{} stuck; {first}", stuck.len()),
             None => format!("{} running", r.moves.len()),
