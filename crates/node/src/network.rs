@@ -191,7 +191,8 @@ impl GroupClient {
                 Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect(), sessions: f.sessions.clone() }
             }
         };
-        self.send_part(&vote, &meta, &id, &header).await?;
+        let floor = self.append_floor;
+        self.send_part(&vote, &meta, &id, &header, floor).await?;
         if let SnapshotData::Files(f) = &data {
             let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
             for (i, (path, size)) in f.files.iter().enumerate() {
@@ -208,7 +209,7 @@ impl GroupClient {
                     }
                     let chunk = buf.get(..n).unwrap_or_default();
                     self.throttle.pace(n).await;
-                    self.send_part(&vote, &meta, &id, &Part::Bytes { file: i as u32, offset, data: chunk }).await?;
+                    self.send_part(&vote, &meta, &id, &Part::Bytes { file: i as u32, offset, data: chunk }, floor).await?;
                     metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(n as u64);
                     offset += n as u64;
                 }
@@ -216,24 +217,14 @@ impl GroupClient {
         }
         // The answer to the end comes after the install: syncing and ingesting every file.
         let install = SNAPSHOT_TIMEOUT + Duration::from_secs_f64(total as f64 / SLOWEST_PEER_BYTES_PER_SEC);
-        match self.send_part_within(&vote, &meta, &id, &Part::End, install).await? {
+        match self.send_part(&vote, &meta, &id, &Part::End, install).await? {
             Some(resp) => Ok(resp),
             None => Err(failed("the receiver did not install the snapshot".into())),
         }
     }
 
-    async fn send_part(
-        &self,
-        vote: &VoteOf<TypeConfig>,
-        meta: &SnapshotMeta,
-        id: &str,
-        part: &Part<&[u8]>,
-    ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
-        self.send_part_within(vote, meta, id, part, self.append_floor).await
-    }
-
     /// Sends one part; it gets `floor` plus the time for its bytes.
-    async fn send_part_within(
+    async fn send_part(
         &self,
         vote: &VoteOf<TypeConfig>,
         meta: &SnapshotMeta,

@@ -34,16 +34,13 @@ pub fn register_replica(db: &Db, group: GroupId, kind: ReplicaKind) -> Result<()
 }
 
 /// Forgets this node's replica of `group`: its registration, log, Raft state, applied state,
-/// sessions and (for a shard) its data, and leaves a tombstone with `conf_ver`. The replica's
-/// Raft instance must be shut down first. The registration goes first and durably, so a crash
-/// halfway never brings back a half-deleted replica.
+/// sessions and (for a shard) its data, and leaves a tombstone with `conf_ver`, all in one
+/// synced batch, so a crash never leaves half a replica behind. The replica's Raft instance must
+/// be shut down first.
 pub fn remove_replica(db: &Db, group: GroupId, kind: ReplicaKind, conf_ver: u64) -> Result<(), std::io::Error> {
     let state = db.cf(keys::CF_RAFT_STATE);
     let mut b = WriteBatch::default();
-    b.delete_cf(state, keys::group_tag_key(group, keys::TAG_REPLICA));
     b.put_cf(state, keys::group_tag_key(group, keys::TAG_TOMBSTONE), conf_ver.to_be_bytes());
-    db.write_sync(b)?;
-    let mut b = WriteBatch::default();
     b.delete_range_cf(state, keys::group_tag_key(group, 0), keys::group_tag_key(group, keys::TAG_TOMBSTONE));
     b.delete_range_cf(state, keys::group_tag_key(group, keys::TAG_TOMBSTONE + 1), keys::group_tag_key(group + 1, 0));
     b.delete_range_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(group, 0), keys::log_key(group + 1, 0));
