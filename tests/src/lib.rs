@@ -236,17 +236,12 @@ pub async fn placement_report(client: &Client) -> anyhow::Result<ringkv_wire::Pl
 /// placement leader's report, so the two check each other).
 pub async fn load_per_node(client: &Client) -> anyhow::Result<std::collections::BTreeMap<NodeId, (usize, usize)>> {
     let map = client.refresh_map().await?;
-    let mut claims: std::collections::BTreeMap<u64, (u64, NodeId)> = std::collections::BTreeMap::new();
-    for r in client.node_reports().await.into_iter().flatten() {
-        for g in r.groups.iter().filter(|g| g.is_leader && g.group != ringkv_wire::PLACEMENT_GROUP) {
-            if claims.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
-                claims.insert(g.group, (g.term, r.node));
-            }
-        }
-    }
+    let reports: Vec<_> = client.node_reports().await.into_iter().flatten().collect();
+    let mut leader_of = ringkv_client::leaders_of(&reports);
+    leader_of.remove(&ringkv_wire::PLACEMENT_GROUP);
     let mut out = std::collections::BTreeMap::new();
     for n in map.nodes.iter().filter(|n| n.state == ringkv_wire::NodeState::Up) {
-        let leaders = claims.values().filter(|(_, l)| *l == n.id).count();
+        let leaders = leader_of.values().filter(|l| **l == n.id).count();
         out.insert(n.id, (map.replicas_on(n.id), leaders));
     }
     Ok(out)

@@ -644,6 +644,20 @@ impl Client {
     }
 }
 
+/// The leader of each group according to nodes' reports: of two replicas claiming to lead
+/// (during an election), the one with the higher term.
+pub fn leaders_of(reports: &[NodeStatus]) -> std::collections::BTreeMap<GroupId, NodeId> {
+    let mut claims: std::collections::BTreeMap<GroupId, (u64, NodeId)> = std::collections::BTreeMap::new();
+    for r in reports {
+        for g in r.groups.iter().filter(|g| g.is_leader) {
+            if claims.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
+                claims.insert(g.group, (g.term, r.node));
+            }
+        }
+    }
+    claims.into_iter().map(|(g, (_, n))| (g, n)).collect()
+}
+
 async fn continue_after_pause(backoff: &mut Duration, timeout: Duration, started: Instant) {
     let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
     tokio::time::sleep((*backoff / 2 + jitter).min(timeout.saturating_sub(started.elapsed()))).await;

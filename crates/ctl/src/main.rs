@@ -235,19 +235,9 @@ struct Status {
 
 async fn status(client: &Client) -> anyhow::Result<Status> {
     let map = client.refresh_map().await?;
-    let reports = client.node_reports().await;
-    // During an election two replicas may both claim to lead; the higher term is the leader.
-    let mut claims: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
-    let mut reachable = std::collections::BTreeSet::new();
-    for r in reports.iter().flatten() {
-        reachable.insert(r.node);
-        for g in &r.groups {
-            if g.is_leader && claims.get(&g.group).is_none_or(|(term, _)| g.term > *term) {
-                claims.insert(g.group, (g.term, r.node));
-            }
-        }
-    }
-    let leader_of: std::collections::BTreeMap<u64, u64> = claims.into_iter().map(|(g, (_, n))| (g, n)).collect();
+    let reports: Vec<_> = client.node_reports().await.into_iter().flatten().collect();
+    let reachable: std::collections::BTreeSet<u64> = reports.iter().map(|r| r.node).collect();
+    let leader_of = ringkv_client::leaders_of(&reports);
     let shards: Vec<ShardRow> = map
         .shards
         .iter()
@@ -384,6 +374,16 @@ async fn leader_transfer(client: &Client, shard: u64, node: u64) -> anyhow::Resu
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Prints `v` as pretty JSON or, for people, with `table`.
+fn emit<T: Serialize>(json: bool, v: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        table(v);
+    }
+    Ok(())
 }
 
 /// Asks before a destructive command, unless `--yes`; refuses when nobody can answer.
@@ -592,39 +592,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Cmd::Status => {
-            let s = status(&client).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print_status(&s);
-            }
+            emit(json, &status(&client).await?, print_status)?;
             0
         }
         Cmd::Node(NodeCmd::List) => {
-            let s = status(&client).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s.nodes)?);
-            } else {
-                print_nodes(&s.nodes);
-            }
+            emit(json, &status(&client).await?.nodes, |n| print_nodes(n))?;
             0
         }
         Cmd::Shard(ShardCmd::List) => {
-            let s = status(&client).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s.shards)?);
-            } else {
-                print_shards(&s.shards);
-            }
+            emit(json, &status(&client).await?.shards, |s| print_shards(s))?;
             0
         }
         Cmd::Shard(ShardCmd::Show { id }) => {
-            let shard = shard_detail(&client, *id).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&shard)?);
-            } else {
-                print_shard(&shard);
-            }
+            emit(json, &shard_detail(&client, *id).await?, print_shard)?;
             0
         }
         Cmd::Leader(LeaderCmd::Transfer { shard, node }) => {
@@ -711,12 +691,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             0
         }
         Cmd::Settings(SettingsCmd::Show) => {
-            let r = placement_report(&client).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r.settings)?);
-            } else {
-                println!("{:#?}", r.settings);
-            }
+            emit(json, &placement_report(&client).await?.settings, |s| println!("{s:#?}"))?;
             0
         }
         Cmd::Settings(SettingsCmd::Set { balance, down_after_ms, max_moves_per_node, snapshot_bytes_per_sec, snapshot_concurrency }) => {
@@ -727,11 +702,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             s.snapshot_bytes_per_sec = snapshot_bytes_per_sec.unwrap_or(s.snapshot_bytes_per_sec);
             s.snapshot_concurrency = snapshot_concurrency.unwrap_or(s.snapshot_concurrency);
             placement_done(&client, ClientRequest::SetPlacementSettings { settings: s.clone() }).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                println!("{s:#?}");
-            }
+            emit(json, &s, |s| println!("{s:#?}"))?;
             0
         }
         Cmd::Cert(_) => 0,

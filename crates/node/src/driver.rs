@@ -136,7 +136,7 @@ impl Node {
 
     pub(crate) fn placement_not_leader(&self) -> RequestError {
         let leader = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.metrics().borrow_watched().current_leader);
-        RequestError::NotLeader { shard: PLACEMENT_GROUP, leader, leader_addr: leader.and_then(|l| self.client_addr_of(l)) }
+        self.not_leader(PLACEMENT_GROUP, leader)
     }
 
     /// Sends `req` (a heartbeat or an admin request) to the placement leader, or handles it here
@@ -221,14 +221,12 @@ impl Node {
         let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
         let m = r.raft.metrics().borrow_watched().clone();
         if !m.state.is_leader() {
-            return Err(RequestError::NotLeader {
-                shard,
-                leader: m.current_leader,
-                leader_addr: m.current_leader.and_then(|l| self.client_addr_of(l)),
-            });
+            return Err(self.not_leader(shard, m.current_leader));
         }
         let last = m.last_log_index.unwrap_or(0);
-        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        // How far the leader has replicated to `n` (0: not yet known).
+        let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        let matched = progress(to);
         // Decide only on a committed membership: an appended but uncommitted change may still
         // be lost with this leader, and a move recorded as finished on it could leave the shard
         // below quorum. Until it commits there is nothing to do but wait.
@@ -286,7 +284,6 @@ impl Node {
             // The leader is the replica leaving: hand off first, so the change runs on a leader
             // that stays.
             // To the voter furthest along, so the shard is not left waiting for a laggard.
-            let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
             if let Some(next) = old.iter().copied().filter(|n| *n != from).max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
                 r.raft.trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
             }
@@ -305,7 +302,7 @@ impl Node {
         }
         if !r.raft.is_leader() {
             let leader = r.raft.metrics().borrow_watched().current_leader;
-            return Err(RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.client_addr_of(l)) });
+            return Err(self.not_leader(shard, leader));
         }
         r.raft.trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))
     }
@@ -545,7 +542,7 @@ async fn round(node: &Arc<Node>, r: &Replica) {
     }
 
     // 2. Moves in flight, all at once.
-    let steps = map.moves.iter().map(|m| step(node, r, &map, &obs, now, m.clone()));
+    let steps = map.moves.iter().map(|m| step(node, r, &map, &cfg, &obs, now, m.clone()));
     futures::future::join_all(steps).await;
     {
         let mut st = lock(&node.driver.state);
@@ -618,8 +615,7 @@ async fn send(node: &Arc<Node>, to: NodeId, req: &PeerRequest) -> Result<PeerRep
 }
 
 /// Drives one move a step further, and records what happened.
-async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, obs: &Observed, now: u64, m: MoveRecord) {
-    let cfg = PlannerConfig::from_settings(&map.settings);
+async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, cfg: &PlannerConfig, obs: &Observed, now: u64, m: MoveRecord) {
     let set = |stage: String, matched: u64, last: u64, leader: Option<NodeId>| {
         let mut st = lock(&node.driver.state);
         let p = st.progress.entry(m.shard).or_insert_with(|| Progress {
@@ -647,7 +643,7 @@ async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, obs: &Observed, n
     if shard.epoch != m.epoch {
         return abort(format!("the shard's epoch changed from {:?} to {:?}", m.epoch, shard.epoch)).await;
     }
-    let cancel = is_down(map, obs, &cfg, m.to, now) || map.node(m.to).is_none_or(|n| n.state != NodeState::Up);
+    let cancel = is_down(map, obs, cfg, m.to, now) || map.node(m.to).is_none_or(|n| n.state != NodeState::Up);
     let to_addr = map.node(m.to).map(|n| n.peer_addr.clone()).unwrap_or_default();
     let req = PeerRequest::MoveStep { shard: m.shard, from: m.from, to: m.to, to_peer_addr: to_addr, cancel };
     // Ask the leader we know of, then whoever it points to.
@@ -683,7 +679,7 @@ async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, obs: &Observed, n
         Ok(other) => set(format!("waiting: unexpected reply {other:?}"), 0, 0, None),
         Err(e) => {
             // Rotate to another replica next time if the leader we tried is gone.
-            let next = shard.replicas.iter().copied().find(|n| Some(*n) != leader && !is_down(map, obs, &cfg, *n, now));
+            let next = shard.replicas.iter().copied().find(|n| Some(*n) != leader && !is_down(map, obs, cfg, *n, now));
             set(format!("waiting: {e}"), 0, 0, next);
         }
     }

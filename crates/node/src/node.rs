@@ -358,6 +358,11 @@ impl Node {
     pub fn client_addr_of(&self, id: NodeId) -> Option<String> {
         self.map().node(id).map(|n| n.client_addr.clone())
     }
+
+    /// "Not the leader of `group`; try `leader`", with the leader's client address if known.
+    pub fn not_leader(&self, group: GroupId, leader: Option<NodeId>) -> ringkv_wire::RequestError {
+        ringkv_wire::RequestError::NotLeader { shard: group, leader, leader_addr: leader.and_then(|l| self.client_addr_of(l)) }
+    }
 }
 
 /// Binds a QUIC endpoint that serves `server` on `addr` (and may dial out).

@@ -187,10 +187,6 @@ impl ClientService {
         replica.ok_or_else(|| RequestError::Malformed("a batch needs at least one key".into()))
     }
 
-    fn not_leader(&self, shard: GroupId, leader: Option<NodeId>) -> RequestError {
-        RequestError::NotLeader { shard, leader, leader_addr: leader.and_then(|l| self.node.client_addr_of(l)) }
-    }
-
     /// Answers at once from a leader cut off from its quorum, instead of letting the request
     /// wait for a commit that cannot come.
     fn check_quorum_contact(&self, r: &Replica) -> Result<(), RequestError> {
@@ -222,7 +218,7 @@ impl ClientService {
                     data => Ok(data),
                 }
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(r.group, f.leader_id)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.node.not_leader(r.group, f.leader_id)),
             Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
         }
@@ -235,7 +231,7 @@ impl ClientService {
             .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
         match res {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(r.group, f.leader_id)),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.node.not_leader(r.group, f.leader_id)),
             Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
         }
