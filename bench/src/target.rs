@@ -68,6 +68,7 @@ impl Local {
             binary: spec.binary.clone(),
             fault_injection: false,
             extra_config: Some(format!("[storage]\nfsync = {}\n", spec.fsync)),
+            netns: None,
         };
         tracing::info!(nodes = spec.nodes, shards = spec.shards, fsync = spec.fsync, dir = %dir.path().display(), "starting a local cluster");
         match DevCluster::start(opts).await {

@@ -1,6 +1,8 @@
 //! The cluster-test harness: real `ringkv node` processes on 127.0.0.1, in a temporary
 //! directory, with helpers to write, read, kill, restart and partition.
 
+pub mod fault;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,18 +15,18 @@ use ringkv_wire::{ClientReply, ClientRequest, NodeId};
 pub const TEST_RAFT: &str =
     "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 20";
 
-/// The `ringkv` binary built next to this test binary (same profile).
+/// The `ringkv` binary built next to this test binary or tool (same profile).
 pub fn ringkv_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/integration-<hash> -> target/<profile>/ringkv
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("ringkv");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --release --bins` (the README's test command does)",
-        bin.display()
-    );
-    bin
+    // target/<profile>/deps/integration-<hash> or target/<profile>/jepsen -> target/<profile>/ringkv
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|d| d.join("ringkv")).collect();
+    let found = candidates.iter().find(|b| b.exists()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "{} is missing: build it first with `cargo build --release --bins` (the README's test command does)",
+            candidates[candidates.len() - 1].display()
+        )
+    })
 }
 
 pub struct TestCluster {
@@ -43,6 +45,7 @@ impl TestCluster {
             binary: ringkv_binary(),
             fault_injection: true,
             extra_config: Some(TEST_RAFT.into()),
+            netns: None,
         };
         let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
         Ok(TestCluster { cluster, dir: Some(dir) })

@@ -18,6 +18,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Address of the node-to-node QUIC endpoint (Raft traffic).
     pub peer_addr: String,
+    /// The peer address other nodes dial, when it differs from `peer_addr` (behind NAT, a proxy
+    /// or a port mapping). Defaults to `peer_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_peer_addr: Option<String>,
     /// Address of the client QUIC endpoint.
     pub client_addr: String,
     /// Address of the Prometheus `/metrics` endpoint.
@@ -106,6 +110,7 @@ impl Default for RaftTuning {
 pub struct Overrides {
     pub id: Option<u64>,
     pub peer_addr: Option<String>,
+    pub advertise_peer_addr: Option<String>,
     pub client_addr: Option<String>,
     pub metrics_addr: Option<String>,
     pub ca: Option<PathBuf>,
@@ -139,6 +144,7 @@ struct PartialConfig {
     #[allow(dead_code)]
     data_dir: Option<PathBuf>,
     peer_addr: Option<String>,
+    advertise_peer_addr: Option<String>,
     client_addr: Option<String>,
     metrics_addr: Option<String>,
     tls: Option<TlsConfig>,
@@ -164,10 +170,10 @@ impl NodeConfig {
         if let Some(f) = file {
             let f = read_partial(f)?;
             macro_rules! over { ($($k:ident),*) => { $( if f.$k.is_some() { p.$k = f.$k; } )* } }
-            over!(id, peer_addr, client_addr, metrics_addr, tls, seeds, join, limits, raft, storage, fault_injection);
+            over!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, tls, seeds, join, limits, raft, storage, fault_injection);
         }
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
-        flag!(id, peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
+        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
         if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
             let t = p.tls.take();
             let pick = |flag: Option<PathBuf>, old: Option<PathBuf>, name| flag.or(old).ok_or(ConfigError::Missing(name));
@@ -190,6 +196,7 @@ impl NodeConfig {
             id,
             data_dir: data_dir.to_path_buf(),
             peer_addr: p.peer_addr.ok_or(ConfigError::Missing("peer-addr"))?,
+            advertise_peer_addr: p.advertise_peer_addr,
             client_addr: p.client_addr.ok_or(ConfigError::Missing("client-addr"))?,
             metrics_addr: p.metrics_addr.ok_or(ConfigError::Missing("metrics-addr"))?,
             tls: p.tls.ok_or(ConfigError::Missing("ca/cert/key"))?,
@@ -204,9 +211,18 @@ impl NodeConfig {
         Ok(cfg)
     }
 
+    /// The peer address other nodes dial: `advertise_peer_addr`, else `peer_addr`.
+    pub fn advertised_peer_addr(&self) -> &str {
+        self.advertise_peer_addr.as_deref().unwrap_or(&self.peer_addr)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, a) in [("peer_addr", &self.peer_addr), ("client_addr", &self.client_addr), ("metrics_addr", &self.metrics_addr)] {
             a.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("{name} `{a}` is not an IP:port address: {e}")))?;
+        }
+        if let Some(a) = &self.advertise_peer_addr {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr `{a}` is not an IP:port address: {e}")))?;
         }
         if let Some(j) = &self.join {
             j.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("join `{j}` is not an IP:port address: {e}")))?;

@@ -16,10 +16,68 @@ pub const CLUSTER_FILE: &str = "cluster.json";
 pub struct NodeEntry {
     pub id: NodeId,
     pub pid: Option<u32>,
+    /// The peer address in the cluster map (what other nodes dial).
     pub peer_addr: String,
+    /// The peer address the node listens on, when other nodes reach it through a proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<String>,
     pub client_addr: String,
     pub metrics_addr: String,
     pub data_dir: PathBuf,
+}
+
+/// A cluster whose nodes run inside a network namespace, each on its own loopback address
+/// `127.0.1.ID`, so a fault-test harness can cut links between them with firewall rules.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetnsLayout {
+    /// The namespace's `ip netns` name.
+    pub name: String,
+    /// Node-to-node traffic goes through a proxy: a node advertises `127.0.2.ID:7100`, which
+    /// the harness forwards to where it listens, `127.0.1.ID:7100`.
+    pub proxied: bool,
+}
+
+impl NetnsLayout {
+    pub const PEER_PORT: u16 = 7100;
+    pub const CLIENT_PORT: u16 = 7200;
+    pub const METRICS_PORT: u16 = 7300;
+
+    /// The address node `id` listens on.
+    pub fn node_ip(id: NodeId) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(127, 0, 1, id as u8)
+    }
+
+    /// The address other nodes dial to reach node `id` when the cluster is proxied.
+    pub fn proxy_ip(id: NodeId) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(127, 0, 2, id as u8)
+    }
+}
+
+/// A new node's addresses: free loopback ports of this host, or its own address in `netns`.
+fn new_entry(id: NodeId, data_dir: PathBuf, netns: Option<&NetnsLayout>) -> anyhow::Result<NodeEntry> {
+    let Some(ns) = netns else {
+        return Ok(NodeEntry {
+            id,
+            pid: None,
+            peer_addr: format!("127.0.0.1:{}", free_port()?),
+            peer_listen: None,
+            client_addr: format!("127.0.0.1:{}", free_port()?),
+            metrics_addr: format!("127.0.0.1:{}", free_port()?),
+            data_dir,
+        });
+    };
+    anyhow::ensure!((1..=250).contains(&id), "a namespaced cluster numbers its nodes 1..=250, not {id}");
+    let ip = NetnsLayout::node_ip(id);
+    let listen = format!("{ip}:{}", NetnsLayout::PEER_PORT);
+    Ok(NodeEntry {
+        id,
+        pid: None,
+        peer_addr: if ns.proxied { format!("{}:{}", NetnsLayout::proxy_ip(id), NetnsLayout::PEER_PORT) } else { listen.clone() },
+        peer_listen: ns.proxied.then_some(listen),
+        client_addr: format!("{ip}:{}", NetnsLayout::CLIENT_PORT),
+        metrics_addr: format!("{ip}:{}", NetnsLayout::METRICS_PORT),
+        data_dir,
+    })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,6 +101,8 @@ pub struct ClusterFile {
     pub fault_injection: bool,
     #[serde(default)]
     pub extra_config: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsLayout>,
 }
 
 /// `ringkv dev add-node`: adds a node to the dev cluster that a running `ringkv dev` supervises,
@@ -108,6 +168,9 @@ pub struct DevOptions {
     pub fault_injection: bool,
     /// Extra TOML appended to every node's first configuration (e.g. faster Raft timers).
     pub extra_config: Option<String>,
+    /// Run the nodes inside this network namespace (which must exist) instead of on this
+    /// host's loopback ports.
+    pub netns: Option<NetnsLayout>,
 }
 
 pub struct DevCluster {
@@ -115,6 +178,8 @@ pub struct DevCluster {
     pub file: ClusterFile,
     binary: PathBuf,
     children: BTreeMap<NodeId, tokio::process::Child>,
+    /// Extra environment of a node's next starts (e.g. FAILPOINTS in the fault tests).
+    env: BTreeMap<NodeId, Vec<(String, String)>>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -135,7 +200,13 @@ impl DevCluster {
         let path = opts.data_dir.join(CLUSTER_FILE);
         if path.exists() {
             let file = ClusterFile::load(&path)?;
-            let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
+            let mut c = DevCluster {
+                dir: opts.data_dir.clone(),
+                file,
+                binary: opts.binary.clone(),
+                children: BTreeMap::new(),
+                env: BTreeMap::new(),
+            };
             let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
             for id in ids {
                 c.start_node(id)?;
@@ -154,14 +225,7 @@ impl DevCluster {
             let node_dir = opts.data_dir.join(format!("node-{i}"));
             std::fs::create_dir_all(&node_dir)?;
             let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, i)?;
-            let e = NodeEntry {
-                id: i,
-                pid: None,
-                peer_addr: format!("127.0.0.1:{}", free_port()?),
-                client_addr: format!("127.0.0.1:{}", free_port()?),
-                metrics_addr: format!("127.0.0.1:{}", free_port()?),
-                data_dir: node_dir.clone(),
-            };
+            let e = new_entry(i, node_dir.clone(), opts.netns.as_ref())?;
             let cfg = node_toml(&e, &certs_dir.join("ca.pem"), &cert.cert, &cert.key, opts.fault_injection, opts.extra_config.as_deref());
             std::fs::write(node_dir.join("first-start.toml"), cfg)?;
             nodes.push(e);
@@ -173,8 +237,10 @@ impl DevCluster {
             supervisor: None,
             fault_injection: opts.fault_injection,
             extra_config: opts.extra_config.clone(),
+            netns: opts.netns.clone(),
         };
-        let mut c = DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new() };
+        let mut c =
+            DevCluster { dir: opts.data_dir.clone(), file, binary: opts.binary.clone(), children: BTreeMap::new(), env: BTreeMap::new() };
         let ids: Vec<NodeId> = c.file.nodes.iter().map(|n| n.id).collect();
         for id in &ids {
             let cfg = c.entry(*id)?.data_dir.join("first-start.toml");
@@ -213,14 +279,7 @@ impl DevCluster {
         std::fs::create_dir_all(&node_dir)?;
         let certs_dir = &file.certs.dir;
         let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id)?;
-        let e = NodeEntry {
-            id,
-            pid: None,
-            peer_addr: format!("127.0.0.1:{}", free_port()?),
-            client_addr: format!("127.0.0.1:{}", free_port()?),
-            metrics_addr: format!("127.0.0.1:{}", free_port()?),
-            data_dir: node_dir.clone(),
-        };
+        let e = new_entry(id, node_dir.clone(), file.netns.as_ref())?;
         let mut cfg = node_toml(&e, &file.certs.ca, &cert.cert, &cert.key, file.fault_injection, file.extra_config.as_deref());
         cfg.insert_str(0, &format!("join = {through:?}\n"));
         std::fs::write(node_dir.join("first-start.toml"), cfg)?;
@@ -262,7 +321,18 @@ impl DevCluster {
     pub fn spawn(&mut self, id: NodeId, args: &[String]) -> anyhow::Result<()> {
         let e = self.entry(id)?.clone();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(e.data_dir.join("node.log"))?;
-        let child = tokio::process::Command::new(&self.binary)
+        let mut cmd = match &self.file.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(&self.binary);
+                c
+            }
+            None => tokio::process::Command::new(&self.binary),
+        };
+        if let Some(vars) = self.env.get(&id) {
+            cmd.envs(vars.iter().cloned());
+        }
+        let child = cmd
             .arg("node")
             .arg("--data-dir")
             .arg(&e.data_dir)
@@ -358,6 +428,16 @@ impl DevCluster {
         anyhow::bail!("cluster not ready after {timeout:?}: {last}")
     }
 
+    /// Sets the extra environment node `id` gets from its next start on (empty: none).
+    pub fn set_env(&mut self, id: NodeId, vars: Vec<(String, String)>) {
+        self.env.insert(id, vars);
+    }
+
+    /// The process id of node `id`, while this cluster runs it.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.children.get(&id).and_then(|c| c.id())
+    }
+
     /// `kill -9` of one node.
     pub async fn kill(&mut self, id: NodeId) -> anyhow::Result<()> {
         if let Some(mut c) = self.children.remove(&id) {
@@ -421,10 +501,14 @@ impl DevCluster {
 
 fn node_toml(e: &NodeEntry, ca: &Path, cert: &Path, key: &Path, fault_injection: bool, extra: Option<&str>) -> String {
     let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let mut s = format!(
-        "id = {}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\nmetrics_addr = \"{}\"\nfault_injection = {}\n",
-        e.id, e.peer_addr, e.client_addr, e.metrics_addr, fault_injection
-    );
+    let mut s = match &e.peer_listen {
+        Some(listen) => format!("id = {}\npeer_addr = \"{listen}\"\nadvertise_peer_addr = \"{}\"\n", e.id, e.peer_addr),
+        None => format!("id = {}\npeer_addr = \"{}\"\n", e.id, e.peer_addr),
+    };
+    s.push_str(&format!(
+        "client_addr = \"{}\"\nmetrics_addr = \"{}\"\nfault_injection = {}\n",
+        e.client_addr, e.metrics_addr, fault_injection
+    ));
     if let Some(x) = extra {
         s.push_str(x);
         s.push('\n');

@@ -105,7 +105,7 @@ pub(crate) async fn join(node: Arc<Node>, through: Vec<String>) -> Result<(), St
     let c = &node.config;
     let info = ringkv_wire::NodeInfo {
         id: c.id,
-        peer_addr: c.peer_addr.clone(),
+        peer_addr: c.advertised_peer_addr().to_string(),
         client_addr: c.client_addr.clone(),
         metrics_addr: c.metrics_addr.clone(),
         state: ringkv_wire::NodeState::Joining,

@@ -47,6 +47,9 @@ struct NodeArgs {
     id: Option<u64>,
     #[arg(long)]
     peer_addr: Option<String>,
+    /// The peer address other nodes dial, if not `--peer-addr` (NAT, proxy, port mapping).
+    #[arg(long)]
+    advertise_peer_addr: Option<String>,
     #[arg(long)]
     client_addr: Option<String>,
     #[arg(long)]
@@ -114,6 +117,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let o = Overrides {
         id: a.id,
         peer_addr: a.peer_addr,
+        advertise_peer_addr: a.advertise_peer_addr,
         client_addr: a.client_addr,
         metrics_addr: a.metrics_addr,
         ca: a.ca,
@@ -145,6 +149,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         binary,
         fault_injection: false,
         extra_config: None,
+        netns: None,
     };
     let mut cluster = DevCluster::start(opts).await?;
     cluster.set_supervisor(Some(std::process::id()))?;
@@ -180,6 +185,16 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // A panic anywhere (a bug, or a crash point the fault tests trigger) takes the whole node
+    // down, as a crash would: a node with one dead task could go on serving half a group.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    // Crash points named in the FAILPOINTS environment variable (only with the `failpoints`
+    // feature; the fault tests use it).
+    let _failpoints = fail::FailScenario::setup();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

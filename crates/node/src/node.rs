@@ -302,7 +302,7 @@ impl Node {
             .filter_map(|id| current.node(*id).map(|n| (*id, n.peer_addr.clone())))
             .collect();
         if !current.is_bootstrapped() {
-            for s in self.config.seeds.iter().filter(|s| **s != self.config.peer_addr) {
+            for s in self.config.seeds.iter().filter(|s| s.as_str() != self.config.advertised_peer_addr()) {
                 targets.push((0, s.clone()));
             }
         }
@@ -386,6 +386,7 @@ mod tests {
             id: 1,
             data_dir: dir.join("node"),
             peer_addr: "127.0.0.1:0".into(),
+            advertise_peer_addr: None,
             client_addr: "127.0.0.1:0".into(),
             metrics_addr: "127.0.0.1:0".into(),
             tls: TlsConfig { ca: certs.join("ca.pem"), cert: c.cert, key: c.key },

@@ -203,7 +203,9 @@ fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest
             return;
         };
         let started = Instant::now();
+        fail::fail_point!("storage::fsync::before");
         let result = db.db.flush_wal(db.fsync).map_err(io_err);
+        fail::fail_point!("storage::fsync::after");
         db.group_syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("ringkv_storage_syncs_total").increment(1);
         metrics::histogram!("ringkv_storage_group_commit_writes").record(dones.len() as f64);

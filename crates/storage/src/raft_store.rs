@@ -134,6 +134,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             n += 1;
         }
         metrics::counter!("ringkv_raft_log_appended_entries_total").increment(n);
+        fail::fail_point!("raft::append");
         // Readable as soon as this returns; durable when the group committer's next sync runs.
         self.db.write_durable(b, move |r| callback.io_completed(r));
         Ok(())
@@ -147,6 +148,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        fail::fail_point!("raft::purge");
         let mut b = WriteBatch::default();
         b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_PURGED), enc(&log_id)?);
         b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, 0), log_key(self.group, log_id.index + 1));
@@ -386,6 +388,7 @@ impl StateMachine {
                 let seq = SNAPSHOT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let dir = self.db.snapshot_dir("out").join(format!("g{}-{}", self.group, seq));
                 let files = write_sst_files(&self.db, &snap, &dir, start, end, self.file_bytes)?;
+                fail::fail_point!("snapshot::build");
                 SnapshotData::Files(Arc::new(SnapshotFiles::new(dir, files, sessions)))
             }
         };
@@ -616,9 +619,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(m) = membership {
             batch.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&m)?);
         }
+        fail::fail_point!("raft::apply::before");
         // Not synced: the log is durable, and the applied index is written in the same batch as
         // the data, so after a crash the state machine re-applies exactly what it lost.
         self.db.write(batch)?;
+        fail::fail_point!("raft::apply::after");
         metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
         for (r, result) in responders {
             r.send(result);
@@ -658,6 +663,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 delete_data_range(&self.db, &mut b, start, end)?;
                 self.db.write_sync(b)?;
+                fail::fail_point!("snapshot::install");
                 if let Err(e) = self.finish_install(&marker) {
                     // The marker now names these files: keep them for the retry at restart.
                     f.keep.store(true, std::sync::atomic::Ordering::Relaxed);

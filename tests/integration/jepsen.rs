@@ -1,0 +1,56 @@
+//! Jepsen-style fault runs in CI: all three workloads (register, set, bank) together against a
+//! five-node cluster in a network namespace, under each family of faults for a short while.
+//! The seed is printed; rerun one with
+//! `RINGKV_FAULT_SEED=N cargo test --release -p ringkv-tests --test integration jepsen::NAME -- --nocapture`
+//! (and `RINGKV_FAULT_TIME=SECS` for longer), or use the `jepsen` binary for soaks.
+
+use std::time::Duration;
+
+use ringkv_tests::fault::{self, Fault, FaultRun};
+
+fn short_run(name: &str, faults: &[Fault]) {
+    let seed = fault::seed_from_env();
+    let secs = std::env::var("RINGKV_FAULT_TIME").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let rerun = format!("RINGKV_FAULT_SEED={seed} cargo test --release -p ringkv-tests --test integration jepsen::{name} -- --nocapture");
+    eprintln!("{name}: seed {seed}; rerun with: {rerun}");
+    let report = fault::run(FaultRun::short(seed, Duration::from_secs(secs), faults))
+        .unwrap_or_else(|e| panic!("{name} (seed {seed}): {e:#}\nrerun with: {rerun}"));
+    eprintln!("{name}: {}", report.summary());
+    assert!(report.anomalies.is_empty(), "{name}: anomalies found: {}\nrerun with: {rerun}", report.summary());
+    // The run did something worth checking: operations completed, and faults were injected.
+    for w in ["register", "set", "bank"] {
+        let ok = report.ops.get(w).map(|c| c[0]).unwrap_or(0);
+        assert!(ok > 0, "{name}: no {w} operation succeeded: {}", report.summary());
+    }
+    assert!(report.faults.values().sum::<u64>() >= 3, "{name}: too few faults injected: {}", report.summary());
+}
+
+#[test]
+fn partitions_delay_and_loss_keep_histories_linearizable() {
+    short_run(
+        "partitions_delay_and_loss_keep_histories_linearizable",
+        &[
+            Fault::Isolate,
+            Fault::MajorityMinority,
+            Fault::OneWay,
+            Fault::Bridge,
+            Fault::Ring,
+            Fault::IsolatePlacementLeader,
+            Fault::Delay,
+            Fault::Loss,
+        ],
+    );
+}
+
+#[test]
+fn kills_and_pauses_keep_histories_linearizable() {
+    short_run("kills_and_pauses_keep_histories_linearizable", &[Fault::Kill, Fault::Pause]);
+}
+
+#[test]
+fn membership_changes_under_faults_keep_histories_linearizable() {
+    short_run(
+        "membership_changes_under_faults_keep_histories_linearizable",
+        &[Fault::Join, Fault::TransferLeader, Fault::Kill, Fault::Pause, Fault::Isolate, Fault::Delay],
+    );
+}

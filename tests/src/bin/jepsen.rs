@@ -1,0 +1,84 @@
+//! `jepsen`: a fault run of any length by hand (the CI runs are short ones of the same code).
+//!
+//!     cargo build --release --workspace --bins
+//!     $CARGO_TARGET_DIR/release/jepsen --time 600 --seed 42
+//!
+//! Needs root (network namespaces) and nftables. Prints the seed; a failed run keeps its
+//! history and cluster and prints the command that reruns the same schedule.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use ringkv_tests::fault::{self, Fault, FaultRun, Workload};
+
+#[derive(Parser, Debug)]
+#[command(about = "Jepsen-style fault runs against a local ringkv cluster in a network namespace")]
+struct Args {
+    /// How long the workloads and faults run, e.g. `90s`, `10m`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    time: Duration,
+    /// Seed of the fault schedule and the workloads' choices (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Faults to draw from (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
+    /// Workloads to run together (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    workloads: Vec<Workload>,
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    #[arg(long, default_value_t = 8)]
+    shards: u64,
+    /// Register keys (each key's history is checked on its own; about 1,000 operations each).
+    #[arg(long, default_value_t = 4)]
+    keys: u32,
+    /// Where to keep the history and cluster of a run (always kept when it fails).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let seed = a.seed.unwrap_or_else(fault::seed_from_env);
+    let faults = if a.faults.is_empty() { Fault::ALL.to_vec() } else { a.faults.clone() };
+    let mut cfg = FaultRun::short(seed, a.time, &faults);
+    cfg.nodes = a.nodes;
+    cfg.shards = a.shards;
+    cfg.register.keys = a.keys;
+    if !a.workloads.is_empty() {
+        cfg.workloads = a.workloads.clone();
+    }
+    cfg.keep_dir = a.keep.clone();
+    let names = |v: &[Fault]| {
+        v.iter()
+            .map(|f| clap::ValueEnum::to_possible_value(f).map(|p| p.get_name().to_string()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let rerun = format!(
+        "jepsen --time {} --seed {seed} --faults {} --nodes {} --shards {}",
+        humantime::format_duration(a.time),
+        names(&faults),
+        a.nodes,
+        a.shards
+    );
+    eprintln!("seed {seed}; rerun with: {rerun}");
+    match fault::run(cfg) {
+        Ok(r) if r.anomalies.is_empty() => {
+            println!("{}", r.summary());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!("{}", r.summary());
+            eprintln!("FAILED; rerun with: {rerun}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}\nrerun with: {rerun}");
+            ExitCode::FAILURE
+        }
+    }
+}

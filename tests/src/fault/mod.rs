@@ -1,0 +1,255 @@
+//! Jepsen-style fault runs: a cluster of `ringkv node` processes inside a network namespace,
+//! client workloads that record every operation, a seeded nemesis, and checks of the history
+//! at the end. `run` is shared by the integration tests (short runs) and the `jepsen` binary
+//! (long soaks by hand).
+
+pub mod history;
+pub mod nemesis;
+pub mod netns;
+pub mod proxy;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringkv_client::Client;
+use ringkv_node::dev::{DevCluster, DevOptions, NetnsLayout};
+
+pub use nemesis::Fault;
+use workload::{BankConfig, Ctx, RegisterConfig};
+
+/// Node ids the proxy covers: the first nodes and those that join during the run.
+const MAX_NODES: u64 = 7;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
+    Register,
+    Set,
+    Bank,
+}
+
+#[derive(Clone, Debug)]
+pub struct FaultRun {
+    pub nodes: usize,
+    pub shards: u64,
+    /// How long the workloads and the nemesis run (the checks come after).
+    pub time: Duration,
+    pub seed: u64,
+    pub faults: Vec<Fault>,
+    pub workloads: Vec<Workload>,
+    pub register: RegisterConfig,
+    pub set_workers: usize,
+    pub bank: BankConfig,
+    /// Deadline of one client operation.
+    pub op_timeout: Duration,
+    /// Where to keep the cluster and the history of a failed run (default: the temp dir).
+    pub keep_dir: Option<PathBuf>,
+}
+
+impl FaultRun {
+    /// A run of every workload against `faults`, sized for CI.
+    pub fn short(seed: u64, time: Duration, faults: &[Fault]) -> FaultRun {
+        FaultRun {
+            nodes: 5,
+            shards: 8,
+            time,
+            seed,
+            faults: faults.to_vec(),
+            workloads: vec![Workload::Register, Workload::Set, Workload::Bank],
+            register: RegisterConfig { keys: 4, workers: 8, ops_per_key: 1000 },
+            set_workers: 4,
+            bank: BankConfig { banks: 3, accounts: 5, balance: 20, workers: 3 },
+            op_timeout: Duration::from_secs(5),
+            keep_dir: None,
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    /// `workload` → (ok, failed, unknown).
+    pub ops: BTreeMap<String, [u64; 3]>,
+    pub faults: BTreeMap<Fault, u64>,
+    pub anomalies: Vec<String>,
+    /// Packets the proxy forwarded, dropped and delayed.
+    pub packets: [u64; 3],
+    /// The history (and, after a failure, the cluster's data and logs).
+    pub history: Option<PathBuf>,
+    pub elapsed: Duration,
+    /// Nodes that joined during the run, with the replicas they hold at the end.
+    pub joined: Vec<(u64, usize)>,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let ops: u64 = self.ops.values().map(|c| c.iter().sum::<u64>()).sum();
+        let faults: u64 = self.faults.values().sum();
+        let mut s = format!(
+            "seed {}: {ops} operations {:?}, {faults} faults {:?}, packets forwarded/dropped/delayed {:?}, {} anomalies, {:.0?}",
+            self.seed,
+            self.ops,
+            self.faults,
+            self.packets,
+            self.anomalies.len(),
+            self.elapsed
+        );
+        for (id, replicas) in &self.joined {
+            s.push_str(&format!("\n  node {id} joined and holds {replicas} replicas"));
+        }
+        for a in self.anomalies.iter().take(20) {
+            s.push_str(&format!("\n  anomaly: {a}"));
+        }
+        if let Some(h) = &self.history {
+            s.push_str(&format!("\n  history: {}", h.display()));
+        }
+        s
+    }
+}
+
+/// A seed from the environment (`RINGKV_FAULT_SEED`) or the clock.
+pub fn seed_from_env() -> u64 {
+    std::env::var("RINGKV_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1))
+}
+
+/// Runs `cfg` in a fresh network namespace; blocks until the checks are done.
+pub fn run(cfg: FaultRun) -> anyhow::Result<Report> {
+    let ns = netns::Netns::create()?;
+    let started = Instant::now();
+    // The runtime's threads move into the namespace: give it a thread of its own.
+    let mut report = std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<Report> {
+            let rt = ns.runtime()?;
+            let r = rt.block_on(run_in(&ns, cfg));
+            rt.shutdown_timeout(Duration::from_secs(10));
+            r
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fault run panicked"))?
+    })?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn run_in(ns: &netns::Netns, cfg: FaultRun) -> anyhow::Result<Report> {
+    let dir = tempfile::Builder::new().prefix("ringkv-fault-").tempdir()?;
+    let proxy = proxy::Proxy::start(MAX_NODES).await?;
+    let opts = DevOptions {
+        nodes: cfg.nodes,
+        shards: cfg.shards,
+        replication: 3,
+        data_dir: dir.path().join("cluster"),
+        binary: crate::ringkv_binary(),
+        fault_injection: false,
+        extra_config: Some(crate::TEST_RAFT.into()),
+        netns: Some(NetnsLayout { name: ns.name().into(), proxied: true }),
+    };
+    let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
+    let mut cc = cluster.client_config();
+    cc.timeout = cfg.op_timeout;
+    cc.attempt_timeout = Duration::from_secs(2);
+    let client = Arc::new(Client::connect(cc).await?);
+    let rec = Arc::new(history::Recorder::default());
+    let until = Instant::now() + cfg.time;
+    let ctx = Arc::new(Ctx::new(client.clone(), rec.clone(), until, cfg.op_timeout, cfg.seed));
+    if cfg.workloads.contains(&Workload::Bank) {
+        workload::bank_setup(&ctx, cfg.bank).await?;
+    }
+    let register = cfg.workloads.contains(&Workload::Register).then(|| tokio::spawn(workload::register(ctx.clone(), cfg.register)));
+    let set = cfg.workloads.contains(&Workload::Set).then(|| tokio::spawn(workload::set(ctx.clone(), cfg.set_workers)));
+    let bank = cfg.workloads.contains(&Workload::Bank).then(|| tokio::spawn(workload::bank(ctx.clone(), cfg.bank)));
+
+    let mut nemesis = nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), MAX_NODES);
+    let schedule = nemesis.run(until).await;
+    let crashed = nemesis.heal_all().await?;
+    let mut report = Report { seed: cfg.seed, faults: nemesis.counts.clone(), ..Default::default() };
+    report.anomalies.extend(crashed);
+    let mut cluster = nemesis.cluster;
+    schedule?;
+
+    if let Some(t) = register {
+        t.await?;
+    }
+    let set = match set {
+        Some(t) => Some(t.await?),
+        None => None,
+    };
+    let bank_counts = match bank {
+        Some(t) => Some(t.await?),
+        None => None,
+    };
+    report.packets = [&proxy.stats.forwarded, &proxy.stats.dropped, &proxy.stats.delayed].map(|c| c.load(Ordering::Relaxed));
+    // Every fault is undone: the cluster must serve again before the final reads.
+    cluster.wait_ready(Duration::from_secs(120)).await?;
+    if let Ok(map) = client.refresh_map().await {
+        for n in map.nodes.iter().filter(|n| n.id > cfg.nodes as u64) {
+            report.joined.push((n.id, map.replicas_on(n.id)));
+        }
+    }
+
+    if cfg.workloads.contains(&Workload::Register) {
+        let counts = rec.register_counts();
+        report
+            .ops
+            .insert("register".into(), counts.values().fold([0; 3], |a, c| [a[0] + c.0 as u64, a[1] + c.1 as u64, a[2] + c.2 as u64]));
+        for (key, actions) in rec.register_histories() {
+            let n = actions.len() / 2;
+            let started = Instant::now();
+            let ok = tokio::task::spawn_blocking(move || history::linearizable(actions)).await?;
+            eprintln!(
+                "register {key}: {n} operations checked in {:.1?}: {}",
+                started.elapsed(),
+                if ok { "linearizable" } else { "NOT linearizable" }
+            );
+            if !ok {
+                ctx.anomaly(format!("register {key}: the history of its {n} operations is not linearizable"));
+            }
+        }
+    }
+    if let Some(state) = set {
+        let (acked, present, absent) = workload::check_set(&ctx, &state).await?;
+        let outcomes = state.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
+        let fails = outcomes.values().filter(|o| **o == history::Outcome::Fail).count() as u64;
+        report.ops.insert("set".into(), [acked as u64, fails, (present + absent) as u64]);
+        eprintln!("set: {acked} acknowledged adds all present; of unknown adds {present} present, {absent} absent");
+    }
+    if let Some([ok, refused, unknown, reads]) = bank_counts {
+        workload::check_banks(&ctx, cfg.bank).await?;
+        report.ops.insert("bank".into(), [ok + reads, refused, unknown]);
+    }
+    report.anomalies.extend(ctx.anomalies.lock().map(|a| a.clone()).unwrap_or_default());
+
+    let history = dir.path().join("history.jsonl");
+    rec.save(&history)?;
+    cluster.stop_all().await;
+    client.close();
+    if !report.anomalies.is_empty() || cfg.keep_dir.is_some() {
+        let kept = match &cfg.keep_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                let to = d.join(format!("seed-{}", cfg.seed));
+                std::fs::rename(dir.path(), &to).or_else(|_| copy_dir(dir.path(), &to))?;
+                to
+            }
+            None => dir.keep(),
+        };
+        report.history = Some(kept.join("history.jsonl"));
+    }
+    Ok(report)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("cp -a {} {} failed", from.display(), to.display())))
+    }
+}

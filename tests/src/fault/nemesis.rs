@@ -1,0 +1,305 @@
+//! The nemesis: a seeded schedule of faults against a namespaced cluster. Each round waits a
+//! quiet moment, starts one fault (sometimes two of different kinds at once), holds it, and
+//! undoes it. Membership changes (a node joins, which moves replicas onto it; a leader
+//! transfer) run in the same schedule, so the other faults land while they are in progress.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use ringkv_client::Client;
+use ringkv_node::dev::DevCluster;
+use ringkv_wire::NodeId;
+
+use super::history::Recorder;
+use super::netns::Netns;
+use super::proxy::{LinkFaults, Proxy};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
+#[clap(rename_all = "kebab-case")]
+pub enum Fault {
+    /// `kill -9` of a node, restarted from its data dir after a while.
+    Kill,
+    /// SIGSTOP of a node for longer than an election timeout, then SIGCONT.
+    Pause,
+    /// One node cut off from all others.
+    Isolate,
+    /// The nodes split in a minority and a majority.
+    MajorityMinority,
+    /// Some nodes cannot send to the others, which can still send to them.
+    OneWay,
+    /// Two halves that only a bridge node sees both of.
+    Bridge,
+    /// Each node sees only its neighbours on a ring (each a different majority).
+    Ring,
+    /// The placement group's leader cut off from all others.
+    IsolatePlacementLeader,
+    /// Every node-to-node packet is delayed (and so reordered).
+    Delay,
+    /// A share of node-to-node packets is lost.
+    Loss,
+    /// A new node joins; the placement driver moves replicas onto it.
+    Join,
+    /// A shard's leadership moves to another replica.
+    TransferLeader,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Process,
+    Network,
+    Membership,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 12] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Isolate,
+        Fault::MajorityMinority,
+        Fault::OneWay,
+        Fault::Bridge,
+        Fault::Ring,
+        Fault::IsolatePlacementLeader,
+        Fault::Delay,
+        Fault::Loss,
+        Fault::Join,
+        Fault::TransferLeader,
+    ];
+
+    fn kind(self) -> Kind {
+        match self {
+            Fault::Kill | Fault::Pause => Kind::Process,
+            Fault::Join | Fault::TransferLeader => Kind::Membership,
+            _ => Kind::Network,
+        }
+    }
+}
+
+/// How to undo a fault.
+enum Undo {
+    Restart(NodeId),
+    Resume(NodeId),
+    Heal,
+    Clear,
+    Nothing,
+}
+
+pub struct Nemesis<'a> {
+    pub cluster: DevCluster,
+    ns: &'a Netns,
+    proxy: &'a Proxy,
+    client: Arc<Client>,
+    rec: Arc<Recorder>,
+    rng: StdRng,
+    faults: Vec<Fault>,
+    /// Nodes that may still join (the proxy covers ids up to this).
+    max_node: NodeId,
+    pub counts: BTreeMap<Fault, u64>,
+}
+
+/// Links cut by `a` not reaching `b` and `b` not reaching `a` for every pair across the sets.
+fn cut(a: &[NodeId], b: &[NodeId], links: &mut BTreeSet<(NodeId, NodeId)>) {
+    for x in a {
+        for y in b {
+            links.insert((*x, *y));
+            links.insert((*y, *x));
+        }
+    }
+}
+
+impl<'a> Nemesis<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cluster: DevCluster,
+        ns: &'a Netns,
+        proxy: &'a Proxy,
+        client: Arc<Client>,
+        rec: Arc<Recorder>,
+        seed: u64,
+        faults: Vec<Fault>,
+        max_node: NodeId,
+    ) -> Self {
+        Nemesis { cluster, ns, proxy, client, rec, rng: StdRng::seed_from_u64(seed), faults, max_node, counts: BTreeMap::new() }
+    }
+
+    fn nodes(&self) -> Vec<NodeId> {
+        self.cluster.file.nodes.iter().map(|n| n.id).collect()
+    }
+
+    fn note(&self, phase: &str, f: Fault, detail: String) {
+        eprintln!("[{:>6} ms] nemesis {phase} {f:?} {detail}", self.rec.elapsed_ms());
+        self.rec.note("nemesis", 0, phase, &format!("{f:?}"), None, detail);
+    }
+
+    /// Runs rounds until `until`; every fault is undone when it returns.
+    pub async fn run(&mut self, until: Instant) -> anyhow::Result<()> {
+        while Instant::now() + Duration::from_secs(2) < until {
+            tokio::time::sleep(Duration::from_millis(self.rng.gen_range(500..2000))).await;
+            let first = *self.faults.choose(&mut self.rng).ok_or_else(|| anyhow::anyhow!("no faults to inject"))?;
+            let mut now = vec![first];
+            if self.rng.gen_bool(0.3) {
+                let others: Vec<Fault> = self.faults.iter().copied().filter(|f| f.kind() != first.kind()).collect();
+                if let Some(second) = others.choose(&mut self.rng) {
+                    now.push(*second);
+                }
+            }
+            let mut undo = Vec::new();
+            for f in now {
+                undo.push((f, self.start(f).await?));
+            }
+            let hold = Duration::from_millis(self.rng.gen_range(1500..5000));
+            tokio::time::sleep(hold.min(until.saturating_duration_since(Instant::now()))).await;
+            for (f, u) in undo {
+                self.stop(f, u).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, f: Fault) -> anyhow::Result<Undo> {
+        let mut nodes = self.nodes();
+        nodes.shuffle(&mut self.rng);
+        let victim = nodes[0];
+        let mut links = BTreeSet::new();
+        let undo = match f {
+            Fault::Kill => {
+                self.cluster.kill(victim).await?;
+                self.note("start", f, format!("node {victim}"));
+                Undo::Restart(victim)
+            }
+            Fault::Pause => {
+                let pid = self.cluster.pid(victim).ok_or_else(|| anyhow::anyhow!("node {victim} is not running"))?;
+                kill(Pid::from_raw(pid as i32), Signal::SIGSTOP)?;
+                self.note("start", f, format!("node {victim}"));
+                Undo::Resume(victim)
+            }
+            Fault::Isolate | Fault::IsolatePlacementLeader => {
+                let target = if f == Fault::Isolate { victim } else { self.placement_leader().await.unwrap_or(victim) };
+                let rest: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != target).collect();
+                cut(&[target], &rest, &mut links);
+                self.note("start", f, format!("node {target}"));
+                Undo::Heal
+            }
+            Fault::MajorityMinority => {
+                let (minority, majority) = nodes.split_at((nodes.len() - 1) / 2);
+                cut(minority, majority, &mut links);
+                self.note("start", f, format!("{minority:?} | {majority:?}"));
+                Undo::Heal
+            }
+            Fault::OneWay => {
+                let senders = self.rng.gen_range(1..=(nodes.len() - 1) / 2);
+                let (mute, rest) = nodes.split_at(senders);
+                for m in mute {
+                    for r in rest {
+                        links.insert((*m, *r));
+                    }
+                }
+                self.note("start", f, format!("{mute:?} cannot send to {rest:?}"));
+                Undo::Heal
+            }
+            Fault::Bridge => {
+                let half = (nodes.len() - 1) / 2;
+                let (left, rest) = nodes.split_at(half);
+                let (bridge, right) = rest.split_at(1);
+                cut(left, right, &mut links);
+                self.note("start", f, format!("{left:?} <-> {bridge:?} <-> {right:?}"));
+                Undo::Heal
+            }
+            Fault::Ring => {
+                let n = nodes.len();
+                // Each node sees the fewest neighbours that make a majority with itself.
+                let reach = (n / 2).div_ceil(2);
+                for i in 0..n {
+                    for j in 0..n {
+                        let d = (i + n - j) % n;
+                        if d.min(n - d) > reach {
+                            links.insert((nodes[i], nodes[j]));
+                        }
+                    }
+                }
+                self.note("start", f, format!("ring {nodes:?}, each sees {reach} on either side"));
+                Undo::Heal
+            }
+            Fault::Delay => {
+                let max = self.rng.gen_range(20..200);
+                self.proxy.set(LinkFaults { delay_ms: (1, max), loss: 0.0 });
+                self.note("start", f, format!("1..{max} ms per packet"));
+                Undo::Clear
+            }
+            Fault::Loss => {
+                let loss = self.rng.gen_range(0.05..0.3);
+                self.proxy.set(LinkFaults { delay_ms: (0, 0), loss });
+                self.note("start", f, format!("{:.0}% of packets", loss * 100.0));
+                Undo::Clear
+            }
+            Fault::Join => {
+                if self.nodes().into_iter().max().unwrap_or(0) < self.max_node {
+                    let id = self.cluster.add_node()?;
+                    self.note("start", f, format!("node {id} joins"));
+                } else {
+                    self.note("skip", f, "no node id left".into());
+                }
+                Undo::Nothing
+            }
+            Fault::TransferLeader => {
+                let map = self.client.refresh_map().await.unwrap_or_else(|_| self.client.map());
+                if let Some(s) = map.shards.choose(&mut self.rng) {
+                    let leader = self.client.cached_leader(s.id);
+                    let to: Vec<NodeId> = s.replicas.iter().copied().filter(|r| Some(*r) != leader).collect();
+                    if let Some(to) = to.choose(&mut self.rng) {
+                        let r = tokio::time::timeout(Duration::from_secs(5), self.client.transfer_leader(s.id, *to)).await;
+                        self.note("start", f, format!("shard {} to node {to}: {r:?}", s.id));
+                    }
+                }
+                Undo::Nothing
+            }
+        };
+        if !links.is_empty() {
+            self.ns.block(&links)?;
+        }
+        *self.counts.entry(f).or_default() += 1;
+        Ok(undo)
+    }
+
+    async fn stop(&mut self, f: Fault, u: Undo) -> anyhow::Result<()> {
+        match u {
+            Undo::Restart(id) => self.cluster.restart(id)?,
+            Undo::Resume(id) => {
+                if let Some(pid) = self.cluster.pid(id) {
+                    kill(Pid::from_raw(pid as i32), Signal::SIGCONT)?;
+                }
+            }
+            Undo::Heal => self.ns.block(&BTreeSet::new())?,
+            Undo::Clear => self.proxy.set(LinkFaults::default()),
+            Undo::Nothing => return Ok(()),
+        }
+        self.note("stop", f, String::new());
+        Ok(())
+    }
+
+    /// Undoes everything: resumes paused nodes, restarts stopped ones, heals the network.
+    /// Returns the nodes that had exited on their own (a crash no fault asked for).
+    pub async fn heal_all(&mut self) -> anyhow::Result<Vec<String>> {
+        self.ns.block(&BTreeSet::new())?;
+        self.proxy.set(LinkFaults::default());
+        let crashed: Vec<String> = self.cluster.exited().into_iter().map(|(id, st)| format!("node {id} exited on its own: {st}")).collect();
+        for id in self.nodes() {
+            match self.cluster.pid(id) {
+                Some(pid) => kill(Pid::from_raw(pid as i32), Signal::SIGCONT)?,
+                None => self.cluster.restart(id)?,
+            }
+        }
+        Ok(crashed)
+    }
+
+    async fn placement_leader(&self) -> Option<NodeId> {
+        let reports: Vec<_> = self.client.node_reports().await.into_iter().flatten().collect();
+        ringkv_client::leaders_of(&reports).get(&ringkv_wire::PLACEMENT_GROUP).copied()
+    }
+}

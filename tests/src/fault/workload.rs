@@ -1,0 +1,332 @@
+//! The workloads of a fault run:
+//! - `register`: reads, writes and compare-and-swaps of small numbers on a few keys from many
+//!   clients, checked for linearizability per key afterwards;
+//! - `set`: unique adds over many keys (so every shard); at the end every acknowledged add is
+//!   present, nothing that failed or was never added is, and values are never mixed up;
+//! - `bank`: accounts in one value per bank, moved between by compare-and-swap; every read
+//!   must show the bank's total.
+//!
+//! A write that times out or loses its connection is recorded as unknown, never as failed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ringkv_client::{CallOptions, Client, Error};
+
+use super::history::{Outcome, Recorder, RegisterOp};
+
+/// What every workload task shares.
+pub struct Ctx {
+    pub client: Arc<Client>,
+    pub rec: Arc<Recorder>,
+    /// No operation starts after this.
+    pub until: Instant,
+    /// Deadline of one operation, retries included.
+    pub op_timeout: Duration,
+    pub seed: u64,
+    /// Each client process gets a fresh id after an operation with an unknown outcome, as the
+    /// checker requires (a process has one operation at a time).
+    next_process: AtomicUsize,
+    pub anomalies: Mutex<Vec<String>>,
+}
+
+impl Ctx {
+    pub fn new(client: Arc<Client>, rec: Arc<Recorder>, until: Instant, op_timeout: Duration, seed: u64) -> Ctx {
+        Ctx { client, rec, until, op_timeout, seed, next_process: AtomicUsize::new(1), anomalies: Mutex::new(Vec::new()) }
+    }
+
+    fn process(&self) -> usize {
+        self.next_process.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn opts(&self) -> CallOptions {
+        CallOptions::timeout(self.op_timeout)
+    }
+
+    pub fn anomaly(&self, what: String) {
+        eprintln!("ANOMALY: {what}");
+        if let Ok(mut a) = self.anomalies.lock() {
+            a.push(what);
+        }
+    }
+
+    fn rng(&self, stream: u64) -> StdRng {
+        StdRng::seed_from_u64(self.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+}
+
+/// A write's outcome from the client's error: retryable errors (deadline, transport) leave it
+/// unknown; a refusal is final.
+fn write_outcome(e: &Error) -> Outcome {
+    if e.retryable() {
+        Outcome::Unknown
+    } else {
+        Outcome::Fail
+    }
+}
+
+fn parse_u32(v: &[u8]) -> Option<u32> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterConfig {
+    pub keys: u32,
+    pub workers: usize,
+    /// Operations per key at most (keeps each key's history checkable).
+    pub ops_per_key: usize,
+}
+
+pub fn register_key(k: u32) -> Vec<u8> {
+    format!("register-{k}").into_bytes()
+}
+
+pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
+    let issued: Arc<Vec<AtomicUsize>> = Arc::new((0..cfg.keys).map(|_| AtomicUsize::new(0)).collect());
+    // Spread each key's operations over the whole run, so they meet every fault.
+    let per_worker = (cfg.keys as usize * cfg.ops_per_key).div_ceil(cfg.workers.max(1)).max(1) as u32;
+    let pace = ctx.until.saturating_duration_since(Instant::now()) / per_worker;
+    let mut tasks = Vec::new();
+    for w in 0..cfg.workers {
+        let (ctx, issued) = (ctx.clone(), issued.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = ctx.rng(1000 + w as u64);
+            let mut process = ctx.process();
+            let started = Instant::now();
+            for i in 0u32.. {
+                tokio::time::sleep_until((started + pace * i).into()).await;
+                if Instant::now() >= ctx.until {
+                    break;
+                }
+                let open: Vec<u32> = (0..cfg.keys).filter(|k| issued[*k as usize].load(Ordering::Relaxed) < cfg.ops_per_key).collect();
+                let Some(&k) = open.get(rng.gen_range(0..open.len().max(1))) else { break };
+                issued[k as usize].fetch_add(1, Ordering::Relaxed);
+                let key = register_key(k);
+                let op = match rng.gen_range(0..10) {
+                    0..=4 => RegisterOp::Read(None),
+                    5..=7 => RegisterOp::Write(rng.gen_range(0..5)),
+                    _ => RegisterOp::Cas(rng.gen_range(0..5), rng.gen_range(0..5)),
+                };
+                let p = ctx.rec.register_invoke(process, k, op);
+                let (outcome, read) = match op {
+                    RegisterOp::Read(_) => match ctx.client.get_with(&key, ctx.opts()).await {
+                        // A value that is not a number makes the check fail, as it should.
+                        Ok(v) => (Outcome::Ok, v.map(|v| parse_u32(&v).unwrap_or(u32::MAX))),
+                        Err(_) => (Outcome::Fail, None),
+                    },
+                    RegisterOp::Write(v) => match ctx.client.put_with(&key, v.to_string().as_bytes(), ctx.opts()).await {
+                        Ok(()) => (Outcome::Ok, None),
+                        Err(e) => (write_outcome(&e), None),
+                    },
+                    RegisterOp::Cas(c, s) => {
+                        let expect = c.to_string();
+                        match ctx.client.compare_and_swap_with(&key, Some(expect.as_bytes()), s.to_string().as_bytes(), ctx.opts()).await {
+                            Ok(o) if o.swapped => (Outcome::Ok, None),
+                            Ok(_) => (Outcome::Fail, None),
+                            Err(e) => (write_outcome(&e), None),
+                        }
+                    }
+                };
+                ctx.rec.register_done(p, outcome, read);
+                if outcome == Outcome::Unknown {
+                    process = ctx.process();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// What the set workload attempted, by element.
+#[derive(Default)]
+pub struct SetState {
+    pub outcomes: Mutex<BTreeMap<u64, Outcome>>,
+    next: AtomicU64,
+}
+
+pub fn set_key(n: u64) -> Vec<u8> {
+    format!("set-{n}").into_bytes()
+}
+
+pub async fn set(ctx: Arc<Ctx>, workers: usize) -> Arc<SetState> {
+    let state = Arc::new(SetState::default());
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (ctx, state) = (ctx.clone(), state.clone());
+        tasks.push(tokio::spawn(async move {
+            let process = ctx.process();
+            while Instant::now() < ctx.until {
+                let n = state.next.fetch_add(1, Ordering::Relaxed);
+                ctx.rec.note("set", process, "invoke", "add", None, n.to_string());
+                let outcome = match ctx.client.put_with(&set_key(n), n.to_string().as_bytes(), ctx.opts()).await {
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => write_outcome(&e),
+                };
+                ctx.rec.note("set", process, &format!("{outcome:?}").to_lowercase(), "add", None, n.to_string());
+                if let Ok(mut o) = state.outcomes.lock() {
+                    o.insert(n, outcome);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    state
+}
+
+/// Reads `keys` linearizably, retrying each until it answers or `timeout` passes.
+async fn read_all(client: &Client, keys: &[Vec<u8>], timeout: Duration) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+    let started = Instant::now();
+    let mut out = vec![None; keys.len()];
+    let mut todo: Vec<usize> = (0..keys.len()).collect();
+    while !todo.is_empty() {
+        anyhow::ensure!(started.elapsed() < timeout, "{} final reads did not answer within {timeout:?}", todo.len());
+        let mut failed = Vec::new();
+        for chunk in todo.chunks(256) {
+            let ks: Vec<&[u8]> = chunk.iter().map(|i| keys[*i].as_slice()).collect();
+            for (i, r) in chunk.iter().zip(client.batch_get(&ks, CallOptions::timeout(Duration::from_secs(10))).await) {
+                match r {
+                    Ok(v) => out[*i] = v,
+                    Err(_) => failed.push(*i),
+                }
+            }
+        }
+        if !failed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        todo = failed;
+    }
+    Ok(out)
+}
+
+/// Extra elements past the last one attempted that are read too: none may exist.
+const NEVER_ADDED: u64 = 100;
+
+/// The set's final check; returns (acknowledged, unknown seen present, unknown absent).
+pub async fn check_set(ctx: &Ctx, state: &SetState) -> anyhow::Result<(usize, usize, usize)> {
+    let outcomes = state.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
+    let end = outcomes.keys().next_back().map(|n| n + 1).unwrap_or(0) + NEVER_ADDED;
+    let keys: Vec<Vec<u8>> = (0..end).map(set_key).collect();
+    let values = read_all(&ctx.client, &keys, Duration::from_secs(120)).await?;
+    let (mut acked, mut present, mut absent) = (0, 0, 0);
+    for (n, v) in values.iter().enumerate() {
+        let n = n as u64;
+        let expected = n.to_string().into_bytes();
+        if let Some(v) = v {
+            if *v != expected {
+                ctx.anomaly(format!("set: element {n} reads {:?}", String::from_utf8_lossy(v)));
+                continue;
+            }
+        }
+        match (outcomes.get(&n), v.is_some()) {
+            (Some(Outcome::Ok), true) => acked += 1,
+            (Some(Outcome::Ok), false) => ctx.anomaly(format!("set: acknowledged add of {n} is lost")),
+            (Some(Outcome::Unknown), true) => present += 1,
+            (Some(Outcome::Unknown), false) => absent += 1,
+            (Some(Outcome::Fail), true) => ctx.anomaly(format!("set: add of {n} failed, yet it is present")),
+            (None, true) => ctx.anomaly(format!("set: element {n} was never added, yet it is present")),
+            (Some(Outcome::Fail) | None, false) => {}
+        }
+    }
+    Ok((acked, present, absent))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BankConfig {
+    pub banks: u32,
+    pub accounts: usize,
+    pub balance: i64,
+    pub workers: usize,
+}
+
+pub fn bank_key(b: u32) -> Vec<u8> {
+    format!("bank-{b}").into_bytes()
+}
+
+fn encode(accounts: &[i64]) -> Vec<u8> {
+    accounts.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",").into_bytes()
+}
+
+fn decode(v: &[u8]) -> Option<Vec<i64>> {
+    std::str::from_utf8(v).ok()?.split(',').map(|a| a.parse().ok()).collect()
+}
+
+/// Opens every bank (before any fault).
+pub async fn bank_setup(ctx: &Ctx, cfg: BankConfig) -> anyhow::Result<()> {
+    for b in 0..cfg.banks {
+        ctx.client.put_with(&bank_key(b), &encode(&vec![cfg.balance; cfg.accounts]), CallOptions::timeout(Duration::from_secs(30))).await?;
+    }
+    Ok(())
+}
+
+/// Checks one read of bank `b`: the total is conserved and no account is negative.
+fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) {
+    let total = cfg.balance * cfg.accounts as i64;
+    match v.and_then(decode) {
+        Some(a) if a.len() == cfg.accounts && a.iter().sum::<i64>() == total && a.iter().all(|x| *x >= 0) => {}
+        other => ctx.anomaly(format!("bank {b} ({when}): read {other:?}, total must be {total}")),
+    }
+}
+
+/// Moves money between accounts with compare-and-swap; returns (transfers ok, refused, unknown, reads).
+pub async fn bank(ctx: Arc<Ctx>, cfg: BankConfig) -> [u64; 4] {
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut tasks = Vec::new();
+    for w in 0..cfg.workers {
+        let (ctx, counts) = (ctx.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = ctx.rng(2000 + w as u64);
+            let process = ctx.process();
+            while Instant::now() < ctx.until {
+                let b = rng.gen_range(0..cfg.banks);
+                let key = bank_key(b);
+                let Ok(v) = ctx.client.get_with(&key, ctx.opts()).await else { continue };
+                check_bank(&ctx, cfg, b, v.as_deref(), "read");
+                counts[3].fetch_add(1, Ordering::Relaxed);
+                let (Some(old), true) = (v.as_deref().and_then(decode), rng.gen_bool(0.7)) else { continue };
+                let (from, to) = (rng.gen_range(0..cfg.accounts), rng.gen_range(0..cfg.accounts));
+                if from == to || old[from] == 0 {
+                    continue;
+                }
+                let amount = rng.gen_range(1..=old[from].min(5));
+                let mut new = old.clone();
+                new[from] -= amount;
+                new[to] += amount;
+                let detail = format!("bank {b}: {amount} from {from} to {to}");
+                ctx.rec.note("bank", process, "invoke", "transfer", Some(b), detail.clone());
+                let outcome = match ctx.client.compare_and_swap_with(&key, v.as_deref(), &encode(&new), ctx.opts()).await {
+                    Ok(o) if o.swapped => Outcome::Ok,
+                    Ok(_) => Outcome::Fail,
+                    Err(e) => write_outcome(&e),
+                };
+                let i = match outcome {
+                    Outcome::Ok => 0,
+                    Outcome::Fail => 1,
+                    Outcome::Unknown => 2,
+                };
+                counts[i].fetch_add(1, Ordering::Relaxed);
+                ctx.rec.note("bank", process, &format!("{outcome:?}").to_lowercase(), "transfer", Some(b), detail);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed))
+}
+
+/// The banks' final check.
+pub async fn check_banks(ctx: &Ctx, cfg: BankConfig) -> anyhow::Result<()> {
+    let keys: Vec<Vec<u8>> = (0..cfg.banks).map(bank_key).collect();
+    for (b, v) in read_all(&ctx.client, &keys, Duration::from_secs(60)).await?.into_iter().enumerate() {
+        check_bank(ctx, cfg, b as u32, v.as_deref(), "final read");
+    }
+    Ok(())
+}
