@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build ringkv: rocksdb's build needs clang and
-# libclang (bindgen). Safe to run again; does nothing when everything is there.
+# libclang (bindgen). Extra package names given as arguments are installed too (the tests pass
+# nftables and iproute2 for their network namespaces). Safe to run again; does nothing when
+# everything is there.
 set -euo pipefail
 need=()
 if command -v dpkg >/dev/null 2>&1; then
-  for p in clang libclang-dev; do
+  for p in clang libclang-dev "$@"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
 else
@@ -13,7 +15,7 @@ fi
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing ${need[*]} (needed to build rocksdb) ..." >&2
+  echo "installing ${need[*]} ..." >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi

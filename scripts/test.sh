@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, unit tests, the openraft storage suite and the
-# integration tests (real 3-node clusters on 127.0.0.1). Tests and binaries share one release
+# integration tests (real clusters on 127.0.0.1, and fault runs in network namespaces, which
+# need root and nftables). Tests and binaries share one release
 # build, so the dependencies (rocksdb above all) compile once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+scripts/deps.sh nftables iproute2
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ringkv-target}"
 cargo fmt --all --check
 cargo build --release --workspace --bins

@@ -105,7 +105,7 @@ impl Local {
 /// The client configuration of a running cluster from its cluster file (`ringkv dev` writes
 /// one; see deploy/ for other clusters).
 pub fn cluster_file(path: &Path) -> anyhow::Result<ClientConfig> {
-    Ok(ClusterFile::load(path)?.client_config())
+    Ok(ringkv_node::dev::ClusterFileExt::client_config(&ClusterFile::load(path)?))
 }
 
 /// Process ids of a local cluster's nodes.

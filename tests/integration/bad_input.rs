@@ -21,7 +21,7 @@ async fn oversize_keys_values_and_malformed_frames_get_clear_errors() -> anyhow:
     assert_eq!(client.get(&vec![b'k'; 4096]).await?.map(|v| v.len()), Some(1 << 20));
 
     // Raw frames on a real client connection.
-    let certs = tc.cluster.file.client_certs();
+    let certs = ringkv_node::dev::ClusterFileExt::client_certs(&tc.cluster.file);
     let quic = ringkv_transport::tls::client_config(&certs, ALPN_CLIENT)?;
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let addr = tc.client_addr(1).parse()?;

@@ -1,7 +1,7 @@
 //! Jepsen-style fault runs in CI: all three workloads (register, set, bank) together against a
 //! five-node cluster in a network namespace, under each family of faults for a short while.
 //! The seed is printed; rerun one with
-//! `RINGKV_FAULT_SEED=N cargo test --release -p ringkv-tests --test integration jepsen::NAME -- --nocapture`
+//! `RINGKV_FAULT_SEED=N cargo test --release --workspace -- --exact jepsen::NAME --nocapture`
 //! (and `RINGKV_FAULT_TIME=SECS` for longer), or use the `jepsen` binary for soaks.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use ringkv_tests::fault::{self, Fault, FaultRun};
 fn short_run(name: &str, faults: &[Fault]) {
     let seed = fault::seed_from_env();
     let secs = std::env::var("RINGKV_FAULT_TIME").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let rerun = format!("RINGKV_FAULT_SEED={seed} cargo test --release -p ringkv-tests --test integration jepsen::{name} -- --nocapture");
+    let rerun = format!("RINGKV_FAULT_SEED={seed} cargo test --release --workspace -- --exact jepsen::{name} --nocapture");
     eprintln!("{name}: seed {seed}; rerun with: {rerun}");
     let report = fault::run(FaultRun::short(seed, Duration::from_secs(secs), faults))
         .unwrap_or_else(|e| panic!("{name} (seed {seed}): {e:#}\nrerun with: {rerun}"));

@@ -186,17 +186,12 @@ enum CertCmd {
 
 fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
     let mut cfg = if let Some(path) = &cli.target.cluster {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a cluster file: {e}", path.display()))?;
-        let seeds: Vec<String> = v["nodes"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|n| n["client_addr"].as_str().map(String::from)).collect())
-            .unwrap_or_default();
-        let p = |k: &str| -> anyhow::Result<PathBuf> {
-            v["certs"][k].as_str().map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("{}: no certs.{k}", path.display()))
-        };
-        ClientConfig::new(seeds, CertPaths { ca: p("ca")?, cert: p("client_cert")?, key: p("client_key")? })
+        let file = ringkv_config::cluster::ClusterFile::load(path)?;
+        let c = &file.certs;
+        ClientConfig::new(
+            file.nodes.iter().map(|n| n.client_addr.clone()).collect(),
+            CertPaths { ca: c.ca.clone(), cert: c.client_cert.clone(), key: c.client_key.clone() },
+        )
     } else if let (Some(eps), Some(dir)) = (&cli.target.endpoints, &cli.target.certs) {
         ClientConfig::new(eps.clone(), CertPaths { ca: dir.join("ca.pem"), cert: dir.join("client.pem"), key: dir.join("client.key") })
     } else {

@@ -6,52 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ringkv_client::{CertPaths, Client, ClientConfig};
+pub use ringkv_config::cluster::{CertsEntry, ClusterFile, NetnsLayout, NodeEntry, CLUSTER_FILE};
 use ringkv_wire::{ClientReply, ClientRequest, NodeId, NodeInfo, NodeState};
-use serde::{Deserialize, Serialize};
-
-/// The file `ringkv dev` writes so `ringctl` and scripts can find the cluster.
-pub const CLUSTER_FILE: &str = "cluster.json";
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeEntry {
-    pub id: NodeId,
-    pub pid: Option<u32>,
-    /// The peer address in the cluster map (what other nodes dial).
-    pub peer_addr: String,
-    /// The peer address the node listens on, when other nodes reach it through a proxy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer_listen: Option<String>,
-    pub client_addr: String,
-    pub metrics_addr: String,
-    pub data_dir: PathBuf,
-}
-
-/// A cluster whose nodes run inside a network namespace, each on its own loopback address
-/// `127.0.1.ID`, so a fault-test harness can cut links between them with firewall rules.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NetnsLayout {
-    /// The namespace's `ip netns` name.
-    pub name: String,
-    /// Node-to-node traffic goes through a proxy: a node advertises `127.0.2.ID:7100`, which
-    /// the harness forwards to where it listens, `127.0.1.ID:7100`.
-    pub proxied: bool,
-}
-
-impl NetnsLayout {
-    pub const PEER_PORT: u16 = 7100;
-    pub const CLIENT_PORT: u16 = 7200;
-    pub const METRICS_PORT: u16 = 7300;
-
-    /// The address node `id` listens on.
-    pub fn node_ip(id: NodeId) -> std::net::Ipv4Addr {
-        std::net::Ipv4Addr::new(127, 0, 1, id as u8)
-    }
-
-    /// The address other nodes dial to reach node `id` when the cluster is proxied.
-    pub fn proxy_ip(id: NodeId) -> std::net::Ipv4Addr {
-        std::net::Ipv4Addr::new(127, 0, 2, id as u8)
-    }
-}
 
 /// A new node's addresses: free loopback ports of this host, or its own address in `netns`.
 fn new_entry(id: NodeId, data_dir: PathBuf, netns: Option<&NetnsLayout>) -> anyhow::Result<NodeEntry> {
@@ -78,31 +34,6 @@ fn new_entry(id: NodeId, data_dir: PathBuf, netns: Option<&NetnsLayout>) -> anyh
         metrics_addr: format!("{ip}:{}", NetnsLayout::METRICS_PORT),
         data_dir,
     })
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CertsEntry {
-    pub dir: PathBuf,
-    pub ca: PathBuf,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterFile {
-    pub nodes: Vec<NodeEntry>,
-    pub certs: CertsEntry,
-    /// Pid of the `ringkv dev` process running the cluster, which starts nodes `ringkv dev
-    /// add-node` adds.
-    #[serde(default)]
-    pub supervisor: Option<u32>,
-    /// Settings every node of the cluster gets on its first start (added nodes too).
-    #[serde(default)]
-    pub fault_injection: bool,
-    #[serde(default)]
-    pub extra_config: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<NetnsLayout>,
 }
 
 /// `ringkv dev add-node`: adds a node to the dev cluster that a running `ringkv dev` supervises,
@@ -142,17 +73,18 @@ pub async fn wait_node_up(config: &ClientConfig, id: NodeId, timeout: Duration) 
     }
 }
 
-impl ClusterFile {
-    pub fn load(path: &Path) -> anyhow::Result<ClusterFile> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a cluster file: {e}", path.display()))
-    }
+/// What the dev tools (not the config crate) do with a cluster file: connect to it.
+pub trait ClusterFileExt {
+    fn client_certs(&self) -> CertPaths;
+    fn client_config(&self) -> ClientConfig;
+}
 
-    pub fn client_certs(&self) -> CertPaths {
+impl ClusterFileExt for ClusterFile {
+    fn client_certs(&self) -> CertPaths {
         CertPaths { ca: self.certs.ca.clone(), cert: self.certs.client_cert.clone(), key: self.certs.client_key.clone() }
     }
 
-    pub fn client_config(&self) -> ClientConfig {
+    fn client_config(&self) -> ClientConfig {
         ClientConfig::new(self.nodes.iter().map(|n| n.client_addr.clone()).collect(), self.client_certs())
     }
 }

@@ -17,6 +17,7 @@ use ringkv_storage::Db;
 use ringkv_transport::rpc::{serve, serve_connection};
 use ringkv_wire::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ALPN_CLIENT, ALPN_PEER};
 
+use config::CertPathsOf;
 pub use config::NodeConfig;
 pub use node::{Node, NodeError};
 

@@ -194,6 +194,7 @@ fn main() -> ExitCode {
     }));
     // Crash points named in the FAILPOINTS environment variable (only with the `failpoints`
     // feature; the fault tests use it).
+    #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

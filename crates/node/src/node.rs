@@ -376,7 +376,7 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Limits, RaftTuning, TlsConfig};
+    use crate::config::{CertPathsOf, Limits, RaftTuning, TlsConfig};
 
     fn config(dir: &std::path::Path) -> NodeConfig {
         let certs = dir.join("certs");

@@ -304,7 +304,7 @@ impl ClientService {
                 let state = self.node.map().node(c.id).map(|n| n.state).unwrap_or(NodeState::Joining);
                 Ok(ClientReply::Identity(NodeInfo {
                     id: c.id,
-                    peer_addr: c.peer_addr.clone(),
+                    peer_addr: c.advertised_peer_addr().to_string(),
                     client_addr: c.client_addr.clone(),
                     metrics_addr: c.metrics_addr.clone(),
                     state,

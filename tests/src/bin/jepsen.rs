@@ -28,13 +28,15 @@ struct Args {
     /// Workloads to run together (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     workloads: Vec<Workload>,
-    #[arg(long, default_value_t = 5)]
-    nodes: usize,
+    /// Nodes at the start (3 to 7; joins add more, up to 7).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(3..=7))]
+    nodes: u64,
     #[arg(long, default_value_t = 8)]
     shards: u64,
-    /// Register keys (each key's history is checked on its own; about 1,000 operations each).
-    #[arg(long, default_value_t = 4)]
-    keys: u32,
+    /// Register keys (each key's history is checked on its own, about 1,000 operations each;
+    /// default: one per 10 s of run time, at least 4).
+    #[arg(long)]
+    keys: Option<u32>,
     /// Where to keep the history and cluster of a run (always kept when it fails).
     #[arg(long)]
     keep: Option<PathBuf>,
@@ -45,9 +47,9 @@ fn main() -> ExitCode {
     let seed = a.seed.unwrap_or_else(fault::seed_from_env);
     let faults = if a.faults.is_empty() { Fault::ALL.to_vec() } else { a.faults.clone() };
     let mut cfg = FaultRun::short(seed, a.time, &faults);
-    cfg.nodes = a.nodes;
+    cfg.nodes = a.nodes as usize;
     cfg.shards = a.shards;
-    cfg.register.keys = a.keys;
+    cfg.register.keys = a.keys.unwrap_or((a.time.as_secs() / 10).max(4) as u32);
     if !a.workloads.is_empty() {
         cfg.workloads = a.workloads.clone();
     }
@@ -58,12 +60,15 @@ fn main() -> ExitCode {
             .collect::<Vec<_>>()
             .join(",")
     };
+    let workloads: Vec<String> = cfg.workloads.iter().map(|w| format!("{w:?}").to_lowercase()).collect();
     let rerun = format!(
-        "jepsen --time {} --seed {seed} --faults {} --nodes {} --shards {}",
+        "jepsen --time {} --seed {seed} --faults {} --workloads {} --nodes {} --shards {} --keys {}",
         humantime::format_duration(a.time),
         names(&faults),
+        workloads.join(","),
         a.nodes,
-        a.shards
+        a.shards,
+        cfg.register.keys
     );
     eprintln!("seed {seed}; rerun with: {rerun}");
     match fault::run(cfg) {

@@ -138,99 +138,19 @@ pub fn run(cfg: FaultRun) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// How long the linearizability check of one key may take before the run fails as
+/// inconclusive (a non-linearizable history can make the search explode).
+const CHECK_DEADLINE: Duration = Duration::from_secs(120);
+
 async fn run_in(ns: &netns::Netns, cfg: FaultRun) -> anyhow::Result<Report> {
     let dir = tempfile::Builder::new().prefix("ringkv-fault-").tempdir()?;
-    let proxy = proxy::Proxy::start(MAX_NODES).await?;
-    let opts = DevOptions {
-        nodes: cfg.nodes,
-        shards: cfg.shards,
-        replication: 3,
-        data_dir: dir.path().join("cluster"),
-        binary: crate::ringkv_binary(),
-        fault_injection: false,
-        extra_config: Some(crate::TEST_RAFT.into()),
-        netns: Some(NetnsLayout { name: ns.name().into(), proxied: true }),
-    };
-    let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
-    let mut cc = cluster.client_config();
-    cc.timeout = cfg.op_timeout;
-    cc.attempt_timeout = Duration::from_secs(2);
-    let client = Arc::new(Client::connect(cc).await?);
     let rec = Arc::new(history::Recorder::default());
-    let until = Instant::now() + cfg.time;
-    let ctx = Arc::new(Ctx::new(client.clone(), rec.clone(), until, cfg.op_timeout, cfg.seed));
-    if cfg.workloads.contains(&Workload::Bank) {
-        workload::bank_setup(&ctx, cfg.bank).await?;
-    }
-    let register = cfg.workloads.contains(&Workload::Register).then(|| tokio::spawn(workload::register(ctx.clone(), cfg.register)));
-    let set = cfg.workloads.contains(&Workload::Set).then(|| tokio::spawn(workload::set(ctx.clone(), cfg.set_workers)));
-    let bank = cfg.workloads.contains(&Workload::Bank).then(|| tokio::spawn(workload::bank(ctx.clone(), cfg.bank)));
-
-    let mut nemesis = nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), MAX_NODES);
-    let schedule = nemesis.run(until).await;
-    let crashed = nemesis.heal_all().await?;
-    let mut report = Report { seed: cfg.seed, faults: nemesis.counts.clone(), ..Default::default() };
-    report.anomalies.extend(crashed);
-    let mut cluster = nemesis.cluster;
-    schedule?;
-
-    if let Some(t) = register {
-        t.await?;
-    }
-    let set = match set {
-        Some(t) => Some(t.await?),
-        None => None,
-    };
-    let bank_counts = match bank {
-        Some(t) => Some(t.await?),
-        None => None,
-    };
-    report.packets = [&proxy.stats.forwarded, &proxy.stats.dropped, &proxy.stats.delayed].map(|c| c.load(Ordering::Relaxed));
-    // Every fault is undone: the cluster must serve again before the final reads.
-    cluster.wait_ready(Duration::from_secs(120)).await?;
-    if let Ok(map) = client.refresh_map().await {
-        for n in map.nodes.iter().filter(|n| n.id > cfg.nodes as u64) {
-            report.joined.push((n.id, map.replicas_on(n.id)));
-        }
-    }
-
-    if cfg.workloads.contains(&Workload::Register) {
-        let counts = rec.register_counts();
-        report
-            .ops
-            .insert("register".into(), counts.values().fold([0; 3], |a, c| [a[0] + c.0 as u64, a[1] + c.1 as u64, a[2] + c.2 as u64]));
-        for (key, actions) in rec.register_histories() {
-            let n = actions.len() / 2;
-            let started = Instant::now();
-            let ok = tokio::task::spawn_blocking(move || history::linearizable(actions)).await?;
-            eprintln!(
-                "register {key}: {n} operations checked in {:.1?}: {}",
-                started.elapsed(),
-                if ok { "linearizable" } else { "NOT linearizable" }
-            );
-            if !ok {
-                ctx.anomaly(format!("register {key}: the history of its {n} operations is not linearizable"));
-            }
-        }
-    }
-    if let Some(state) = set {
-        let (acked, present, absent) = workload::check_set(&ctx, &state).await?;
-        let outcomes = state.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
-        let fails = outcomes.values().filter(|o| **o == history::Outcome::Fail).count() as u64;
-        report.ops.insert("set".into(), [acked as u64, fails, (present + absent) as u64]);
-        eprintln!("set: {acked} acknowledged adds all present; of unknown adds {present} present, {absent} absent");
-    }
-    if let Some([ok, refused, unknown, reads]) = bank_counts {
-        workload::check_banks(&ctx, cfg.bank).await?;
-        report.ops.insert("bank".into(), [ok + reads, refused, unknown]);
-    }
-    report.anomalies.extend(ctx.anomalies.lock().map(|a| a.clone()).unwrap_or_default());
-
+    let mut report = Report { seed: cfg.seed, ..Default::default() };
+    // Whatever happens, the history is written and, on failure, kept with the cluster.
+    let result = run_checked(ns, &cfg, dir.path(), &rec, &mut report).await;
     let history = dir.path().join("history.jsonl");
     rec.save(&history)?;
-    cluster.stop_all().await;
-    client.close();
-    if !report.anomalies.is_empty() || cfg.keep_dir.is_some() {
+    if result.is_err() || !report.anomalies.is_empty() || cfg.keep_dir.is_some() {
         let kept = match &cfg.keep_dir {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
@@ -242,7 +162,150 @@ async fn run_in(ns: &netns::Netns, cfg: FaultRun) -> anyhow::Result<Report> {
         };
         report.history = Some(kept.join("history.jsonl"));
     }
-    Ok(report)
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => Err(e.context(format!(
+            "seed {}; history and cluster kept: {}",
+            cfg.seed,
+            report.history.as_ref().map(|h| h.display().to_string()).unwrap_or_default()
+        ))),
+    }
+}
+
+async fn run_checked(
+    ns: &netns::Netns,
+    cfg: &FaultRun,
+    dir: &std::path::Path,
+    rec: &Arc<history::Recorder>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    anyhow::ensure!((3..=MAX_NODES as usize).contains(&cfg.nodes), "a fault run needs 3 to {MAX_NODES} nodes, not {}", cfg.nodes);
+    let proxy = proxy::Proxy::start(MAX_NODES).await?;
+    let opts = DevOptions {
+        nodes: cfg.nodes,
+        shards: cfg.shards,
+        replication: 3,
+        data_dir: dir.join("cluster"),
+        binary: crate::ringkv_binary(),
+        fault_injection: false,
+        extra_config: Some(crate::TEST_RAFT.into()),
+        netns: Some(NetnsLayout { name: ns.name().into(), proxied: true }),
+    };
+    let cluster = DevCluster::start(opts).await?;
+    let mut cc = cluster.client_config();
+    cc.timeout = cfg.op_timeout;
+    cc.attempt_timeout = Duration::from_secs(2);
+    let client = Arc::new(Client::connect(cc).await?);
+    let mut nemesis = nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), MAX_NODES);
+    let outcome = workloads_under_faults(cfg, &client, rec, &mut nemesis).await;
+    // Undo every fault, whatever happened; then stop the cluster.
+    let healed = nemesis.heal_all().await;
+    report.faults = nemesis.counts.clone();
+    report.anomalies.extend(nemesis.crashed.drain(..));
+    report.packets = [&proxy.stats.forwarded, &proxy.stats.dropped, &proxy.stats.delayed].map(|c| c.load(Ordering::Relaxed));
+    let mut cluster = nemesis.cluster;
+    let checked = match (outcome, healed) {
+        (Ok(ctx), Ok(())) => final_checks(cfg, &client, rec, &mut cluster, &ctx, report).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    cluster.stop_all().await;
+    client.close();
+    checked
+}
+
+/// What the workloads leave for the final checks.
+struct Ran {
+    ctx: Arc<Ctx>,
+    set: Option<Arc<workload::SetState>>,
+    bank: Option<Arc<workload::BankCounts>>,
+}
+
+async fn workloads_under_faults(
+    cfg: &FaultRun,
+    client: &Arc<Client>,
+    rec: &Arc<history::Recorder>,
+    nemesis: &mut nemesis::Nemesis<'_>,
+) -> anyhow::Result<Ran> {
+    if cfg.workloads.contains(&Workload::Bank) {
+        let setup = Ctx::new(client.clone(), rec.clone(), Instant::now(), cfg.op_timeout, cfg.seed);
+        workload::bank_setup(&setup, cfg.bank).await?;
+    }
+    let until = Instant::now() + cfg.time;
+    let ctx = Arc::new(Ctx::new(client.clone(), rec.clone(), until, cfg.op_timeout, cfg.seed));
+    let register = cfg.workloads.contains(&Workload::Register).then(|| tokio::spawn(workload::register(ctx.clone(), cfg.register)));
+    let set = cfg.workloads.contains(&Workload::Set).then(|| tokio::spawn(workload::set(ctx.clone(), cfg.set_workers)));
+    let bank = cfg.workloads.contains(&Workload::Bank).then(|| tokio::spawn(workload::bank(ctx.clone(), cfg.bank)));
+    let schedule = nemesis.run(until).await;
+    // The workloads stop by `until` (plus one operation's deadline) whatever the nemesis did.
+    if let Some(t) = register {
+        t.await?;
+    }
+    let set = match set {
+        Some(t) => Some(t.await?),
+        None => None,
+    };
+    let bank = match bank {
+        Some(t) => Some(t.await?),
+        None => None,
+    };
+    schedule?;
+    Ok(Ran { ctx, set, bank })
+}
+
+async fn final_checks(
+    cfg: &FaultRun,
+    client: &Arc<Client>,
+    rec: &Arc<history::Recorder>,
+    cluster: &mut DevCluster,
+    ran: &Ran,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let ctx = &ran.ctx;
+    // Every fault is undone: the cluster must serve again before the final reads.
+    cluster.wait_ready(Duration::from_secs(120)).await?;
+    if let Ok(map) = client.refresh_map().await {
+        for n in map.nodes.iter().filter(|n| n.id > cfg.nodes as u64) {
+            report.joined.push((n.id, map.replicas_on(n.id)));
+        }
+    }
+    if cfg.workloads.contains(&Workload::Register) {
+        let counts = rec.register_counts();
+        report
+            .ops
+            .insert("register".into(), counts.values().fold([0; 3], |a, c| [a[0] + c.0 as u64, a[1] + c.1 as u64, a[2] + c.2 as u64]));
+        for (key, actions) in rec.register_histories() {
+            let n = actions.len() / 2;
+            let started = Instant::now();
+            // On a thread of its own, so a search that explodes ends the run instead of hanging it.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(history::linearizable(actions));
+            });
+            let verdict = tokio::task::spawn_blocking(move || rx.recv_timeout(CHECK_DEADLINE)).await?;
+            eprintln!("register {key}: {n} operations checked in {:.1?}: {verdict:?}", started.elapsed());
+            match verdict {
+                Ok(true) => {}
+                Ok(false) => ctx.anomaly(format!("register {key}: the history of its {n} operations is not linearizable")),
+                Err(_) => ctx.anomaly(format!(
+                    "register {key}: the linearizability check of {n} operations did not finish within {CHECK_DEADLINE:?}"
+                )),
+            }
+        }
+    }
+    if let Some(state) = &ran.set {
+        let (acked, present, absent) = workload::check_set(ctx, state).await?;
+        let outcomes = state.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
+        let fails = outcomes.values().filter(|o| **o == history::Outcome::Fail).count() as u64;
+        report.ops.insert("set".into(), [acked as u64, fails, (present + absent) as u64]);
+        eprintln!("set: {acked} acknowledged adds all present; of unknown adds {present} present, {absent} absent");
+    }
+    if let Some(counts) = &ran.bank {
+        workload::check_banks(ctx, cfg.bank, counts).await?;
+        let [ok, refused, unknown, reads] = counts.totals();
+        report.ops.insert("bank".into(), [ok + reads, refused, unknown]);
+    }
+    report.anomalies.extend(ctx.anomalies.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
+    Ok(())
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {

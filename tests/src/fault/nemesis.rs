@@ -101,6 +101,8 @@ pub struct Nemesis<'a> {
     /// Nodes that may still join (the proxy covers ids up to this).
     max_node: NodeId,
     pub counts: BTreeMap<Fault, u64>,
+    /// Nodes that exited when no fault asked them to (checked every round).
+    pub crashed: Vec<String>,
 }
 
 /// Links cut by `a` not reaching `b` and `b` not reaching `a` for every pair across the sets.
@@ -111,6 +113,56 @@ fn cut(a: &[NodeId], b: &[NodeId], links: &mut BTreeSet<(NodeId, NodeId)>) {
             links.insert((*y, *x));
         }
     }
+}
+
+/// The links a partition cuts, as `(from, to)` pairs, and a description. `nodes` is in the
+/// (shuffled) order that decides the sides; `target` is the node an isolation cuts off;
+/// `senders` how many nodes a one-way partition mutes.
+pub fn partition(f: Fault, nodes: &[NodeId], target: NodeId, senders: usize) -> (BTreeSet<(NodeId, NodeId)>, String) {
+    let mut links = BTreeSet::new();
+    let what = match f {
+        Fault::Isolate | Fault::IsolatePlacementLeader => {
+            let rest: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != target).collect();
+            cut(&[target], &rest, &mut links);
+            format!("node {target}")
+        }
+        Fault::MajorityMinority => {
+            let (minority, majority) = nodes.split_at((nodes.len() - 1) / 2);
+            cut(minority, majority, &mut links);
+            format!("{minority:?} | {majority:?}")
+        }
+        Fault::OneWay => {
+            let (mute, rest) = nodes.split_at(senders.clamp(1, nodes.len() - 1));
+            for m in mute {
+                for r in rest {
+                    links.insert((*m, *r));
+                }
+            }
+            format!("{mute:?} cannot send to {rest:?}")
+        }
+        Fault::Bridge => {
+            let (left, rest) = nodes.split_at((nodes.len() - 1) / 2);
+            let (bridge, right) = rest.split_at(1);
+            cut(left, right, &mut links);
+            format!("{left:?} <-> {bridge:?} <-> {right:?}")
+        }
+        Fault::Ring => {
+            let n = nodes.len();
+            // Each node sees the fewest neighbours that make a majority with itself.
+            let reach = (n / 2).div_ceil(2);
+            for i in 0..n {
+                for j in 0..n {
+                    let d = (i + n - j) % n;
+                    if d.min(n - d) > reach {
+                        links.insert((nodes[i], nodes[j]));
+                    }
+                }
+            }
+            format!("ring {nodes:?}, each sees {reach} on either side")
+        }
+        _ => String::new(),
+    };
+    (links, what)
 }
 
 impl<'a> Nemesis<'a> {
@@ -125,7 +177,18 @@ impl<'a> Nemesis<'a> {
         faults: Vec<Fault>,
         max_node: NodeId,
     ) -> Self {
-        Nemesis { cluster, ns, proxy, client, rec, rng: StdRng::seed_from_u64(seed), faults, max_node, counts: BTreeMap::new() }
+        Nemesis {
+            cluster,
+            ns,
+            proxy,
+            client,
+            rec,
+            rng: StdRng::seed_from_u64(seed),
+            faults,
+            max_node,
+            counts: BTreeMap::new(),
+            crashed: Vec::new(),
+        }
     }
 
     fn nodes(&self) -> Vec<NodeId> {
@@ -141,6 +204,9 @@ impl<'a> Nemesis<'a> {
     pub async fn run(&mut self, until: Instant) -> anyhow::Result<()> {
         while Instant::now() + Duration::from_secs(2) < until {
             tokio::time::sleep(Duration::from_millis(self.rng.gen_range(500..2000))).await;
+            // Before any fault touches the nodes: a node that died on its own is a finding, and
+            // a later kill and restart must not hide it.
+            self.collect_crashes();
             let first = *self.faults.choose(&mut self.rng).ok_or_else(|| anyhow::anyhow!("no faults to inject"))?;
             let mut now = vec![first];
             if self.rng.gen_bool(0.3) {
@@ -179,51 +245,12 @@ impl<'a> Nemesis<'a> {
                 self.note("start", f, format!("node {victim}"));
                 Undo::Resume(victim)
             }
-            Fault::Isolate | Fault::IsolatePlacementLeader => {
-                let target = if f == Fault::Isolate { victim } else { self.placement_leader().await.unwrap_or(victim) };
-                let rest: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != target).collect();
-                cut(&[target], &rest, &mut links);
-                self.note("start", f, format!("node {target}"));
-                Undo::Heal
-            }
-            Fault::MajorityMinority => {
-                let (minority, majority) = nodes.split_at((nodes.len() - 1) / 2);
-                cut(minority, majority, &mut links);
-                self.note("start", f, format!("{minority:?} | {majority:?}"));
-                Undo::Heal
-            }
-            Fault::OneWay => {
+            Fault::Isolate | Fault::IsolatePlacementLeader | Fault::MajorityMinority | Fault::OneWay | Fault::Bridge | Fault::Ring => {
+                let target = if f == Fault::IsolatePlacementLeader { self.placement_leader().await.unwrap_or(victim) } else { victim };
                 let senders = self.rng.gen_range(1..=(nodes.len() - 1) / 2);
-                let (mute, rest) = nodes.split_at(senders);
-                for m in mute {
-                    for r in rest {
-                        links.insert((*m, *r));
-                    }
-                }
-                self.note("start", f, format!("{mute:?} cannot send to {rest:?}"));
-                Undo::Heal
-            }
-            Fault::Bridge => {
-                let half = (nodes.len() - 1) / 2;
-                let (left, rest) = nodes.split_at(half);
-                let (bridge, right) = rest.split_at(1);
-                cut(left, right, &mut links);
-                self.note("start", f, format!("{left:?} <-> {bridge:?} <-> {right:?}"));
-                Undo::Heal
-            }
-            Fault::Ring => {
-                let n = nodes.len();
-                // Each node sees the fewest neighbours that make a majority with itself.
-                let reach = (n / 2).div_ceil(2);
-                for i in 0..n {
-                    for j in 0..n {
-                        let d = (i + n - j) % n;
-                        if d.min(n - d) > reach {
-                            links.insert((nodes[i], nodes[j]));
-                        }
-                    }
-                }
-                self.note("start", f, format!("ring {nodes:?}, each sees {reach} on either side"));
+                let (cut_links, what) = partition(f, &nodes, target, senders);
+                links = cut_links;
+                self.note("start", f, what);
                 Undo::Heal
             }
             Fault::Delay => {
@@ -243,7 +270,9 @@ impl<'a> Nemesis<'a> {
                     let id = self.cluster.add_node()?;
                     self.note("start", f, format!("node {id} joins"));
                 } else {
+                    // Not counted: nothing happened.
                     self.note("skip", f, "no node id left".into());
+                    return Ok(Undo::Nothing);
                 }
                 Undo::Nothing
             }
@@ -272,7 +301,8 @@ impl<'a> Nemesis<'a> {
             Undo::Restart(id) => self.cluster.restart(id)?,
             Undo::Resume(id) => {
                 if let Some(pid) = self.cluster.pid(id) {
-                    kill(Pid::from_raw(pid as i32), Signal::SIGCONT)?;
+                    // It may have died meanwhile: the next round's crash check reports that.
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
                 }
             }
             Undo::Heal => self.ns.block(&BTreeSet::new())?,
@@ -283,23 +313,76 @@ impl<'a> Nemesis<'a> {
         Ok(())
     }
 
-    /// Undoes everything: resumes paused nodes, restarts stopped ones, heals the network.
-    /// Returns the nodes that had exited on their own (a crash no fault asked for).
-    pub async fn heal_all(&mut self) -> anyhow::Result<Vec<String>> {
+    fn collect_crashes(&mut self) {
+        for (id, st) in self.cluster.exited() {
+            let what = format!("node {id} exited on its own ({st}) at {} ms", self.rec.elapsed_ms());
+            eprintln!("ANOMALY: {what}");
+            self.crashed.push(what);
+        }
+    }
+
+    /// Undoes everything: resumes paused nodes, restarts stopped ones (after recording those
+    /// that exited on their own), heals the network.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
         self.ns.block(&BTreeSet::new())?;
         self.proxy.set(LinkFaults::default());
-        let crashed: Vec<String> = self.cluster.exited().into_iter().map(|(id, st)| format!("node {id} exited on its own: {st}")).collect();
+        self.collect_crashes();
         for id in self.nodes() {
             match self.cluster.pid(id) {
-                Some(pid) => kill(Pid::from_raw(pid as i32), Signal::SIGCONT)?,
+                Some(pid) => {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                }
                 None => self.cluster.restart(id)?,
             }
         }
-        Ok(crashed)
+        Ok(())
     }
 
     async fn placement_leader(&self) -> Option<NodeId> {
         let reports: Vec<_> = self.client.node_reports().await.into_iter().flatten().collect();
         ringkv_client::leaders_of(&reports).get(&ringkv_wire::PLACEMENT_GROUP).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Who `n` can send to under `links`.
+    fn reach(nodes: &[NodeId], links: &BTreeSet<(NodeId, NodeId)>, n: NodeId) -> BTreeSet<NodeId> {
+        nodes.iter().copied().filter(|m| *m != n && !links.contains(&(n, *m))).collect()
+    }
+
+    const FIVE: [NodeId; 5] = [3, 1, 5, 2, 4];
+
+    /// Regression: the ring once let every node of five see every other, so it cut nothing.
+    #[test]
+    fn ring_partition_leaves_each_node_a_different_bare_majority() {
+        let (links, _) = partition(Fault::Ring, &FIVE, 0, 1);
+        let mut seen = BTreeSet::new();
+        for n in FIVE {
+            let r = reach(&FIVE, &links, n);
+            assert_eq!(r.len(), 2, "node {n} reaches {r:?}: with itself a bare majority of 5");
+            assert!(seen.insert(r), "two nodes share a majority");
+        }
+    }
+
+    #[test]
+    fn majority_minority_and_bridge_cut_the_right_links() {
+        let (links, _) = partition(Fault::MajorityMinority, &FIVE, 0, 1);
+        assert_eq!(reach(&FIVE, &links, 3), BTreeSet::from([1]), "the minority is the first two");
+        assert_eq!(reach(&FIVE, &links, 5), BTreeSet::from([2, 4]));
+        let (links, _) = partition(Fault::Bridge, &FIVE, 0, 1);
+        assert_eq!(reach(&FIVE, &links, 5), BTreeSet::from([3, 1, 2, 4]), "the bridge sees everyone");
+        assert_eq!(reach(&FIVE, &links, 3), BTreeSet::from([1, 5]));
+    }
+
+    #[test]
+    fn one_way_and_isolation() {
+        let (links, _) = partition(Fault::OneWay, &FIVE, 0, 2);
+        assert!(reach(&FIVE, &links, 3).len() == 1 && reach(&FIVE, &links, 2).len() == 4, "muted nodes only reach each other");
+        let (links, _) = partition(Fault::Isolate, &FIVE, 5, 1);
+        assert!(reach(&FIVE, &links, 5).is_empty());
+        assert_eq!(reach(&FIVE, &links, 1), BTreeSet::from([3, 2, 4]));
     }
 }

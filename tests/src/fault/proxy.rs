@@ -51,11 +51,13 @@ fn forward(sock: &Arc<UdpSocket>, buf: &[u8], to: SocketAddr, faults: &RwLock<Li
         stats.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    stats.forwarded.fetch_add(1, Ordering::Relaxed);
     if f.delay_ms.1 == 0 {
-        let _ = sock.try_send_to(buf, to);
+        // A full socket buffer drops the packet, as a busy link would; it is counted as lost.
+        let counter = if sock.try_send_to(buf, to).is_ok() { &stats.forwarded } else { &stats.dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    stats.forwarded.fetch_add(1, Ordering::Relaxed);
     stats.delayed.fetch_add(1, Ordering::Relaxed);
     let wait = Duration::from_millis(rng.gen_range(f.delay_ms.0..=f.delay_ms.1.max(f.delay_ms.0)));
     let (sock, buf) = (sock.clone(), buf.to_vec());

@@ -4,7 +4,8 @@
 //! - `set`: unique adds over many keys (so every shard); at the end every acknowledged add is
 //!   present, nothing that failed or was never added is, and values are never mixed up;
 //! - `bank`: accounts in one value per bank, moved between by compare-and-swap; every read
-//!   must show the bank's total.
+//!   must show the bank's total, and at the end each bank has applied every acknowledged
+//!   transfer, and no more than those plus the ones of unknown outcome.
 //!
 //! A write that times out or loses its connection is recorded as unknown, never as failed.
 
@@ -49,8 +50,15 @@ impl Ctx {
 
     pub fn anomaly(&self, what: String) {
         eprintln!("ANOMALY: {what}");
-        if let Ok(mut a) = self.anomalies.lock() {
-            a.push(what);
+        self.anomalies.lock().unwrap_or_else(|p| p.into_inner()).push(what);
+    }
+
+    /// Waits for workload tasks; one that panicked fails the run (it stopped checking).
+    async fn join(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
+        for t in tasks {
+            if let Err(e) = t.await {
+                self.anomaly(format!("a workload task failed: {e}"));
+            }
         }
     }
 
@@ -59,14 +67,12 @@ impl Ctx {
     }
 }
 
-/// A write's outcome from the client's error: retryable errors (deadline, transport) leave it
-/// unknown; a refusal is final.
-fn write_outcome(e: &Error) -> Outcome {
-    if e.retryable() {
-        Outcome::Unknown
-    } else {
-        Outcome::Fail
-    }
+/// A write's outcome from the client's error: unknown, whatever the error. A refusal may follow
+/// an earlier attempt of the same call that timed out after it was applied, and a refused
+/// compare-and-swap must mean "the expected value did not match" to the checker, not "some
+/// error". Only a compare-and-swap answered with `swapped: false` is a failure.
+fn write_outcome(_e: &Error) -> Outcome {
+    Outcome::Unknown
 }
 
 fn parse_u32(v: &[u8]) -> Option<u32> {
@@ -104,7 +110,11 @@ pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
                 }
                 let open: Vec<u32> = (0..cfg.keys).filter(|k| issued[*k as usize].load(Ordering::Relaxed) < cfg.ops_per_key).collect();
                 let Some(&k) = open.get(rng.gen_range(0..open.len().max(1))) else { break };
-                issued[k as usize].fetch_add(1, Ordering::Relaxed);
+                // Claim one of the key's operations; another worker may have taken the last.
+                let claim = |n: usize| (n < cfg.ops_per_key).then_some(n + 1);
+                if issued[k as usize].fetch_update(Ordering::Relaxed, Ordering::Relaxed, claim).is_err() {
+                    continue;
+                }
                 let key = register_key(k);
                 let op = match rng.gen_range(0..10) {
                     0..=4 => RegisterOp::Read(None),
@@ -138,9 +148,7 @@ pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
             }
         }));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
+    ctx.join(tasks).await;
 }
 
 /// What the set workload attempted, by element.
@@ -175,9 +183,7 @@ pub async fn set(ctx: Arc<Ctx>, workers: usize) -> Arc<SetState> {
             }
         }));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
+    ctx.join(tasks).await;
     state
 }
 
@@ -250,34 +256,76 @@ pub fn bank_key(b: u32) -> Vec<u8> {
     format!("bank-{b}").into_bytes()
 }
 
-fn encode(accounts: &[i64]) -> Vec<u8> {
-    accounts.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",").into_bytes()
+/// A bank's value: how many transfers it has applied, and the balances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Bank {
+    transfers: u64,
+    accounts: Vec<i64>,
 }
 
-fn decode(v: &[u8]) -> Option<Vec<i64>> {
-    std::str::from_utf8(v).ok()?.split(',').map(|a| a.parse().ok()).collect()
+impl Bank {
+    fn encode(&self) -> Vec<u8> {
+        let a: Vec<String> = self.accounts.iter().map(|a| a.to_string()).collect();
+        format!("{};{}", self.transfers, a.join(",")).into_bytes()
+    }
+
+    fn decode(v: &[u8]) -> Option<Bank> {
+        let (n, a) = std::str::from_utf8(v).ok()?.split_once(';')?;
+        Some(Bank { transfers: n.parse().ok()?, accounts: a.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()? })
+    }
+}
+
+/// Per bank: transfers acknowledged, refused, and of unknown outcome; and reads.
+#[derive(Default)]
+pub struct BankCounts {
+    pub ok: Vec<AtomicU64>,
+    pub refused: Vec<AtomicU64>,
+    pub unknown: Vec<AtomicU64>,
+    pub reads: AtomicU64,
+}
+
+impl BankCounts {
+    fn sum(v: &[AtomicU64]) -> u64 {
+        v.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// (acknowledged, refused, unknown, reads) over all banks.
+    pub fn totals(&self) -> [u64; 4] {
+        [Self::sum(&self.ok), Self::sum(&self.refused), Self::sum(&self.unknown), self.reads.load(Ordering::Relaxed)]
+    }
 }
 
 /// Opens every bank (before any fault).
 pub async fn bank_setup(ctx: &Ctx, cfg: BankConfig) -> anyhow::Result<()> {
     for b in 0..cfg.banks {
-        ctx.client.put_with(&bank_key(b), &encode(&vec![cfg.balance; cfg.accounts]), CallOptions::timeout(Duration::from_secs(30))).await?;
+        let v = Bank { transfers: 0, accounts: vec![cfg.balance; cfg.accounts] };
+        ctx.client.put_with(&bank_key(b), &v.encode(), CallOptions::timeout(Duration::from_secs(30))).await?;
     }
     Ok(())
 }
 
 /// Checks one read of bank `b`: the total is conserved and no account is negative.
-fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) {
+fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) -> Option<Bank> {
     let total = cfg.balance * cfg.accounts as i64;
-    match v.and_then(decode) {
-        Some(a) if a.len() == cfg.accounts && a.iter().sum::<i64>() == total && a.iter().all(|x| *x >= 0) => {}
-        other => ctx.anomaly(format!("bank {b} ({when}): read {other:?}, total must be {total}")),
+    match v.and_then(Bank::decode) {
+        Some(bank)
+            if bank.accounts.len() == cfg.accounts
+                && bank.accounts.iter().sum::<i64>() == total
+                && bank.accounts.iter().all(|x| *x >= 0) =>
+        {
+            Some(bank)
+        }
+        other => {
+            ctx.anomaly(format!("bank {b} ({when}): read {other:?}, total must be {total}"));
+            None
+        }
     }
 }
 
-/// Moves money between accounts with compare-and-swap; returns (transfers ok, refused, unknown, reads).
-pub async fn bank(ctx: Arc<Ctx>, cfg: BankConfig) -> [u64; 4] {
-    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+/// Moves money between accounts with compare-and-swap, each transfer counted in the value.
+pub async fn bank(ctx: Arc<Ctx>, cfg: BankConfig) -> Arc<BankCounts> {
+    let per_bank = || (0..cfg.banks).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+    let counts = Arc::new(BankCounts { ok: per_bank(), refused: per_bank(), unknown: per_bank(), reads: AtomicU64::new(0) });
     let mut tasks = Vec::new();
     for w in 0..cfg.workers {
         let (ctx, counts) = (ctx.clone(), counts.clone());
@@ -288,45 +336,49 @@ pub async fn bank(ctx: Arc<Ctx>, cfg: BankConfig) -> [u64; 4] {
                 let b = rng.gen_range(0..cfg.banks);
                 let key = bank_key(b);
                 let Ok(v) = ctx.client.get_with(&key, ctx.opts()).await else { continue };
-                check_bank(&ctx, cfg, b, v.as_deref(), "read");
-                counts[3].fetch_add(1, Ordering::Relaxed);
-                let (Some(old), true) = (v.as_deref().and_then(decode), rng.gen_bool(0.7)) else { continue };
+                counts.reads.fetch_add(1, Ordering::Relaxed);
+                let Some(old) = check_bank(&ctx, cfg, b, v.as_deref(), "read") else { continue };
                 let (from, to) = (rng.gen_range(0..cfg.accounts), rng.gen_range(0..cfg.accounts));
-                if from == to || old[from] == 0 {
+                if !rng.gen_bool(0.7) || from == to || old.accounts[from] == 0 {
                     continue;
                 }
-                let amount = rng.gen_range(1..=old[from].min(5));
+                let amount = rng.gen_range(1..=old.accounts[from].min(5));
                 let mut new = old.clone();
-                new[from] -= amount;
-                new[to] += amount;
-                let detail = format!("bank {b}: {amount} from {from} to {to}");
+                new.transfers += 1;
+                new.accounts[from] -= amount;
+                new.accounts[to] += amount;
+                let detail = format!("bank {b}: transfer {}: {amount} from {from} to {to}", new.transfers);
                 ctx.rec.note("bank", process, "invoke", "transfer", Some(b), detail.clone());
-                let outcome = match ctx.client.compare_and_swap_with(&key, v.as_deref(), &encode(&new), ctx.opts()).await {
+                let outcome = match ctx.client.compare_and_swap_with(&key, v.as_deref(), &new.encode(), ctx.opts()).await {
                     Ok(o) if o.swapped => Outcome::Ok,
                     Ok(_) => Outcome::Fail,
                     Err(e) => write_outcome(&e),
                 };
-                let i = match outcome {
-                    Outcome::Ok => 0,
-                    Outcome::Fail => 1,
-                    Outcome::Unknown => 2,
+                let c = match outcome {
+                    Outcome::Ok => &counts.ok,
+                    Outcome::Fail => &counts.refused,
+                    Outcome::Unknown => &counts.unknown,
                 };
-                counts[i].fetch_add(1, Ordering::Relaxed);
+                c[b as usize].fetch_add(1, Ordering::Relaxed);
                 ctx.rec.note("bank", process, &format!("{outcome:?}").to_lowercase(), "transfer", Some(b), detail);
             }
         }));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed))
+    ctx.join(tasks).await;
+    counts
 }
 
-/// The banks' final check.
-pub async fn check_banks(ctx: &Ctx, cfg: BankConfig) -> anyhow::Result<()> {
+/// The banks' final check: totals kept, and each bank applied every acknowledged transfer and
+/// at most those plus the ones of unknown outcome (a lost or doubled transfer, or a swap that
+/// ignored its expected value, breaks this).
+pub async fn check_banks(ctx: &Ctx, cfg: BankConfig, counts: &BankCounts) -> anyhow::Result<()> {
     let keys: Vec<Vec<u8>> = (0..cfg.banks).map(bank_key).collect();
     for (b, v) in read_all(&ctx.client, &keys, Duration::from_secs(60)).await?.into_iter().enumerate() {
-        check_bank(ctx, cfg, b as u32, v.as_deref(), "final read");
+        let Some(bank) = check_bank(ctx, cfg, b as u32, v.as_deref(), "final read") else { continue };
+        let (ok, unknown) = (counts.ok[b].load(Ordering::Relaxed), counts.unknown[b].load(Ordering::Relaxed));
+        if bank.transfers < ok || bank.transfers > ok + unknown {
+            ctx.anomaly(format!("bank {b}: {} transfers applied, but {ok} were acknowledged and {unknown} unknown", bank.transfers));
+        }
     }
     Ok(())
 }

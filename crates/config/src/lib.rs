@@ -1,0 +1,319 @@
+//! The node's configuration: a TOML file, flags over it, and the identity kept in the data dir.
+//!
+//! The first start takes the node id, addresses and certificate paths from flags (or `--config`)
+//! and writes them to `DATA_DIR/node.toml`; a restart needs only `--data-dir`. Flags given on a
+//! restart override the stored values, except the node id, which a data dir keeps for life.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod cluster;
+
+/// Name of the identity file inside the data dir.
+pub const IDENTITY_FILE: &str = "node.toml";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Address of the node-to-node QUIC endpoint (Raft traffic).
+    pub peer_addr: String,
+    /// The peer address other nodes dial, when it differs from `peer_addr` (behind NAT, a proxy
+    /// or a port mapping). Defaults to `peer_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_peer_addr: Option<String>,
+    /// Address of the client QUIC endpoint.
+    pub client_addr: String,
+    /// Address of the Prometheus `/metrics` endpoint.
+    pub metrics_addr: String,
+    pub tls: TlsConfig,
+    /// Peer addresses to ask for the cluster map until this node has one of its own.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// A member's client address to join an existing cluster through, on the first start
+    /// (ignored once the node has the cluster map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Lets `SetPartition` requests cut this node off from chosen peers. Tests only.
+    #[serde(default)]
+    pub fault_injection: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { key_bytes_max: ringkv_wire::KEY_BYTES_MAX_DEFAULT, value_bytes_max: ringkv_wire::VALUE_BYTES_MAX_DEFAULT }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Fsync the write-ahead log before acknowledging a write. Turning it off trades the
+    /// durability of acknowledged writes across power loss (not process crashes) for speed.
+    pub fsync: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { fsync: true }
+    }
+}
+
+/// Raft timers. Many groups share a node, so they are slower than a single-group default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot (and allow purging the log) after this many applied entries.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the log.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_interval_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+/// Values from flags; `None` leaves the file's (or stored) value alone.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub id: Option<u64>,
+    pub peer_addr: Option<String>,
+    pub advertise_peer_addr: Option<String>,
+    pub client_addr: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub seeds: Option<Vec<String>>,
+    pub join: Option<String>,
+    pub fault_injection: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("missing setting `{0}` (first start of a node needs it as a flag or in --config)")]
+    Missing(&'static str),
+    #[error("data dir {dir} belongs to node {stored}, not node {given}")]
+    IdMismatch { dir: PathBuf, stored: u64, given: u64 },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// A partial configuration as read from a TOML file (every field optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialConfig {
+    id: Option<u64>,
+    /// Written to the identity file for operators to read; the `--data-dir` flag decides.
+    #[allow(dead_code)]
+    data_dir: Option<PathBuf>,
+    peer_addr: Option<String>,
+    advertise_peer_addr: Option<String>,
+    client_addr: Option<String>,
+    metrics_addr: Option<String>,
+    tls: Option<TlsConfig>,
+    seeds: Option<Vec<String>>,
+    join: Option<String>,
+    limits: Option<Limits>,
+    raft: Option<RaftTuning>,
+    storage: Option<StorageConfig>,
+    fault_injection: Option<bool>,
+}
+
+fn read_partial(path: &Path) -> Result<PartialConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.to_path_buf(), e))?;
+    parse_partial(&text, path)
+}
+
+fn parse_partial(text: &str, path: &Path) -> Result<PartialConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+}
+
+impl NodeConfig {
+    /// Resolves the configuration: the stored identity, then `--config`, then flags.
+    pub fn resolve(data_dir: &Path, file: Option<&Path>, o: Overrides) -> Result<NodeConfig, ConfigError> {
+        let identity = data_dir.join(IDENTITY_FILE);
+        let mut p = if identity.exists() { read_partial(&identity)? } else { PartialConfig::default() };
+        let stored_id = p.id;
+        if let Some(f) = file {
+            let f = read_partial(f)?;
+            macro_rules! over { ($($k:ident),*) => { $( if f.$k.is_some() { p.$k = f.$k; } )* } }
+            over!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, tls, seeds, join, limits, raft, storage, fault_injection);
+        }
+        macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
+        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
+        if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
+            let t = p.tls.take();
+            let pick = |flag: Option<PathBuf>, old: Option<PathBuf>, name| flag.or(old).ok_or(ConfigError::Missing(name));
+            p.tls = Some(TlsConfig {
+                ca: pick(o.ca, t.as_ref().map(|t| t.ca.clone()), "ca")?,
+                cert: pick(o.cert, t.as_ref().map(|t| t.cert.clone()), "cert")?,
+                key: pick(o.key, t.as_ref().map(|t| t.key.clone()), "key")?,
+            });
+        }
+        Self::finish(data_dir, p, stored_id)
+    }
+
+    /// A whole configuration from TOML text alone, as a first start with `--config` and no
+    /// flags would read it (also what the config fuzz target feeds).
+    pub fn from_toml(data_dir: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        Self::finish(data_dir, parse_partial(text, Path::new("<config>"))?, None)
+    }
+
+    fn finish(data_dir: &Path, p: PartialConfig, stored_id: Option<u64>) -> Result<NodeConfig, ConfigError> {
+        let id = p.id.ok_or(ConfigError::Missing("id"))?;
+        if let Some(stored) = stored_id {
+            if stored != id {
+                return Err(ConfigError::IdMismatch { dir: data_dir.to_path_buf(), stored, given: id });
+            }
+        }
+        if id == 0 {
+            return Err(ConfigError::Invalid("node id 0 is reserved".into()));
+        }
+        let cfg = NodeConfig {
+            id,
+            data_dir: data_dir.to_path_buf(),
+            peer_addr: p.peer_addr.ok_or(ConfigError::Missing("peer-addr"))?,
+            advertise_peer_addr: p.advertise_peer_addr,
+            client_addr: p.client_addr.ok_or(ConfigError::Missing("client-addr"))?,
+            metrics_addr: p.metrics_addr.ok_or(ConfigError::Missing("metrics-addr"))?,
+            tls: p.tls.ok_or(ConfigError::Missing("ca/cert/key"))?,
+            seeds: p.seeds.unwrap_or_default(),
+            join: p.join,
+            limits: p.limits.unwrap_or_default(),
+            raft: p.raft.unwrap_or_default(),
+            storage: p.storage.unwrap_or_default(),
+            fault_injection: p.fault_injection.unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The peer address other nodes dial: `advertise_peer_addr`, else `peer_addr`.
+    pub fn advertised_peer_addr(&self) -> &str {
+        self.advertise_peer_addr.as_deref().unwrap_or(&self.peer_addr)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, a) in [("peer_addr", &self.peer_addr), ("client_addr", &self.client_addr), ("metrics_addr", &self.metrics_addr)] {
+            a.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("{name} `{a}` is not an IP:port address: {e}")))?;
+        }
+        if let Some(a) = &self.advertise_peer_addr {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr `{a}` is not an IP:port address: {e}")))?;
+        }
+        if let Some(j) = &self.join {
+            j.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("join `{j}` is not an IP:port address: {e}")))?;
+        }
+        if self.limits.key_bytes_max == 0 || self.limits.value_bytes_max == 0 {
+            return Err(ConfigError::Invalid("limits must be positive".into()));
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0
+            || r.election_timeout_min_ms <= r.heartbeat_interval_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+        {
+            return Err(ConfigError::Invalid("raft timers need 0 < heartbeat < election min < election max".into()));
+        }
+        Ok(())
+    }
+
+    /// Writes the identity file so a restart needs only `--data-dir`.
+    pub fn persist(&self) -> Result<(), ConfigError> {
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| ConfigError::Io(self.data_dir.clone(), e))?;
+        let path = self.data_dir.join(IDENTITY_FILE);
+        let tmp = path.with_extension("toml.tmp");
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(|e| ConfigError::Io(tmp.clone(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ConfigError::Io(path.clone(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_start(dir: &Path) -> Overrides {
+        Overrides {
+            id: Some(4),
+            peer_addr: Some("127.0.0.1:7004".into()),
+            client_addr: Some("127.0.0.1:7104".into()),
+            metrics_addr: Some("127.0.0.1:9104".into()),
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join("n.pem")),
+            key: Some(dir.join("n.key")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn identity_persists_and_flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let cfg = NodeConfig::resolve(&data, None, first_start(dir.path())).expect("first start");
+        cfg.persist().expect("persist");
+        let again = NodeConfig::resolve(&data, None, Overrides::default()).expect("restart with --data-dir alone");
+        assert_eq!(again, cfg);
+        let file = dir.path().join("ringkv.toml");
+        std::fs::write(&file, "client_addr = \"127.0.0.1:8000\"\n[limits]\nkey_bytes_max = 100\nvalue_bytes_max = 1000\n").expect("write");
+        let o = Overrides { client_addr: Some("127.0.0.1:8001".into()), ..Default::default() };
+        let c = NodeConfig::resolve(&data, Some(&file), o).expect("file and flag");
+        assert_eq!(c.client_addr, "127.0.0.1:8001", "flag beats file");
+        assert_eq!(c.limits.key_bytes_max, 100, "file beats stored identity");
+        let o = Overrides { id: Some(5), ..Default::default() };
+        assert!(matches!(NodeConfig::resolve(&data, None, o), Err(ConfigError::IdMismatch { stored: 4, given: 5, .. })));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut o = first_start(dir.path());
+        o.peer_addr = Some("not-an-address".into());
+        let e = NodeConfig::resolve(&dir.path().join("d"), None, o).expect_err("bad address");
+        assert!(e.to_string().contains("peer_addr"), "{e}");
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "idd = 3\n").expect("write");
+        let e = NodeConfig::resolve(&dir.path().join("d"), Some(&file), first_start(dir.path())).expect_err("unknown key");
+        assert!(e.to_string().contains("idd"), "{e}");
+        let e = NodeConfig::resolve(&dir.path().join("d2"), None, Overrides::default()).expect_err("nothing given");
+        assert!(matches!(e, ConfigError::Missing("id")));
+    }
+}
