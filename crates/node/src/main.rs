@@ -14,6 +14,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at startup: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one node. The first start needs id, addresses and certificates; later starts only

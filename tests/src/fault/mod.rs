@@ -201,7 +201,7 @@ async fn run_checked(
     // Undo every fault, whatever happened; then stop the cluster.
     let healed = nemesis.heal_all().await;
     report.faults = nemesis.counts.clone();
-    report.anomalies.extend(nemesis.crashed.drain(..));
+    report.anomalies.append(&mut nemesis.crashed);
     report.packets = [&proxy.stats.forwarded, &proxy.stats.dropped, &proxy.stats.delayed].map(|c| c.load(Ordering::Relaxed));
     let mut cluster = nemesis.cluster;
     let checked = match (outcome, healed) {
