@@ -27,19 +27,7 @@ fn short_run(name: &str, faults: &[Fault]) {
 
 #[test]
 fn partitions_delay_and_loss_keep_histories_linearizable() {
-    short_run(
-        "partitions_delay_and_loss_keep_histories_linearizable",
-        &[
-            Fault::Isolate,
-            Fault::MajorityMinority,
-            Fault::OneWay,
-            Fault::Bridge,
-            Fault::Ring,
-            Fault::IsolatePlacementLeader,
-            Fault::Delay,
-            Fault::Loss,
-        ],
-    );
+    short_run("partitions_delay_and_loss_keep_histories_linearizable", &Fault::network());
 }
 
 #[test]

@@ -72,6 +72,11 @@ impl Fault {
         Fault::TransferLeader,
     ];
 
+    /// The faults of the network: partitions of every shape, delay and loss.
+    pub fn network() -> Vec<Fault> {
+        Self::ALL.into_iter().filter(|f| f.kind() == Kind::Network).collect()
+    }
+
     fn kind(self) -> Kind {
         match self {
             Fault::Kill | Fault::Pause => Kind::Process,
