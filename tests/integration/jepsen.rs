@@ -42,3 +42,29 @@ fn membership_changes_under_faults_keep_histories_linearizable() {
         &[Fault::Join, Fault::TransferLeader, Fault::Kill, Fault::Pause, Fault::Isolate, Fault::Delay],
     );
 }
+
+/// The harness checks itself: every node skips its read barrier (a crash point), so a leader cut
+/// off from the others keeps answering reads from its own, stale state to clients that still
+/// believe it leads. The register check must reject such a history; if it passed, the fault
+/// tests could not see stale reads.
+#[test]
+fn the_checker_rejects_stale_reads_from_a_deposed_leader() {
+    let seed = fault::seed_from_env();
+    let mut cfg = FaultRun::short(seed, Duration::from_secs(40), &[Fault::Isolate]);
+    cfg.workloads = vec![fault::Workload::Register];
+    // Keys on many shards, so most isolations cut off the leader of some of them.
+    cfg.register.keys = 24;
+    cfg.register.ops_per_key = 200;
+    cfg.node_env = vec![("FAILPOINTS".into(), "read::skip_barrier=return".into())];
+    let report = fault::run(cfg).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    eprintln!("{}", report.summary());
+    assert!(
+        report.anomalies.iter().any(|a| a.contains("not linearizable")),
+        "reads that skip the leadership check went unnoticed: {}",
+        report.summary()
+    );
+    // The run failed as it had to: its kept history is not needed.
+    if let Some(dir) = report.history.as_ref().and_then(|h| h.parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -47,6 +47,8 @@ pub struct FaultRun {
     pub op_timeout: Duration,
     /// Where to keep the cluster and the history of a failed run (default: the temp dir).
     pub keep_dir: Option<PathBuf>,
+    /// Extra environment of the first nodes (e.g. FAILPOINTS for the harness's self-check).
+    pub node_env: Vec<(String, String)>,
 }
 
 impl FaultRun {
@@ -64,6 +66,7 @@ impl FaultRun {
             bank: BankConfig { banks: 3, accounts: 5, balance: 20, workers: 3 },
             op_timeout: Duration::from_secs(5),
             keep_dir: None,
+            node_env: Vec::new(),
         }
     }
 }
@@ -191,7 +194,15 @@ async fn run_checked(
         extra_config: Some(crate::TEST_RAFT.into()),
         netns: Some(NetnsLayout { name: ns.name().into(), proxied: true }),
     };
-    let cluster = DevCluster::start(opts).await?;
+    let mut cluster = DevCluster::start(opts).await?;
+    if !cfg.node_env.is_empty() {
+        for id in 1..=cfg.nodes as u64 {
+            cluster.set_env(id, cfg.node_env.clone());
+            cluster.kill(id).await?;
+            cluster.restart(id)?;
+        }
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+    }
     let mut cc = cluster.client_config();
     cc.timeout = cfg.op_timeout;
     cc.attempt_timeout = Duration::from_secs(2);
@@ -232,7 +243,18 @@ async fn workloads_under_faults(
     }
     let until = Instant::now() + cfg.time;
     let ctx = Arc::new(Ctx::new(client.clone(), rec.clone(), until, cfg.op_timeout, cfg.seed));
-    let register = cfg.workloads.contains(&Workload::Register).then(|| tokio::spawn(workload::register(ctx.clone(), cfg.register)));
+    // Each register worker is a client of its own, with its own view of who leads what.
+    let mut clients = Vec::new();
+    if cfg.workloads.contains(&Workload::Register) {
+        for _ in 0..cfg.register.workers {
+            let mut cc = nemesis.cluster.client_config();
+            cc.timeout = cfg.op_timeout;
+            cc.attempt_timeout = Duration::from_secs(2);
+            clients.push(Arc::new(Client::connect(cc).await?));
+        }
+    }
+    let register =
+        cfg.workloads.contains(&Workload::Register).then(|| tokio::spawn(workload::register(ctx.clone(), cfg.register, clients)));
     let set = cfg.workloads.contains(&Workload::Set).then(|| tokio::spawn(workload::set(ctx.clone(), cfg.set_workers)));
     let bank = cfg.workloads.contains(&Workload::Bank).then(|| tokio::spawn(workload::bank(ctx.clone(), cfg.bank)));
     let schedule = nemesis.run(until).await;

@@ -91,7 +91,8 @@ pub fn register_key(k: u32) -> Vec<u8> {
     format!("register-{k}").into_bytes()
 }
 
-pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
+/// Worker `w` uses `clients[w]` (or the shared client if there are fewer).
+pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig, clients: Vec<Arc<Client>>) {
     let issued: Arc<Vec<AtomicUsize>> = Arc::new((0..cfg.keys).map(|_| AtomicUsize::new(0)).collect());
     // Spread each key's operations over the whole run, so they meet every fault.
     let per_worker = (cfg.keys as usize * cfg.ops_per_key).div_ceil(cfg.workers.max(1)).max(1) as u32;
@@ -99,6 +100,7 @@ pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
     let mut tasks = Vec::new();
     for w in 0..cfg.workers {
         let (ctx, issued) = (ctx.clone(), issued.clone());
+        let client = clients.get(w).cloned().unwrap_or_else(|| ctx.client.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = ctx.rng(1000 + w as u64);
             let mut process = ctx.process();
@@ -123,18 +125,18 @@ pub async fn register(ctx: Arc<Ctx>, cfg: RegisterConfig) {
                 };
                 let p = ctx.rec.register_invoke(process, k, op);
                 let (outcome, read) = match op {
-                    RegisterOp::Read(_) => match ctx.client.get_with(&key, ctx.opts()).await {
+                    RegisterOp::Read(_) => match client.get_with(&key, ctx.opts()).await {
                         // A value that is not a number makes the check fail, as it should.
                         Ok(v) => (Outcome::Ok, v.map(|v| parse_u32(&v).unwrap_or(u32::MAX))),
                         Err(_) => (Outcome::Fail, None),
                     },
-                    RegisterOp::Write(v) => match ctx.client.put_with(&key, v.to_string().as_bytes(), ctx.opts()).await {
+                    RegisterOp::Write(v) => match client.put_with(&key, v.to_string().as_bytes(), ctx.opts()).await {
                         Ok(()) => (Outcome::Ok, None),
                         Err(e) => (write_outcome(&e), None),
                     },
                     RegisterOp::Cas(c, s) => {
                         let expect = c.to_string();
-                        match ctx.client.compare_and_swap_with(&key, Some(expect.as_bytes()), s.to_string().as_bytes(), ctx.opts()).await {
+                        match client.compare_and_swap_with(&key, Some(expect.as_bytes()), s.to_string().as_bytes(), ctx.opts()).await {
                             Ok(o) if o.swapped => (Outcome::Ok, None),
                             Ok(_) => (Outcome::Fail, None),
                             Err(e) => (write_outcome(&e), None),
