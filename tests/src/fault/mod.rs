@@ -203,10 +203,7 @@ async fn run_checked(
         }
         cluster.wait_ready(Duration::from_secs(60)).await?;
     }
-    let mut cc = cluster.client_config();
-    cc.timeout = cfg.op_timeout;
-    cc.attempt_timeout = Duration::from_secs(2);
-    let client = Arc::new(Client::connect(cc).await?);
+    let client = connect(&cluster, cfg).await?;
     let mut nemesis = nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), MAX_NODES);
     let outcome = workloads_under_faults(cfg, &client, rec, &mut nemesis).await;
     // Undo every fault, whatever happened; then stop the cluster.
@@ -222,6 +219,14 @@ async fn run_checked(
     cluster.stop_all().await;
     client.close();
     checked
+}
+
+/// A client of the run's cluster with the run's operation deadline.
+async fn connect(cluster: &DevCluster, cfg: &FaultRun) -> anyhow::Result<Arc<Client>> {
+    let mut cc = cluster.client_config();
+    cc.timeout = cfg.op_timeout;
+    cc.attempt_timeout = Duration::from_secs(2);
+    Ok(Arc::new(Client::connect(cc).await?))
 }
 
 /// What the workloads leave for the final checks.
@@ -247,10 +252,7 @@ async fn workloads_under_faults(
     let mut clients = Vec::new();
     if cfg.workloads.contains(&Workload::Register) {
         for _ in 0..cfg.register.workers {
-            let mut cc = nemesis.cluster.client_config();
-            cc.timeout = cfg.op_timeout;
-            cc.attempt_timeout = Duration::from_secs(2);
-            clients.push(Arc::new(Client::connect(cc).await?));
+            clients.push(connect(&nemesis.cluster, cfg).await?);
         }
     }
     let register =
@@ -298,16 +300,14 @@ async fn final_checks(
         for (key, actions) in rec.register_histories() {
             let n = actions.len() / 2;
             let started = Instant::now();
-            // On a thread of its own, so a search that explodes ends the run instead of hanging it.
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = tx.send(history::linearizable(actions));
-            });
-            let verdict = tokio::task::spawn_blocking(move || rx.recv_timeout(CHECK_DEADLINE)).await?;
+            // Bounded, so a search that explodes ends the run instead of hanging it.
+            let check = tokio::task::spawn_blocking(move || history::linearizable(actions));
+            let verdict = tokio::time::timeout(CHECK_DEADLINE, check).await;
             eprintln!("register {key}: {n} operations checked in {:.1?}: {verdict:?}", started.elapsed());
             match verdict {
-                Ok(true) => {}
-                Ok(false) => ctx.anomaly(format!("register {key}: the history of its {n} operations is not linearizable")),
+                Ok(Ok(true)) => {}
+                Ok(Err(e)) => ctx.anomaly(format!("register {key}: the linearizability check failed: {e}")),
+                Ok(Ok(false)) => ctx.anomaly(format!("register {key}: the history of its {n} operations is not linearizable")),
                 Err(_) => ctx.anomaly(format!(
                     "register {key}: the linearizability check of {n} operations did not finish within {CHECK_DEADLINE:?}"
                 )),
