@@ -44,7 +44,7 @@ pub struct ScenarioResult {
 }
 
 fn node(id: NodeId) -> NodeInfo {
-    NodeInfo { id, peer_addr: String::new(), client_addr: String::new(), metrics_addr: String::new(), state: NodeState::Up }
+    NodeInfo { id, peer_addr: String::new(), client_addr: String::new(), metrics_addr: String::new(), state: NodeState::Up, incarnation: 0 }
 }
 
 /// A balanced cluster: shard i on nodes i*3, i*3+1, i*3+2 (mod n), led by the first.

@@ -22,6 +22,12 @@ pub enum PlacementCommand {
     RegisterNode {
         node: NodeInfo,
     },
+    /// Records the incarnation of a node's data dir, reported by its heartbeat, where the map
+    /// does not know it yet. Refused if it knows another one.
+    ClaimIncarnation {
+        node: NodeId,
+        incarnation: u64,
+    },
     /// A lifecycle change, by an operator or by the placement leader (up, down).
     SetNodeState {
         node: NodeId,
@@ -59,6 +65,15 @@ pub enum PlacementError {
     Invalid(String),
     #[error("{0}")]
     Refused(String),
+}
+
+/// Why a node id is refused to a data dir that is not the one the cluster knows for it.
+pub fn amnesia(id: NodeId) -> String {
+    format!(
+        "node id {id} is already in the cluster with another data dir; a wiped or replaced data dir cannot take its place \
+         (it would vote with an empty log). Remove the old node (`ringctl node remove {id} --force`, its replicas are rebuilt \
+         from the others) and start this one with a new --id"
+    )
 }
 
 fn refuse<T>(why: String) -> Result<T, PlacementError> {
@@ -143,10 +158,13 @@ fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, Pl
                 Some(n) if n.state == NodeState::Removed => {
                     refuse(format!("node id {} was removed; a node coming back needs a new id and an empty data dir", node.id))
                 }
+                Some(n) if n.incarnation != 0 && n.incarnation != node.incarnation => refuse(amnesia(node.id)),
+                Some(n) if n.incarnation == 0 && node.incarnation != 0 && n.state != NodeState::Joining => refuse(amnesia(node.id)),
                 Some(n) if n.peer_addr == node.peer_addr && n.client_addr == node.client_addr && n.metrics_addr == node.metrics_addr => {
                     Ok(false)
                 }
                 Some(n) => {
+                    n.incarnation = node.incarnation;
                     n.peer_addr = node.peer_addr.clone();
                     n.client_addr = node.client_addr.clone();
                     n.metrics_addr = node.metrics_addr.clone();
@@ -162,6 +180,17 @@ fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, Pl
             }
         }
         PlacementCommand::SetNodeState { node, state, force } => set_node_state(map, *node, *state, *force),
+        PlacementCommand::ClaimIncarnation { node, incarnation } => {
+            let Some(n) = map.nodes.iter_mut().find(|n| n.id == *node) else { return refuse(format!("no node {node} in the cluster")) };
+            match n.incarnation {
+                0 if *incarnation != 0 => {
+                    n.incarnation = *incarnation;
+                    Ok(true)
+                }
+                i if i == *incarnation => Ok(false),
+                _ => refuse(amnesia(*node)),
+            }
+        }
         PlacementCommand::BeginMove { shard, from, to, epoch, reason } => {
             let Some(s) = map.shard(*shard) else { return refuse(format!("no shard {shard}")) };
             if s.epoch != *epoch {
@@ -205,10 +234,16 @@ fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, Pl
     }
 }
 
-/// Checks a bootstrap request before anything is proposed.
+/// The most shards a cluster may start with: every shard is a Raft group on three nodes.
+pub const BOOTSTRAP_SHARDS_MAX: u64 = 1 << 16;
+
+/// Checks a bootstrap request before anything is proposed (and again when it is applied).
 pub fn validate_bootstrap(nodes: &[NodeInfo], shards: u64, replication: usize) -> Result<(), PlacementError> {
     if shards == 0 || !shards.is_power_of_two() {
         return Err(PlacementError::Invalid(format!("shard count {shards} is not a power of two")));
+    }
+    if shards > BOOTSTRAP_SHARDS_MAX {
+        return Err(PlacementError::Invalid(format!("shard count {shards} is over the limit of {BOOTSTRAP_SHARDS_MAX}")));
     }
     if replication == 0 || replication % 2 == 0 {
         return Err(PlacementError::Invalid(format!("replication factor {replication} must be odd")));
@@ -300,6 +335,7 @@ mod tests {
                 client_addr: format!("127.0.0.1:{}", 8000 + id),
                 metrics_addr: String::new(),
                 state: NodeState::Joining,
+                incarnation: 0,
             })
             .collect()
     }
@@ -342,6 +378,42 @@ mod tests {
         assert!(validate_bootstrap(&nodes(2), 8, 3).is_err());
         assert!(validate_bootstrap(&nodes(3), 6, 3).is_err());
         assert!(validate_bootstrap(&nodes(3), 8, 2).is_err());
+        assert!(validate_bootstrap(&nodes(3), BOOTSTRAP_SHARDS_MAX, 3).is_ok());
+        // Applying a huge bootstrap must be refused, not attempted (it would abort every
+        // placement member on every restart).
+        for shards in [BOOTSTRAP_SHARDS_MAX * 2, 1 << 40, 1 << 62, 1 << 63] {
+            let mut map = ClusterMap::default();
+            let cmd = PlacementCommand::Bootstrap { cluster_id: "c".into(), nodes: nodes(3), shards, replication: 3 };
+            assert!(matches!(apply(&mut map, &cmd), Err(PlacementError::Invalid(_))), "{shards} shards");
+            assert!(!map.is_bootstrapped());
+        }
+    }
+
+    #[test]
+    fn a_known_node_id_is_refused_to_another_data_dir() {
+        let mut map = cluster(3);
+        // Incarnations are claimed once: the first heartbeat of each node.
+        for id in 1..=3 {
+            apply(&mut map, &PlacementCommand::ClaimIncarnation { node: id, incarnation: 100 + id }).expect("claim");
+        }
+        let v = map.version;
+        apply(&mut map, &PlacementCommand::ClaimIncarnation { node: 2, incarnation: 102 }).expect("same claim again");
+        assert_eq!(map.version, v, "a repeated claim changed nothing");
+        // A wiped data dir of node 2 (another incarnation) can neither claim nor join as node 2.
+        let e = apply(&mut map, &PlacementCommand::ClaimIncarnation { node: 2, incarnation: 999 }).expect_err("amnesia claimed");
+        assert!(e.to_string().contains("node remove 2"), "{e}");
+        let wiped = NodeInfo { incarnation: 999, ..node(2) };
+        let e = apply(&mut map, &PlacementCommand::RegisterNode { node: wiped }).expect_err("amnesia joined");
+        assert!(e.to_string().contains("another data dir"), "{e}");
+        assert_eq!(map.node(2).map(|n| n.incarnation), Some(102));
+        // The node itself (same incarnation) may update its addresses.
+        let moved = NodeInfo { incarnation: 102, client_addr: "127.0.0.1:9999".into(), ..node(2) };
+        apply(&mut map, &PlacementCommand::RegisterNode { node: moved }).expect("own re-register");
+        assert_eq!(map.node(2).map(|n| n.client_addr.clone()), Some("127.0.0.1:9999".into()));
+        // An up node whose incarnation is not known yet cannot be taken over by a join either.
+        let mut map = cluster(3);
+        let e = apply(&mut map, &PlacementCommand::RegisterNode { node: NodeInfo { incarnation: 5, ..node(3) } });
+        assert!(e.is_err(), "a join took over an up node");
     }
 
     fn cluster(n: u64) -> ClusterMap {

@@ -366,7 +366,7 @@ mod tests {
     use ringkv_wire::{Epoch, NodeInfo, ShardDesc};
 
     fn node(id: NodeId, state: NodeState) -> NodeInfo {
-        NodeInfo { id, peer_addr: String::new(), client_addr: String::new(), metrics_addr: String::new(), state }
+        NodeInfo { id, peer_addr: String::new(), client_addr: String::new(), metrics_addr: String::new(), state, incarnation: 0 }
     }
 
     /// A cluster of `nodes` up nodes with `shards` shards placed at random (3 distinct replicas

@@ -68,7 +68,7 @@ async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() -> anyh
     // A certificate from another CA.
     let other = tempfile::tempdir()?;
     ringkv_transport::certs::init_ca(other.path())?;
-    let foreign = ringkv_transport::certs::issue_client(other.path(), other.path(), "client")?;
+    let foreign = ringkv_transport::certs::issue_client(other.path(), other.path(), "client", ringkv_wire::Role::Admin)?;
     let certs = CertPaths { ca: tc.cluster.file.certs.ca.clone(), cert: foreign.cert, key: foreign.key };
     let mut cfg = ClientConfig::new(seeds.clone(), certs);
     cfg.timeout = Duration::from_secs(3);
@@ -111,7 +111,7 @@ async fn corrupt_or_mismatched_data_dirs_are_refused_with_a_clear_message() -> a
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     ringkv_transport::certs::init_ca(&certs)?;
-    let node = ringkv_transport::certs::issue_node(&certs, &certs, 1)?;
+    let node = ringkv_transport::certs::issue_node(&certs, &certs, 1, &[])?;
     let data = dir.path().join("node");
     let run = |args: &[&str]| {
         std::process::Command::new(ringkv_binary()).arg("node").arg("--data-dir").arg(&data).args(args).env("RUST_LOG", "error").output()
@@ -141,5 +141,103 @@ async fn corrupt_or_mismatched_data_dirs_are_refused_with_a_clear_message() -> a
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot open the database"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_frame_limit_gets_a_prompt_typed_error_and_the_connection_stays() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    client.put(b"before", b"1").await?;
+    // Three values of 1 MiB in one shard's batch: over the node's frame limit (about 2 MiB).
+    let map = client.map();
+    let shard = map.shard_for_hash(ringkv_wire::key_hash(b"before")).map(|s| s.id).expect("shard");
+    let keys: Vec<Vec<u8>> = (0u64..)
+        .map(|i| format!("big-{i}").into_bytes())
+        .filter(|k| map.shard_for_hash(ringkv_wire::key_hash(k)).map(|s| s.id) == Some(shard))
+        .take(3)
+        .collect();
+    let value = vec![1u8; 1 << 20];
+    let pairs: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), value.as_slice())).collect();
+    let started = std::time::Instant::now();
+    let r = client.batch_put(&pairs, ringkv_client::CallOptions::timeout(Duration::from_secs(20))).await;
+    let took = started.elapsed();
+    assert!(r.iter().all(|r| matches!(r, Err(Error::Request(RequestError::TooLarge(_))))), "{:?}", r.first());
+    assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
+    // Over the client's own limit (8 MiB): refused before sending, also typed.
+    let huge = vec![2u8; 9 << 20];
+    let r = client.batch_put(&[(b"h1", huge.as_slice())], ringkv_client::CallOptions::default()).await;
+    assert!(matches!(r[0], Err(Error::Request(RequestError::ValueTooLarge { .. }) | Error::Request(RequestError::TooLarge(_)))), "{r:?}");
+    // The same client and connection go on serving at once.
+    let started = std::time::Instant::now();
+    assert_eq!(client.get(b"before").await?, Some(b"1".to_vec()));
+    client.put(b"after", b"2").await?;
+    assert!(started.elapsed() < Duration::from_secs(2), "the node was avoided after the refusal");
+    for k in &keys {
+        assert_eq!(client.get(k).await?, None, "part of a refused batch was written");
+    }
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_limits_a_node_answers_busy_and_serves_again_after() -> anyhow::Result<()> {
+    let tc = TestCluster::start_with(3, 4, "[limits]\nclient_connections_max = 3\nclient_requests_in_flight_max = 2").await?;
+    let client = tc.client().await?;
+    client.put(b"k", b"v").await?;
+    let map = client.map();
+    let desc = map.shard_for_hash(ringkv_wire::key_hash(b"k")).expect("shard").clone();
+    let leader = tc.leaders_on(&client, 1).await?;
+    let addr = if leader.contains(&desc.id) { tc.client_addr(1) } else { tc.client_addr(desc.replicas[0]) };
+
+    // Requests in flight: many linearizable reads at once on raw calls (no retries).
+    let req = ringkv_wire::ClientRequest::Get { shard: desc.id, epoch: desc.epoch, key: b"k".to_vec(), stale: false };
+    let mut busy = 0;
+    for _ in 0..10 {
+        let calls = (0..64).map(|_| client.call_node(&addr, &req, Duration::from_secs(5)));
+        for r in futures::future::join_all(calls).await {
+            match r? {
+                Err(RequestError::Busy(_)) => busy += 1,
+                Ok(_) | Err(RequestError::NotLeader { .. }) => {}
+                Err(e) => panic!("unexpected answer {e}"),
+            }
+        }
+        if busy > 0 {
+            break;
+        }
+    }
+    assert!(busy > 0, "64 concurrent reads never met the limit of 2 in flight");
+
+    // Connections: open raw connections until one is answered busy.
+    let certs = ringkv_node::dev::ClusterFileExt::client_certs(&tc.cluster.file);
+    let quic = ringkv_transport::tls::client_config(&certs, ALPN_CLIENT)?;
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut open = Vec::new();
+    let mut refused = false;
+    for _ in 0..6 {
+        let conn = ep.connect_with(quic.clone(), tc.client_addr(1).parse()?, ringkv_transport::NODE_SERVER_NAME)?.await?;
+        let rpc = ringkv_transport::RpcClient::<ringkv_wire::ClientRequest, ClientResponse>::over(conn, 1, 1 << 20).await?;
+        match rpc.call(&ringkv_wire::ClientRequest::GetMap, Duration::from_secs(3)).await {
+            Ok(Err(RequestError::Busy(_))) => {
+                refused = true;
+                break;
+            }
+            Ok(Ok(_)) => open.push(rpc),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(refused, "6 connections on top of the test's own were all served with a limit of 3");
+    for c in &open {
+        c.close();
+    }
+    drop(open);
+    // Once connections closed the node serves again, and the cluster never stopped.
+    ringkv_tests::eventually(Duration::from_secs(10), "node 1 serves a new connection", || async {
+        let c = Client::connect(ClientConfig::new(vec![tc.client_addr(1)], certs.clone())).await?;
+        anyhow::ensure!(c.get(b"k").await? == Some(b"v".to_vec()));
+        Ok(())
+    })
+    .await?;
+    tc.stop().await;
     Ok(())
 }

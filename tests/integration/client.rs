@@ -174,3 +174,91 @@ async fn batches_report_failed_shards_and_finish_the_rest() -> anyhow::Result<()
     tc.stop().await;
     Ok(())
 }
+
+/// `n` keys that hash into the same shard as `anchor`.
+fn keys_in_shard_of(client: &Client, anchor: &[u8], prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    let shard = shard_of(client, anchor);
+    (0u64..).map(|i| format!("{prefix}-{i}").into_bytes()).filter(|k| shard_of(client, k) == shard).take(n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_are_atomic_bounded_and_concurrent_writes_of_one_client_all_apply() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 4).await?;
+    let client = Arc::new(tc.client().await?);
+
+    // 64 writes of one client to one shard at once: none may be refused as expired.
+    let keys = keys_in_shard_of(&client, b"anchor", "conc", 64);
+    let puts = keys.iter().map(|k| client.put(k, b"x"));
+    let results = futures::future::join_all(puts).await;
+    let refused: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(refused.is_empty(), "{} of 64 concurrent writes failed: {:?}", refused.len(), refused.first());
+
+    // Three 1 MiB values in one batch: more than one reply frame, answered in parts.
+    let big = keys_in_shard_of(&client, b"anchor", "big", 3);
+    for (i, k) in big.iter().enumerate() {
+        client.put(k, &vec![i as u8; 1 << 20]).await?;
+    }
+    let refs: Vec<&[u8]> = big.iter().map(|k| k.as_slice()).collect();
+    for (i, r) in client.batch_get(&refs, CallOptions::default()).await.into_iter().enumerate() {
+        assert_eq!(r?.map(|v| (v.len(), v[0])), Some((1 << 20, i as u8)), "value {i}");
+    }
+    // Many copies of one big key: the node answers a bounded part each time, never all at once.
+    let copies: Vec<&[u8]> = std::iter::repeat_n(big[0].as_slice(), 40).collect();
+    let got = client.batch_get(&copies, CallOptions::timeout(Duration::from_secs(60))).await;
+    assert!(got.iter().all(|r| matches!(r, Ok(Some(v)) if v.len() == 1 << 20)), "copies not all answered");
+
+    // A batch read never sees half of a batch write.
+    let pair = keys_in_shard_of(&client, b"anchor", "pair", 2);
+    client.batch_put(&[(&pair[0], b"0"), (&pair[1], b"0")], CallOptions::default()).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let writer = {
+        let (client, pair) = (client.clone(), pair.clone());
+        tokio::spawn(async move {
+            for i in 1..=300u32 {
+                let v = i.to_string().into_bytes();
+                let _ = client.batch_put(&[(&pair[0], &v), (&pair[1], &v)], CallOptions::default()).await;
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() && reads < 2000 {
+        let r = client.batch_get(&[&pair[0], &pair[1]], CallOptions::default()).await;
+        let (a, b) = (r[0].clone()?, r[1].clone()?);
+        assert_eq!(a, b, "a batch read saw half of a batch write");
+        reads += 1;
+    }
+    writer.await?;
+    assert!(reads > 10, "only {reads} reads ran during the writes");
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_silent_clients_expire_through_the_log() -> anyhow::Result<()> {
+    // Appended to the test cluster's [raft] section.
+    let tc = TestCluster::start_with(3, 2, "session_expiry_secs = 2").await?;
+    let quiet = tc.client().await?;
+    let busy = tc.client().await?;
+    quiet.put(b"quiet", b"1").await?;
+    let keys = keys_in_shard_of(&busy, b"quiet", "busy", 100);
+    let expired = |tc: &TestCluster| -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for n in &tc.cluster.file.nodes {
+            sum += ringkv_tests::metric(&ringkv_tests::scrape(&n.metrics_addr)?, "ringkv_raft_sessions_expired_total").unwrap_or(0.0);
+        }
+        Ok(sum)
+    };
+    let started = Instant::now();
+    let mut i = 0;
+    while expired(&tc)? < 1.0 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "no session expired in 30 s of writes");
+        busy.put(&keys[i % keys.len()], b"x").await?;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The quiet client's data stays, and it writes again as a new session.
+    assert_eq!(quiet.get(b"quiet").await?, Some(b"1".to_vec()));
+    quiet.put(b"quiet", b"2").await?;
+    assert_eq!(busy.get(b"quiet").await?, Some(b"2".to_vec()));
+    tc.stop().await;
+    Ok(())
+}

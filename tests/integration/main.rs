@@ -12,3 +12,4 @@ mod faults;
 mod jepsen;
 mod placement;
 mod routing;
+mod security;

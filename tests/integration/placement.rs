@@ -28,11 +28,47 @@ async fn a_fourth_and_fifth_node_join_under_load_and_the_cluster_balances() -> a
         }
     }
     let writer = Writer::start(tc.client().await?, "join", 20_000);
+    // Stale reads on the new nodes while they are filled: they may be refused, never answer
+    // "absent" for a key written before (a learner, a half-installed snapshot).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stale_reads = {
+        let (stop, reader) = (stop.clone(), tc.client().await?);
+        let addrs: Vec<String> = vec![];
+        let cluster_file = tc.path().join("cluster.json");
+        let keys = keys_for_every_shard(&map, "fill0");
+        tokio::spawn(async move {
+            let (mut served, mut absent) = (0u64, Vec::new());
+            let mut addrs = addrs;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(f) = ringkv_config::cluster::ClusterFile::load(&cluster_file) {
+                    addrs = f.nodes.iter().filter(|n| n.id > 3).map(|n| n.client_addr.clone()).collect();
+                }
+                let Ok(map) = reader.refresh_map().await else { continue };
+                for (_, key) in &keys {
+                    let Some(d) = map.shard_for_hash(ringkv_wire::key_hash(key)) else { continue };
+                    let req = ClientRequest::Get { shard: d.id, epoch: d.epoch, key: key.clone(), stale: true };
+                    for a in &addrs {
+                        match reader.call_node(a, &req, Duration::from_secs(2)).await {
+                            Ok(Ok(ClientReply::Value(Some(_)))) => served += 1,
+                            Ok(Ok(ClientReply::Value(None))) => absent.push((a.clone(), String::from_utf8_lossy(key).into_owned())),
+                            _ => {}
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (served, absent)
+        })
+    };
     for _ in 0..2 {
         let id = tc.cluster.add_node()?;
         wait_node_up(&tc.cluster.client_config(), id, Duration::from_secs(60)).await?;
     }
     let load = wait_balanced(&client, BALANCE_TIMEOUT).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, absent) = stale_reads.await?;
+    assert!(absent.is_empty(), "stale reads on new replicas answered absent for written keys: {absent:?}");
+    assert!(served > 0, "no stale read was served by the new nodes");
     let (acked, failed) = writer.stop().await?;
     eprintln!("balanced: {load:?}; {} writes acknowledged, {failed} failed", acked.len());
     assert_eq!(load.len(), 5, "five up nodes: {load:?}");

@@ -36,6 +36,12 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(nodes: usize, shards: u64) -> anyhow::Result<TestCluster> {
+        Self::start_with(nodes, shards, "").await
+    }
+
+    /// As [`TestCluster::start`], with `extra` TOML (whole sections) in every node's first
+    /// configuration.
+    pub async fn start_with(nodes: usize, shards: u64, extra: &str) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
         let opts = DevOptions {
             nodes,
@@ -44,7 +50,7 @@ impl TestCluster {
             data_dir: dir.path().join("cluster"),
             binary: ringkv_binary(),
             fault_injection: true,
-            extra_config: Some(TEST_RAFT.into()),
+            extra_config: Some(format!("{TEST_RAFT}\n{extra}")),
             netns: None,
         };
         let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;

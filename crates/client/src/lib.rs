@@ -59,6 +59,21 @@ use ringkv_wire::{
 };
 pub use ringkv_wire::{ClusterMap as Map, NodeStatus as NodeReport, Session};
 
+/// `new`, except that a shard whose descriptor in `old` has a newer epoch keeps it, and a map
+/// older than `old` is ignored: a client never goes back to an older route.
+fn merge_newer(old: &ClusterMap, new: ClusterMap) -> ClusterMap {
+    if new.version < old.version {
+        return old.clone();
+    }
+    let mut m = new;
+    for s in m.shards.iter_mut() {
+        if let Some(o) = old.shards.iter().find(|o| o.id == s.id && o.epoch > s.epoch) {
+            *s = o.clone();
+        }
+    }
+    m
+}
+
 /// Streams per connection to a node.
 pub const CLIENT_LANES: usize = 2;
 /// Largest frame the client sends or accepts.
@@ -272,22 +287,28 @@ impl Client {
         r
     }
 
-    /// Fetches the newest map any known node has.
+    /// Fetches the map from every known node at once and takes the first good answer (a dead
+    /// node costs nothing). Shard descriptors never go back: where the cached map holds a newer
+    /// epoch for a shard (learned from a `StaleEpoch` answer), it is kept.
     pub async fn refresh_map(&self) -> Result<Arc<ClusterMap>, Error> {
+        use futures::stream::StreamExt;
         let current = self.map();
         let mut addrs: Vec<String> = current.nodes.iter().map(|n| n.client_addr.clone()).collect();
         addrs.extend(self.config.seeds.iter().cloned());
-        addrs.dedup();
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
+        let mut asks: futures::stream::FuturesUnordered<_> = addrs
+            .iter()
+            .map(|a| async move { (a.clone(), self.call_node(a, &ClientRequest::GetMap, Duration::from_secs(2)).await) })
+            .collect();
         let mut last = String::from("no node answered");
         let mut best: Option<ClusterMap> = None;
-        for a in addrs {
-            match self.call_node(&a, &ClientRequest::GetMap, Duration::from_secs(2)).await {
+        while let Some((a, r)) = asks.next().await {
+            match r {
+                // Any bootstrapped map will do to route; stale entries are corrected by the
+                // nodes' StaleEpoch answers.
                 Ok(Ok(ClientReply::Map(m))) if m.is_bootstrapped() => {
-                    if best.as_ref().is_none_or(|b| m.version > b.version) {
-                        best = Some(m);
-                    }
-                    // Any bootstrapped map will do to route; stale entries are corrected by
-                    // the nodes' StaleEpoch answers.
+                    best = Some(m);
                     break;
                 }
                 Ok(Ok(_)) => last = format!("{a}: cluster not bootstrapped"),
@@ -297,16 +318,30 @@ impl Client {
         }
         match best {
             Some(m) => {
-                let m = Arc::new(m);
-                if m.version >= current.version {
-                    if let Ok(mut w) = self.map.write() {
-                        *w = m.clone();
-                    }
+                if let Ok(mut w) = self.map.write() {
+                    let merged = merge_newer(&w, m);
+                    *w = Arc::new(merged);
                 }
                 Ok(self.map())
             }
             None => Err(Error::Request(RequestError::Unavailable(last))),
         }
+    }
+
+    /// Takes a fresh shard descriptor (from a `StaleEpoch` answer) into the cached map.
+    /// Whether the map changed.
+    fn learn_descriptor(&self, d: &ringkv_wire::ShardDesc) -> bool {
+        let Ok(mut w) = self.map.write() else { return false };
+        if !w.shards.iter().any(|s| s.id == d.id && s.epoch < d.epoch) {
+            return false;
+        }
+        let mut m = (**w).clone();
+        if let Some(s) = m.shards.iter_mut().find(|s| s.id == d.id) {
+            *s = d.clone();
+        }
+        self.leaders.remove(&d.id);
+        *w = Arc::new(m);
+        true
     }
 
     /// Routes a keyed request to its shard's leader, retrying until `timeout` passes.
@@ -360,7 +395,9 @@ impl Client {
                     Some(l) => l,
                     None => {
                         let healthy: Vec<NodeId> = desc.replicas.iter().copied().filter(|r| !failed.contains(r)).collect();
-                        healthy.get(attempt % healthy.len().max(1)).copied().unwrap_or(desc.replicas[0])
+                        // A descriptor with no replicas (sent by a broken node) names node 0, which
+                        // no map holds: the call then refreshes its route instead of panicking.
+                        healthy.get(attempt % healthy.len().max(1)).or(desc.replicas.first()).copied().unwrap_or(0)
                     }
                 };
                 match map.node(target).map(|n| n.client_addr.clone()) {
@@ -388,9 +425,16 @@ impl Client {
                                     }
                                 }
                             }
-                            Ok(Err(
-                                e @ (RequestError::StaleEpoch { .. } | RequestError::WrongShard { .. } | RequestError::NotBootstrapped),
-                            )) => {
+                            Ok(Err(RequestError::StaleEpoch { descriptor })) => {
+                                // The answer carries the fresh descriptor: route with it at once.
+                                last = format!("shard {} moved on to epoch {:?}", descriptor.id, descriptor.epoch);
+                                if self.learn_descriptor(&descriptor) {
+                                    pause = false;
+                                } else {
+                                    let _ = tokio::time::timeout(timeout.saturating_sub(started.elapsed()), self.refresh_map()).await;
+                                }
+                            }
+                            Ok(Err(e @ (RequestError::WrongShard { .. } | RequestError::NotBootstrapped))) => {
                                 last = e.to_string();
                                 let _ = tokio::time::timeout(timeout.saturating_sub(started.elapsed()), self.refresh_map()).await;
                             }
@@ -400,6 +444,9 @@ impl Client {
                                 last = e.to_string();
                             }
                             Ok(Err(e)) => return Err(Error::Request(e)),
+                            // Over the client's own frame limit: nothing was sent, and no node
+                            // is to blame.
+                            Err(RpcError::Encode(why)) => return Err(Error::Request(RequestError::TooLarge(why))),
                             Err(e) => {
                                 self.leaders.remove(&desc.id);
                                 // A node that cannot be reached is avoided by every call; one that
@@ -426,13 +473,16 @@ impl Client {
 
     /// Starts a write session: a sequence number this client never uses again.
     fn session(&self) -> SessionGuard<'_> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let acked_below = match self.in_flight.lock() {
+        // The number is taken under the same lock that computes `acked_below`: otherwise a later
+        // write could report the floor past an earlier one not yet inserted, and the shard would
+        // refuse that earlier write as expired.
+        let (seq, acked_below) = match self.in_flight.lock() {
             Ok(mut f) => {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
                 f.insert(seq);
-                f.first().copied().unwrap_or(seq)
+                (seq, f.first().copied().unwrap_or(seq))
             }
-            Err(_) => 0,
+            Err(_) => (self.next_seq.fetch_add(1, Ordering::Relaxed), 0),
         };
         SessionGuard { client: self, session: Session { client: self.client_id, seq, acked_below } }
     }
@@ -529,11 +579,21 @@ impl Client {
         let deadline = self.deadline(&o);
         let calls = groups.into_iter().map(|idx| async move {
             let ks: Vec<Vec<u8>> = idx.iter().map(|i| keys[*i].to_vec()).collect();
-            let make = |shard, epoch| ClientRequest::BatchGet { shard, epoch, keys: ks.clone(), stale: o.stale };
-            let r = match self.keyed(&ks[0], make, deadline).await {
-                Ok(ClientReply::Values(v)) if v.len() == idx.len() => Ok(v),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
+            // A node answers at most about one frame of values: a prefix of the keys asked, each
+            // part read from one snapshot. Ask again for the rest until every key is answered.
+            let started = Instant::now();
+            let mut values: Vec<Option<Vec<u8>>> = Vec::with_capacity(ks.len());
+            let r = loop {
+                if values.len() == ks.len() {
+                    break Ok(values);
+                }
+                let rest = &ks[values.len()..];
+                let make = |shard, epoch| ClientRequest::BatchGet { shard, epoch, keys: rest.to_vec(), stale: o.stale };
+                match self.keyed(&rest[0], make, deadline.saturating_sub(started.elapsed())).await {
+                    Ok(ClientReply::Values(v)) if !v.is_empty() && v.len() <= rest.len() => values.extend(v),
+                    Ok(other) => break Err(unexpected(other)),
+                    Err(e) => break Err(e),
+                }
             };
             (idx, r)
         });

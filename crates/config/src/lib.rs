@@ -42,8 +42,9 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub storage: StorageConfig,
-    /// Lets `SetPartition` requests cut this node off from chosen peers. Tests only.
-    #[serde(default)]
+    /// Lets `SetPartition` requests (from an admin) cut this node off from chosen peers. Tests
+    /// only. Never written to the identity file: it holds for the run that asked for it.
+    #[serde(default, skip_serializing)]
     pub fault_injection: bool,
 }
 
@@ -60,11 +61,20 @@ pub struct TlsConfig {
 pub struct Limits {
     pub key_bytes_max: usize,
     pub value_bytes_max: usize,
+    /// Client connections a node serves at once; past it a new connection is answered `Busy`.
+    pub client_connections_max: usize,
+    /// Client requests a node works on at once; past it a request is answered `Busy`.
+    pub client_requests_in_flight_max: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { key_bytes_max: ringkv_wire::KEY_BYTES_MAX_DEFAULT, value_bytes_max: ringkv_wire::VALUE_BYTES_MAX_DEFAULT }
+        Limits {
+            key_bytes_max: ringkv_wire::KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: ringkv_wire::VALUE_BYTES_MAX_DEFAULT,
+            client_connections_max: 4096,
+            client_requests_in_flight_max: 16384,
+        }
     }
 }
 
@@ -93,6 +103,10 @@ pub struct RaftTuning {
     pub snapshot_logs_since_last: u64,
     /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the log.
     pub logs_kept_after_snapshot: u64,
+    /// A client that wrote nothing to a shard for this long (as its leader measures, cut in
+    /// the log) has its session there forgotten: a retry of its writes from before then is no
+    /// longer recognized.
+    pub session_expiry_secs: u64,
 }
 
 impl Default for RaftTuning {
@@ -103,6 +117,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2000,
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1000,
+            session_expiry_secs: 3600,
         }
     }
 }
@@ -172,6 +187,9 @@ impl NodeConfig {
     pub fn resolve(data_dir: &Path, file: Option<&Path>, o: Overrides) -> Result<NodeConfig, ConfigError> {
         let identity = data_dir.join(IDENTITY_FILE);
         let mut p = if identity.exists() { read_partial(&identity)? } else { PartialConfig::default() };
+        // Fault injection holds only for a run whose flags or --config ask for it (an identity
+        // file written by an older version may still name it).
+        p.fault_injection = None;
         let stored_id = p.id;
         if let Some(f) = file {
             let f = read_partial(f)?;
@@ -243,7 +261,8 @@ impl NodeConfig {
         if let Some(j) = &self.join {
             j.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("join `{j}` is not an IP:port address: {e}")))?;
         }
-        if self.limits.key_bytes_max == 0 || self.limits.value_bytes_max == 0 {
+        let l = &self.limits;
+        if l.key_bytes_max == 0 || l.value_bytes_max == 0 || l.client_connections_max == 0 || l.client_requests_in_flight_max == 0 {
             return Err(ConfigError::Invalid("limits must be positive".into()));
         }
         let r = &self.raft;
@@ -252,6 +271,9 @@ impl NodeConfig {
             || r.election_timeout_max_ms <= r.election_timeout_min_ms
         {
             return Err(ConfigError::Invalid("raft timers need 0 < heartbeat < election min < election max".into()));
+        }
+        if r.session_expiry_secs == 0 {
+            return Err(ConfigError::Invalid("raft.session_expiry_secs must be at least 1".into()));
         }
         Ok(())
     }
@@ -300,6 +322,24 @@ mod tests {
         assert_eq!(c.limits.key_bytes_max, 100, "file beats stored identity");
         let o = Overrides { id: Some(5), ..Default::default() };
         assert!(matches!(NodeConfig::resolve(&data, None, o), Err(ConfigError::IdMismatch { stored: 4, given: 5, .. })));
+    }
+
+    #[test]
+    fn fault_injection_holds_only_for_the_run_that_asks_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let o = Overrides { fault_injection: Some(true), ..first_start(dir.path()) };
+        let cfg = NodeConfig::resolve(&data, None, o).expect("first start");
+        assert!(cfg.fault_injection);
+        cfg.persist().expect("persist");
+        let text = std::fs::read_to_string(data.join(IDENTITY_FILE)).expect("identity");
+        assert!(!text.contains("fault_injection"), "persisted: {text}");
+        // Even an identity file that names it (written by an older version) does not turn it on.
+        std::fs::write(data.join(IDENTITY_FILE), format!("fault_injection = true\n{text}")).expect("write");
+        let again = NodeConfig::resolve(&data, None, Overrides::default()).expect("restart");
+        assert!(!again.fault_injection, "fault injection survived a restart without the flag");
+        let flagged = NodeConfig::resolve(&data, None, Overrides { fault_injection: Some(true), ..Default::default() }).expect("flag");
+        assert!(flagged.fault_injection);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use serde::Serialize;
 const EXIT_NOT_FOUND: u8 = 3;
 /// Exit code of `cas` when the current value did not match.
 const EXIT_CAS_MISMATCH: u8 = 4;
+/// Exit code when the cluster refused the command for the certificate's role.
+const EXIT_PERMISSION_DENIED: u8 = 5;
 
 #[derive(Parser)]
 #[command(name = "ringctl", version, about = "Administer and use a ringkv cluster")]
@@ -33,13 +35,13 @@ struct Cli {
 #[derive(Args)]
 struct Target {
     /// The cluster.json written by `ringkv dev`.
-    #[arg(long, global = true, conflicts_with = "endpoints")]
+    #[arg(long, global = true, conflicts_with = "endpoints", env = "RINGCTL_CLUSTER")]
     cluster: Option<PathBuf>,
     /// Client addresses of any nodes, comma separated.
-    #[arg(long, global = true, value_delimiter = ',')]
+    #[arg(long, global = true, value_delimiter = ',', env = "RINGCTL_ENDPOINTS")]
     endpoints: Option<Vec<String>>,
     /// Directory with ca.pem, client.pem and client.key.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "RINGCTL_CERTS")]
     certs: Option<PathBuf>,
 }
 
@@ -176,11 +178,18 @@ enum CertCmd {
         #[arg(long)]
         dir: PathBuf,
         /// Issue a node certificate for this node id.
-        #[arg(long, conflicts_with = "client")]
+        #[arg(long, conflicts_with_all = ["client", "role"])]
         node: Option<u64>,
         /// Issue a client certificate with this name.
         #[arg(long)]
         client: Option<String>,
+        /// The client's role: read (reads, status), write (and data writes) or admin (and
+        /// placement, settings, leader transfer, bootstrap, join).
+        #[arg(long, requires = "client")]
+        role: Option<ringkv_wire::Role>,
+        /// Extra DNS names or IP addresses of a node certificate (repeatable).
+        #[arg(long = "san", requires = "node")]
+        sans: Vec<ringkv_transport::certs::ExtraName>,
     },
 }
 
@@ -519,10 +528,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ringkv_transport::certs::init_ca(dir)?;
                 println!("created {}", dir.join("ca.pem").display());
             }
-            CertCmd::Issue { dir, node, client } => {
+            CertCmd::Issue { dir, node, client, role, sans } => {
                 let out = match (node, client) {
-                    (Some(id), None) => ringkv_transport::certs::issue_node(dir, dir, *id)?,
-                    (None, Some(name)) => ringkv_transport::certs::issue_client(dir, dir, name)?,
+                    (Some(id), None) => ringkv_transport::certs::issue_node(dir, dir, *id, sans)?,
+                    (None, Some(name)) => ringkv_transport::certs::issue_client(dir, dir, name, role.unwrap_or(ringkv_wire::ROLE_DEFAULT))?,
                     _ => anyhow::bail!("say --node ID or --client NAME"),
                 };
                 println!("created {} and {}", out.cert.display(), out.key.display());
@@ -618,11 +627,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let id = match client.call_node(addr, &ClientRequest::Identify, wait).await? {
                 Ok(ClientReply::Identity(n)) => n.id,
                 Ok(other) => anyhow::bail!("{addr}: unexpected reply {other:?}"),
-                Err(e) => anyhow::bail!("{addr}: {e}"),
+                Err(e) => return Err(anyhow::Error::new(e).context(addr.clone())),
             };
             match client.call_node(addr, &ClientRequest::JoinCluster { through }, wait).await? {
                 Ok(_) => {}
-                Err(e) => anyhow::bail!("node {id} at {addr} did not join: {e}"),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("node {id} at {addr} did not join"))),
             }
             if json {
                 println!("{}", serde_json::json!({"node": id, "state": "joining"}));
@@ -719,6 +728,15 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
+            let denied = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ringkv_client::Error>(),
+                    Some(ringkv_client::Error::Request(ringkv_wire::RequestError::PermissionDenied { .. }))
+                ) || matches!(c.downcast_ref::<ringkv_wire::RequestError>(), Some(ringkv_wire::RequestError::PermissionDenied { .. }))
+            });
+            if denied {
+                return ExitCode::from(EXIT_PERMISSION_DENIED);
+            }
             ExitCode::FAILURE
         }
     }

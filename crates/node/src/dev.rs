@@ -151,12 +151,12 @@ impl DevCluster {
         std::fs::create_dir_all(&opts.data_dir)?;
         let certs_dir = opts.data_dir.join("certs");
         ringkv_transport::certs::init_ca(&certs_dir)?;
-        let client = ringkv_transport::certs::issue_client(&certs_dir, &certs_dir, "client")?;
+        let client = ringkv_transport::certs::issue_client(&certs_dir, &certs_dir, "client", ringkv_wire::Role::Admin)?;
         let mut nodes = Vec::new();
         for i in 1..=opts.nodes as u64 {
             let node_dir = opts.data_dir.join(format!("node-{i}"));
             std::fs::create_dir_all(&node_dir)?;
-            let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, i)?;
+            let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, i, &[])?;
             let e = new_entry(i, node_dir.clone(), opts.netns.as_ref())?;
             let cfg = node_toml(&e, &certs_dir.join("ca.pem"), &cert.cert, &cert.key, opts.fault_injection, opts.extra_config.as_deref());
             std::fs::write(node_dir.join("first-start.toml"), cfg)?;
@@ -210,7 +210,7 @@ impl DevCluster {
         anyhow::ensure!(!node_dir.exists(), "{} already exists", node_dir.display());
         std::fs::create_dir_all(&node_dir)?;
         let certs_dir = &file.certs.dir;
-        let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id)?;
+        let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id, &[])?;
         let e = new_entry(id, node_dir.clone(), file.netns.as_ref())?;
         let mut cfg = node_toml(&e, &file.certs.ca, &cert.cert, &cert.key, file.fault_injection, file.extra_config.as_deref());
         cfg.insert_str(0, &format!("join = {through:?}\n"));
@@ -264,11 +264,14 @@ impl DevCluster {
         if let Some(vars) = self.env.get(&id) {
             cmd.envs(vars.iter().cloned());
         }
+        // Fault injection is never remembered by a node: ask for it on every start.
+        let fault = self.file.fault_injection.then_some("--fault-injection");
         let child = cmd
             .arg("node")
             .arg("--data-dir")
             .arg(&e.data_dir)
             .args(args)
+            .args(fault)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -301,18 +304,17 @@ impl DevCluster {
 
     async fn bootstrap(&self, shards: u64, replication: usize) -> anyhow::Result<()> {
         let client = Client::unrouted(self.client_config())?;
-        let nodes: Vec<NodeInfo> = self
-            .file
-            .nodes
-            .iter()
-            .map(|n| NodeInfo {
+        let mut nodes = Vec::new();
+        for n in &self.file.nodes {
+            nodes.push(NodeInfo {
                 id: n.id,
                 peer_addr: n.peer_addr.clone(),
                 client_addr: n.client_addr.clone(),
                 metrics_addr: n.metrics_addr.clone(),
                 state: NodeState::Joining,
-            })
-            .collect();
+                incarnation: incarnation_of(&client, &n.client_addr).await,
+            });
+        }
         let first = &self.file.nodes[0].client_addr;
         let req = ClientRequest::Bootstrap { nodes, shards, replication };
         let started = Instant::now();
@@ -429,6 +431,19 @@ impl DevCluster {
         }
         out
     }
+}
+
+/// The incarnation of the node at `addr`, so the first map names every data dir it was made
+/// with; 0 (claimed by the node's first heartbeat) if the node does not answer in time.
+async fn incarnation_of(client: &Client, addr: &str) -> u64 {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        match client.call_node(addr, &ClientRequest::Identify, Duration::from_secs(2)).await {
+            Ok(Ok(ClientReply::Identity(info))) => return info.incarnation,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    0
 }
 
 fn node_toml(e: &NodeEntry, ca: &Path, cert: &Path, key: &Path, fault_injection: bool, extra: Option<&str>) -> String {

@@ -74,6 +74,9 @@ pub struct Driver {
     leader_hint: Mutex<Option<NodeId>>,
     /// Applied index of each local replica at the previous heartbeat.
     applied: Mutex<BTreeMap<GroupId, (Instant, u64)>>,
+    /// The highest placement term any placement order came with: orders from lower terms come
+    /// from a deposed leader and are refused.
+    placement_term_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Driver {
@@ -83,6 +86,7 @@ impl Default for Driver {
             state: Mutex::new(LeaderState::default()),
             leader_hint: Mutex::new(None),
             applied: Mutex::new(BTreeMap::new()),
+            placement_term_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -206,7 +210,7 @@ impl Node {
             .collect();
         prev.retain(|g, _| self.replicas.contains_key(g));
         groups.sort_by_key(|g| g.group);
-        NodeHeartbeat { node: self.id(), map_version: self.map().version, groups }
+        NodeHeartbeat { node: self.id(), incarnation: self.incarnation, map_version: self.map().version, groups }
     }
 
     /// One step of a move, run on the shard's leader. See the module documentation.
@@ -293,6 +297,48 @@ impl Node {
         Ok(MoveStage::Done { voters: target.into_iter().collect() })
     }
 
+    /// Checks an order (a move step, a leader transfer) from node `sender`: it must be a
+    /// placement member, its placement term must not be older than one already seen, and a move
+    /// must be one the map records. A node whose map is older than the order's answers
+    /// `Unavailable`, and the leader retries once the map reached it.
+    pub fn check_placement_order(
+        &self,
+        sender: NodeId,
+        fence: PlacementFence,
+        move_of: Option<(GroupId, NodeId, NodeId)>,
+    ) -> Result<(), RequestError> {
+        let map = self.map();
+        if !map.placement_members.contains(&sender) {
+            return Err(RequestError::NotPermitted(format!("node {sender} is not a placement member and cannot order moves")));
+        }
+        let seen = self.driver.placement_term_seen.load(std::sync::atomic::Ordering::Acquire);
+        if fence.term < seen {
+            return Err(RequestError::NotPermitted(format!(
+                "an order of placement term {} after term {seen} began: it comes from a deposed placement leader",
+                fence.term
+            )));
+        }
+        if map.version < fence.map_version {
+            return Err(RequestError::Unavailable(format!(
+                "node {} has map version {}, older than the order's {}; retry once it caught up",
+                self.id(),
+                map.version,
+                fence.map_version
+            )));
+        }
+        if let Some((shard, from, to)) = move_of {
+            if !map.move_of(shard).is_some_and(|m| m.from == from && m.to == to) {
+                return Err(RequestError::NotPermitted(format!(
+                    "map version {} records no move of shard {shard} from {from} to {to}",
+                    map.version
+                )));
+            }
+        }
+        // Only an order that passed every check moves the fence.
+        self.driver.placement_term_seen.fetch_max(fence.term, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Hands leadership of `shard` (led here) to `to`, a voter.
     pub async fn transfer_leader(&self, shard: GroupId, to: NodeId) -> Result<(), RequestError> {
         let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
@@ -312,6 +358,13 @@ impl Node {
 pub async fn handle(node: &Arc<Node>, r: &Replica, req: PeerRequest) -> Result<PeerReply, RequestError> {
     match req {
         PeerRequest::Heartbeat(hb) => {
+            // A heartbeat from a wiped or replaced data dir under a known id is refused (and
+            // not counted: the old node stays down until an operator removes it).
+            if let Ok(Some(map)) = r.sm.placement_map() {
+                if map.node(hb.node).is_some_and(|n| n.incarnation != 0 && n.incarnation != hb.incarnation) {
+                    return Err(RequestError::NotPermitted(ringkv_placement::amnesia(hb.node)));
+                }
+            }
             let mut st = lock(&node.driver.state);
             st.since.get_or_insert_with(Instant::now);
             st.heartbeats.insert(hb.node, (Instant::now(), hb));
@@ -481,8 +534,60 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
         }
         let hb = node.heartbeat();
         if let Err(e) = node.placement_call(PeerRequest::Heartbeat(hb)).await {
+            if let RequestError::NotPermitted(why) = &e {
+                return node.fail(format!("the placement leader refused this node: {why}"));
+            }
             metrics::counter!("ringkv_placement_heartbeat_failures_total").increment(1);
             tracing::debug!("heartbeat not delivered: {e}");
+        }
+    }
+}
+
+/// Every node: for each shard it leads, proposes forgetting the sessions of clients silent for
+/// longer than `raft.session_expiry_secs`. Time is mapped to log indexes by sampling each led
+/// group's last log index; the cut goes through the log (`ExpireSessions`), so every replica
+/// forgets the same sessions. Idle groups are left alone: their log time does not move.
+pub async fn session_expiry_loop(node: Arc<Node>) {
+    let ttl = Duration::from_secs(node.config.raft.session_expiry_secs);
+    let every = (ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(300));
+    let mut samples: BTreeMap<GroupId, VecDeque<(Instant, u64)>> = BTreeMap::new();
+    let mut proposed: BTreeMap<GroupId, u64> = BTreeMap::new();
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = Instant::now();
+        let led: Vec<Arc<Replica>> = node
+            .replicas
+            .iter()
+            .filter(|r| r.group != PLACEMENT_GROUP && r.raft.metrics().borrow_watched().state.is_leader())
+            .map(|r| r.clone())
+            .collect();
+        samples.retain(|g, _| led.iter().any(|r| r.group == *g));
+        for r in led {
+            let last = r.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+            let q = samples.entry(r.group).or_default();
+            if q.back().is_none_or(|(_, i)| *i != last) {
+                q.push_back((now, last));
+            }
+            // Keep the newest sample at least `ttl` old, and every newer one.
+            while q.len() >= 2 && q.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= ttl) {
+                q.pop_front();
+            }
+            let Some(&(t, index)) = q.front() else { continue };
+            let below_index = index + 1;
+            if now.duration_since(t) < ttl || proposed.get(&r.group).is_some_and(|p| *p >= below_index) {
+                continue;
+            }
+            let cmd = Command::ExpireSessions { below_index };
+            match tokio::time::timeout(Duration::from_secs(5), r.raft.client_write(cmd)).await {
+                Ok(Ok(_)) => {
+                    proposed.insert(r.group, below_index);
+                }
+                other => tracing::debug!(group = r.group, "session expiry not committed: {other:?}"),
+            }
         }
     }
 }
@@ -519,6 +624,22 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         let st = lock(&node.driver.state);
         (node.driver.observed(&st), node.driver.ms(Instant::now()), st.since.unwrap_or_else(Instant::now))
     };
+
+    // 0. Incarnations the map does not know yet (nodes bootstrapped without one) are taken from
+    // the first heartbeat.
+    let claims: Vec<(NodeId, u64)> = {
+        let st = lock(&node.driver.state);
+        map.nodes
+            .iter()
+            .filter(|n| n.incarnation == 0)
+            .filter_map(|n| st.heartbeats.get(&n.id).map(|(_, hb)| (n.id, hb.incarnation)).filter(|(_, i)| *i != 0))
+            .collect()
+    };
+    for (id, incarnation) in claims {
+        if let Err(e) = propose(r, PlacementCommand::ClaimIncarnation { node: id, incarnation }).await {
+            tracing::warn!(node = id, "cannot record the node's incarnation: {e}");
+        }
+    }
 
     // 1. Lifecycle: joining and returning nodes come up once they heartbeat; silent ones go down.
     let mut changed = false;
@@ -591,8 +712,9 @@ async fn round(node: &Arc<Node>, r: &Replica) {
     }
     if !transfers.is_empty() {
         lock(&node.driver.state).last_transfers = Some(Instant::now());
+        let fence = fence_of(r, &map);
         let sends = transfers.into_iter().map(|(shard, from, to)| async move {
-            let req = PeerRequest::TransferLeader { shard, to };
+            let req = PeerRequest::TransferLeader { shard, to, fence };
             match send(node, from, &req).await {
                 Ok(_) => metrics::counter!("ringkv_placement_leader_transfers_total").increment(1),
                 Err(e) => tracing::debug!(shard, from, to, "leader transfer not made: {e}"),
@@ -600,6 +722,11 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         });
         futures::future::join_all(sends).await;
     }
+}
+
+/// The placement leader's term and the map it acts on, for the orders it sends.
+fn fence_of(r: &Replica, map: &ClusterMap) -> PlacementFence {
+    PlacementFence { term: r.raft.metrics().borrow_watched().current_term, map_version: map.version }
 }
 
 /// Sends a request to node `to` (or runs it here).
@@ -645,7 +772,7 @@ async fn step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, cfg: &PlannerConf
     }
     let cancel = is_down(map, obs, cfg, m.to, now) || map.node(m.to).is_none_or(|n| n.state != NodeState::Up);
     let to_addr = map.node(m.to).map(|n| n.peer_addr.clone()).unwrap_or_default();
-    let req = PeerRequest::MoveStep { shard: m.shard, from: m.from, to: m.to, to_peer_addr: to_addr, cancel };
+    let req = PeerRequest::MoveStep { shard: m.shard, from: m.from, to: m.to, to_peer_addr: to_addr, cancel, fence: fence_of(r, map) };
     // Ask the leader we know of, then whoever it points to.
     let hint = lock(&node.driver.state).progress.get(&m.shard).and_then(|p| p.leader);
     let mut leader = hint.or_else(|| obs.leaders.get(&m.shard).copied()).or_else(|| shard.replicas.first().copied());

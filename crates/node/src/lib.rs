@@ -40,6 +40,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     config.persist()?;
     let db = Db::open_with(&config.data_dir.join("db"), config.storage.fsync)?;
     let certs = config.cert_paths();
+    check_own_certificate(&config)?;
     let peer_server = ringkv_transport::tls::server_config(&certs, ALPN_PEER)?;
     let peer_client = ringkv_transport::tls::client_config(&certs, ALPN_PEER)?;
     let client_server = ringkv_transport::tls::server_config(&certs, ALPN_CLIENT)?;
@@ -59,8 +60,9 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let mut stop = node.shutdown.subscribe();
     let client_task = tokio::spawn(serve::<ClientRequest, ClientResponse, _>(
         client_ep.clone(),
-        Arc::new(service::ClientService { node: node.clone() }),
+        Arc::new(service::ClientService::new(node.clone())),
         client_frame,
+        config.limits.client_connections_max,
         async move {
             let _ = stop.changed().await;
         },
@@ -68,30 +70,69 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let map_task = tokio::spawn(node.clone().map_loop());
     let heartbeat_task = tokio::spawn(driver::heartbeat_loop(node.clone()));
     let executor_task = tokio::spawn(driver::executor_loop(node.clone()));
+    let sessions_task = tokio::spawn(driver::session_expiry_loop(node.clone()));
 
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
     tokio::pin!(shutdown);
+    // The node may also stop on its own (`Node::fail`, e.g. a wiped data dir the cluster
+    // refuses).
+    let mut stopped = node.shutdown.subscribe();
+    let stopped_on_its_own = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped_on_its_own);
     let mut failure = None;
     match config.join.clone().filter(|_| !node.map().is_bootstrapped()) {
         Some(addr) => tokio::select! {
             _ = &mut shutdown => {}
+            _ = &mut stopped_on_its_own => {}
             r = join(node.clone(), vec![addr]) => match r {
-                Ok(()) => (&mut shutdown).await,
+                Ok(()) => tokio::select! {
+                    _ = &mut shutdown => {}
+                    _ = &mut stopped_on_its_own => {}
+                },
                 Err(e) => failure = Some(e),
             },
         },
-        None => (&mut shutdown).await,
+        None => tokio::select! {
+            _ = &mut shutdown => {}
+            _ = &mut stopped_on_its_own => {}
+        },
     }
     tracing::info!("node stopping");
     node.stop().await;
     client_ep.close(0u32.into(), b"shutdown");
     peer_ep.close(0u32.into(), b"shutdown");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client_ep.wait_idle()).await;
-    let _ = tokio::join!(peer_task, client_task, map_task, heartbeat_task, executor_task);
+    let _ = tokio::join!(peer_task, client_task, map_task, heartbeat_task, executor_task, sessions_task);
     db.shutdown();
+    if let Some(why) = node.fatal() {
+        return Err(NodeError::Fatal(why));
+    }
     match failure {
         Some(e) => Err(NodeError::Join(e)),
         None => Ok(()),
+    }
+}
+
+/// Refuses to start with a certificate that is not this node's: peers would take this node
+/// for the one the certificate names.
+pub fn check_own_certificate(config: &NodeConfig) -> Result<(), NodeError> {
+    use ringkv_transport::tls::{caller_of_pem_file, Caller};
+    let path = &config.tls.cert;
+    match caller_of_pem_file(path)? {
+        Caller::Node(id) if id == config.id => Ok(()),
+        Caller::Node(id) => Err(NodeError::Certificate(format!(
+            "{} is node {id}'s certificate, but this is node {}; issue one with `ringctl cert issue --node {}`",
+            path.display(),
+            config.id,
+            config.id
+        ))),
+        Caller::Client(_) => Err(NodeError::Certificate(format!(
+            "{} is a client certificate; a node needs its own (`ringctl cert issue --node {}`)",
+            path.display(),
+            config.id
+        ))),
     }
 }
 
@@ -105,6 +146,7 @@ pub(crate) async fn join(node: Arc<Node>, through: Vec<String>) -> Result<(), St
     use std::time::{Duration, Instant};
     let c = &node.config;
     let info = ringkv_wire::NodeInfo {
+        incarnation: node.incarnation,
         id: c.id,
         peer_addr: c.advertised_peer_addr().to_string(),
         client_addr: c.client_addr.clone(),

@@ -186,14 +186,16 @@ impl GroupClient {
         let deadline = SNAPSHOT_TIMEOUT + self.throttle.time_for(total);
         let failed = |m: String| StreamingError::from(RPCError::<TypeConfig>::Network(NetworkError::from_string(m)));
         let header: Part<&[u8]> = match &data {
-            SnapshotData::Memory(b) => Part::Header { memory: Some(b.as_slice()), sizes: vec![], sessions: vec![] },
-            SnapshotData::Files(f) => {
-                Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect(), sessions: f.sessions.clone() }
-            }
+            SnapshotData::Memory(b) => Part::Header { memory: Some(b.as_slice()), sizes: vec![] },
+            SnapshotData::Files(f) => Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect() },
         };
         let floor = self.append_floor;
         self.send_part(&vote, &meta, &id, &header, floor).await?;
         if let SnapshotData::Files(f) = &data {
+            for rows in crate::snapshot::session_chunks(&f.sessions) {
+                self.throttle.pace(rows.iter().map(|(k, v)| k.len() + v.len()).sum()).await;
+                self.send_part(&vote, &meta, &id, &Part::Sessions { rows }, floor).await?;
+            }
             let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
             for (i, (path, size)) in f.files.iter().enumerate() {
                 use std::io::Read;

@@ -37,6 +37,14 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("join: {0}")]
     Join(String),
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The cluster knows this node id with another data dir (a wiped or replaced disk).
+    #[error("{0}")]
+    Amnesia(String),
+    /// Something made the node stop on its own (see the message).
+    #[error("stopped: {0}")]
+    Fatal(String),
 }
 
 /// One replica hosted here.
@@ -44,6 +52,8 @@ pub struct Replica {
     pub group: GroupId,
     pub raft: Raft,
     pub sm: StateMachine,
+    /// Set once this replica is being removed: its rows are about to be deleted.
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 impl Replica {
@@ -67,6 +77,10 @@ pub fn cut_off_from_quorum(m: &RaftMetrics, limit: Duration) -> Option<Duration>
 /// State shared by every task of a node.
 pub struct Node {
     pub config: NodeConfig,
+    /// The incarnation of this node's data dir (see `NodeInfo::incarnation`).
+    pub incarnation: u64,
+    /// Why the node stopped on its own, if it did.
+    fatal: std::sync::Mutex<Option<String>>,
     pub db: Arc<Db>,
     pub replicas: DashMap<GroupId, Arc<Replica>>,
     pub pool: Arc<PeerPool>,
@@ -116,13 +130,22 @@ impl Node {
     pub fn new(config: NodeConfig, db: Arc<Db>, pool: Arc<PeerPool>) -> Result<Arc<Node>, NodeError> {
         let raft_config = Arc::new(Self::raft_config(&config.raft)?);
         let map = match db.get_meta(ringkv_storage::keys::META_MAP)? {
-            Some(b) => postcard::from_bytes(&b).unwrap_or_default(),
+            // Never a silent empty map: the node would act as if it belonged to no cluster.
+            Some(b) => postcard::from_bytes(&b).map_err(|e| {
+                NodeError::Fatal(format!(
+                    "the cluster map stored in {} cannot be read ({e}); the data dir was written by an incompatible version of ringkv",
+                    config.data_dir.display()
+                ))
+            })?,
             None => ClusterMap::default(),
         };
         let (shutdown, _) = watch::channel(false);
         let snapshots_in = db.snapshot_dir("in");
+        let incarnation = db.incarnation(rand::random)?;
         Ok(Arc::new(Node {
             config,
+            incarnation,
+            fatal: std::sync::Mutex::new(None),
             db,
             replicas: DashMap::new(),
             pool,
@@ -162,7 +185,7 @@ impl Node {
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
-        let r = Arc::new(Replica { group, raft, sm });
+        let r = Arc::new(Replica { group, raft, sm, retired: Default::default() });
         self.replicas.insert(group, r.clone());
         tracing::info!(group, ?kind, "replica started");
         Ok(r)
@@ -185,6 +208,64 @@ impl Node {
         }
     }
 
+    /// Stops the node for good: `why` is what `run` returns.
+    pub fn fail(&self, why: String) {
+        tracing::error!("{why}");
+        if let Ok(mut f) = self.fatal.lock() {
+            f.get_or_insert(why);
+        }
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Why the node stopped on its own, if it did.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Refuses a map that knows this node id with another data dir: this data dir was wiped or
+    /// replaced, and taking the old node's place would vote with an empty log. Stops the node.
+    pub fn check_incarnation(&self, map: &ClusterMap) -> Result<(), NodeError> {
+        match map.node(self.id()) {
+            Some(me) if me.incarnation != 0 && me.incarnation != self.incarnation => {
+                let why = format!(
+                    "{} (this data dir, {}, is incarnation {:x}; the cluster knows node {} as incarnation {:x})",
+                    ringkv_placement::amnesia(self.id()),
+                    self.config.data_dir.display(),
+                    self.incarnation,
+                    self.id(),
+                    me.incarnation
+                );
+                self.fail(why.clone());
+                Err(NodeError::Amnesia(why))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a placement-group message from node `from` may create this node's (missing)
+    /// placement replica. Only a fresh node at bootstrap may: `from`'s map is not bootstrapped
+    /// yet, or lists this node with this data dir's incarnation.
+    pub async fn may_create_placement_replica(&self, from: NodeId) -> Result<(), ringkv_wire::RequestError> {
+        use ringkv_wire::RequestError;
+        if self.map().is_bootstrapped() {
+            return Err(RequestError::NotPermitted(format!(
+                "node {} has the cluster map but no placement replica; it is not a placement member",
+                self.id()
+            )));
+        }
+        match self.pool.call(from, "", &PeerRequest::GetMap, Duration::from_secs(2), false).await {
+            Ok(Ok(PeerReply::Map(m))) if !m.is_bootstrapped() => Ok(()),
+            Ok(Ok(PeerReply::Map(m))) => match m.node(self.id()) {
+                Some(me) if me.incarnation == self.incarnation => Ok(()),
+                _ => {
+                    self.check_incarnation(&m).map_err(|e| RequestError::NotPermitted(e.to_string()))?;
+                    Err(RequestError::NotPermitted(format!("node {}'s map does not list node {} with this data dir", from, self.id())))
+                }
+            },
+            other => Err(RequestError::Unavailable(format!("cannot check with node {from} that this node may join group 0: {other:?}"))),
+        }
+    }
+
     /// Adopts `map` if it is newer than ours: checks the cluster id, persists it, and creates
     /// the replicas it gives this node.
     pub async fn adopt_map(self: &Arc<Self>, map: ClusterMap) -> Result<(), NodeError> {
@@ -192,6 +273,7 @@ impl Node {
         if !map.is_bootstrapped() || map.version <= self.map().version {
             return Ok(());
         }
+        self.check_incarnation(&map)?;
         match self.db.cluster_id()? {
             Some(stored) if stored != map.cluster_id => {
                 return Err(NodeError::ForeignDataDir {
@@ -272,11 +354,13 @@ impl Node {
     async fn remove_replica(&self, group: GroupId, conf_ver: u64) -> Result<(), NodeError> {
         let _g = self.create_lock.lock().await;
         let Some((_, r)) = self.replicas.remove(&group) else { return Ok(()) };
+        r.retired.store(true, std::sync::atomic::Ordering::Release);
         // Its state is deleted only once the group has stopped writing it.
         match tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(group, "replica stopped with an error: {e}"),
             Err(_) => {
+                r.retired.store(false, std::sync::atomic::Ordering::Release);
                 self.replicas.insert(group, r);
                 return Err(NodeError::Raft(format!("group {group} did not stop within 5 s; its removal is retried")));
             }
@@ -381,7 +465,7 @@ mod tests {
     fn config(dir: &std::path::Path) -> NodeConfig {
         let certs = dir.join("certs");
         ringkv_transport::certs::init_ca(&certs).expect("ca");
-        let c = ringkv_transport::certs::issue_node(&certs, &certs, 1).expect("cert");
+        let c = ringkv_transport::certs::issue_node(&certs, &certs, 1, &[]).expect("cert");
         NodeConfig {
             id: 1,
             data_dir: dir.join("node"),

@@ -7,6 +7,7 @@ use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::ReadPolicy;
 use ringkv_storage::{Command, CommandResult, ReplicaKind, SnapshotMeta, TypeConfig};
 use ringkv_transport::rpc::BoxFuture;
+use ringkv_transport::tls::Caller;
 use ringkv_transport::Service;
 use ringkv_wire::*;
 
@@ -37,11 +38,13 @@ impl PeerService {
             Some(r) => r,
             // The placement group's replicas come into being with the first message of its
             // leader: that is how the placement members other than the bootstrapping one join.
-            None if group == PLACEMENT_GROUP => self
-                .node
-                .ensure_replica(PLACEMENT_GROUP, ReplicaKind::Placement)
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))?,
+            None if group == PLACEMENT_GROUP => {
+                self.node.may_create_placement_replica(from).await?;
+                self.node
+                    .ensure_replica(PLACEMENT_GROUP, ReplicaKind::Placement)
+                    .await
+                    .map_err(|e| RequestError::Internal(e.to_string()))?
+            }
             None => return Err(RequestError::ShardNotFound { shard: group, node: self.node.id() }),
         };
         let raft = &replica.raft;
@@ -74,19 +77,28 @@ impl PeerService {
 }
 
 impl PeerService {
-    /// Handles a peer request that is not a Raft message (also for requests a node sends
-    /// itself).
+    /// Handles a peer request that is not a Raft message, sent by this node itself.
     pub async fn local(node: &Arc<Node>, req: PeerRequest) -> PeerResponse {
+        Self::from_peer(node, node.id(), req).await
+    }
+
+    /// Handles a peer request that is not a Raft message from node `sender` (as its certificate
+    /// says).
+    pub async fn from_peer(node: &Arc<Node>, sender: NodeId, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::GetMap => Ok(PeerReply::Map((*node.map()).clone())),
             PeerRequest::Heartbeat(_) | PeerRequest::Admin(_) => match node.placement_leader() {
                 Some(r) => crate::driver::handle(node, &r, req).await,
                 None => Err(node.placement_not_leader()),
             },
-            PeerRequest::MoveStep { shard, from, to, to_peer_addr, cancel } => {
+            PeerRequest::MoveStep { shard, from, to, to_peer_addr, cancel, fence } => {
+                node.check_placement_order(sender, fence, Some((shard, from, to)))?;
                 node.move_step(shard, from, to, to_peer_addr, cancel).await.map(PeerReply::MoveStep)
             }
-            PeerRequest::TransferLeader { shard, to } => node.transfer_leader(shard, to).await.map(|()| PeerReply::Done),
+            PeerRequest::TransferLeader { shard, to, fence } => {
+                node.check_placement_order(sender, fence, None)?;
+                node.transfer_leader(shard, to).await.map(|()| PeerReply::Done)
+            }
             PeerRequest::Raft { group, .. } => {
                 Err(RequestError::Malformed(format!("a Raft message for group {group} needs a peer connection")))
             }
@@ -94,12 +106,33 @@ impl PeerService {
     }
 }
 
+/// Checks that a peer message claims to come from the node its connection's certificate names:
+/// a node may speak only for itself.
+pub fn check_peer_claim(caller: Caller, req: &PeerRequest) -> Result<NodeId, RequestError> {
+    let Caller::Node(cert_id) = caller else {
+        return Err(RequestError::PermissionDenied { request: "a peer request".into(), needed: Role::Admin, has: caller.describe() });
+    };
+    let claimed = match req {
+        PeerRequest::Raft { from, .. } => Some(*from),
+        PeerRequest::Heartbeat(hb) => Some(hb.node),
+        _ => None,
+    };
+    match claimed {
+        Some(id) if id != cert_id => {
+            metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
+            Err(RequestError::NotPermitted(format!("a message claiming to be from node {id} came over node {cert_id}'s connection")))
+        }
+        _ => Ok(cert_id),
+    }
+}
+
 impl Service<PeerRequest, PeerResponse> for PeerService {
-    fn call(self: Arc<Self>, req: PeerRequest) -> BoxFuture<PeerResponse> {
+    fn call(self: Arc<Self>, caller: Caller, req: PeerRequest) -> BoxFuture<PeerResponse> {
         Box::pin(async move {
+            let sender = check_peer_claim(caller, &req)?;
             match req {
                 PeerRequest::Raft { from, group, rpc, payload } => self.raft(from, group, rpc, payload).await,
-                other => Self::local(&self.node, other).await,
+                other => Self::from_peer(&self.node, sender, other).await,
             }
         })
     }
@@ -111,20 +144,49 @@ impl Service<PeerRequest, PeerResponse> for PeerService {
 
 pub struct ClientService {
     pub node: Arc<Node>,
+    /// Requests being worked on, node-wide (`limits.client_requests_in_flight_max`).
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl ClientService {
+    pub fn new(node: Arc<Node>) -> ClientService {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(node.config.limits.client_requests_in_flight_max));
+        ClientService { node, in_flight }
+    }
+}
+
+/// Refuses a request the caller's role does not allow.
+pub fn authorize(caller: Caller, req: &ClientRequest) -> Result<(), RequestError> {
+    let needed = req.required_role();
+    if caller.role() >= needed {
+        return Ok(());
+    }
+    Err(RequestError::PermissionDenied { request: req.kind().into(), needed, has: caller.describe() })
 }
 
 impl Service<ClientRequest, ClientResponse> for ClientService {
-    fn call(self: Arc<Self>, req: ClientRequest) -> BoxFuture<ClientResponse> {
+    fn call(self: Arc<Self>, caller: Caller, req: ClientRequest) -> BoxFuture<ClientResponse> {
         Box::pin(async move {
             let kind = req.kind();
             let started = Instant::now();
-            let r = self.handle(req).await;
+            let r = match (authorize(caller, &req), self.in_flight.clone().try_acquire_owned()) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(_)) => Err(RequestError::Busy(format!(
+                    "node {} is working on {} requests, its limit; try again later",
+                    self.node.id(),
+                    self.node.config.limits.client_requests_in_flight_max
+                ))),
+                (Ok(()), Ok(_permit)) => self.handle(req).await,
+            };
             let result = match &r {
                 Ok(_) => "ok",
                 Err(RequestError::NotLeader { .. }) => "not_leader",
                 Err(RequestError::StaleEpoch { .. } | RequestError::WrongShard { .. } | RequestError::ShardNotFound { .. }) => "misrouted",
                 Err(RequestError::KeyTooLarge { .. } | RequestError::ValueTooLarge { .. } | RequestError::Malformed(_)) => "bad_request",
                 Err(RequestError::Unavailable(_)) => "unavailable",
+                Err(RequestError::PermissionDenied { .. }) => "denied",
+                Err(RequestError::TooLarge(_)) => "too_large",
+                Err(RequestError::Busy(_)) => "busy",
                 Err(_) => "error",
             };
             metrics::counter!("ringkv_client_requests_total", "kind" => kind, "result" => result).increment(1);
@@ -136,6 +198,16 @@ impl Service<ClientRequest, ClientResponse> for ClientService {
     fn error(&self, why: String) -> ClientResponse {
         metrics::counter!("ringkv_client_requests_total", "kind" => "malformed", "result" => "bad_request").increment(1);
         Err(RequestError::Malformed(why))
+    }
+
+    fn busy(&self, why: String) -> ClientResponse {
+        metrics::counter!("ringkv_client_requests_total", "kind" => "connection", "result" => "busy").increment(1);
+        Err(RequestError::Busy(why))
+    }
+
+    fn too_large(&self, why: String) -> ClientResponse {
+        metrics::counter!("ringkv_client_requests_total", "kind" => "oversize", "result" => "too_large").increment(1);
+        Err(RequestError::TooLarge(why))
     }
 }
 
@@ -224,6 +296,23 @@ impl ClientService {
         }
     }
 
+    /// A stale read may lag, but never goes back: it is refused (the client tries another
+    /// replica) on a replica installing a snapshot, being removed, or that is no voter (a
+    /// learner still being filled).
+    fn check_stale_read(&self, r: &Replica) -> Result<(), RequestError> {
+        use openraft::async_runtime::WatchReceiver;
+        let why = if r.sm.is_installing() {
+            "is installing a snapshot"
+        } else if r.retired.load(std::sync::atomic::Ordering::Acquire) {
+            "is being removed"
+        } else if !r.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == self.node.id()) {
+            "is not a voter (a learner being filled)"
+        } else {
+            return Ok(());
+        };
+        Err(RequestError::Unavailable(format!("the replica of shard {} on node {} {why}; read elsewhere", r.group, self.node.id())))
+    }
+
     async fn read_barrier(&self, r: &Replica) -> Result<(), RequestError> {
         // The fault tests' self-check: skip the barrier, so a deposed leader answers reads from
         // its own state and the linearizability checker must object.
@@ -247,7 +336,9 @@ impl ClientService {
             ClientRequest::Get { shard, epoch, key, stale } => {
                 self.check_sizes(&key, None)?;
                 let r = self.route(shard, epoch, &key)?;
-                if !stale {
+                if stale {
+                    self.check_stale_read(&r)?;
+                } else {
                     self.read_barrier(&r).await?;
                 }
                 let v = r.sm.get(&key).map_err(|e| RequestError::Internal(e.to_string()))?;
@@ -276,11 +367,18 @@ impl ClientService {
             }
             ClientRequest::BatchGet { shard, epoch, keys, stale } => {
                 let r = self.route_all(shard, epoch, keys.iter().map(|k| (k.as_slice(), None)))?;
-                if !stale {
+                if stale {
+                    self.check_stale_read(&r)?;
+                } else {
                     self.read_barrier(&r).await?;
                 }
+                // One snapshot for the whole answer, bounded in bytes: past the budget the answer is
+                // a prefix of the keys and the client asks again for the rest.
+                // The budget plus the one key that crosses it fits the reply frame (twice the
+                // largest key and value, plus slack).
+                let l = &self.node.config.limits;
                 let values =
-                    keys.iter().map(|k| r.sm.get(k)).collect::<Result<Vec<_>, _>>().map_err(|e| RequestError::Internal(e.to_string()))?;
+                    r.sm.get_many(&keys, l.key_bytes_max + l.value_bytes_max).map_err(|e| RequestError::Internal(e.to_string()))?;
                 Ok(ClientReply::Values(values))
             }
             ClientRequest::BatchPut { shard, epoch, pairs, session } => {
@@ -297,7 +395,9 @@ impl ClientService {
             }
             ClientRequest::SetPartition { isolated_from } => {
                 if !self.node.config.fault_injection {
-                    return Err(RequestError::NotPermitted("fault injection is off on this node".into()));
+                    return Err(RequestError::NotPermitted(
+                        "fault injection is off on this node (it is on only for a run started with --fault-injection)".into(),
+                    ));
                 }
                 tracing::warn!(?isolated_from, "fault filter set");
                 self.node.pool.set_isolated_from(isolated_from);
@@ -307,6 +407,7 @@ impl ClientService {
                 let c = &self.node.config;
                 let state = self.node.map().node(c.id).map(|n| n.state).unwrap_or(NodeState::Joining);
                 Ok(ClientReply::Identity(NodeInfo {
+                    incarnation: self.node.incarnation,
                     id: c.id,
                     peer_addr: c.advertised_peer_addr().to_string(),
                     client_addr: c.client_addr.clone(),

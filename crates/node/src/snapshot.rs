@@ -99,13 +99,33 @@ impl SnapshotThrottle {
 /// (postcard encodes both alike).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Part<B> {
-    /// First: the placement map inline, or the sizes of the SST files to follow and the shard's
-    /// session rows.
-    Header { memory: Option<B>, sizes: Vec<u64>, sessions: Vec<(Vec<u8>, Vec<u8>)> },
+    /// First: the placement map inline, or the sizes of the SST files to follow.
+    Header { memory: Option<B>, sizes: Vec<u64> },
+    /// Some of the shard's session rows `(key after the group tag, value)`, at most about
+    /// [`SNAPSHOT_CHUNK_BYTES`] per part: a shard with millions of sessions still moves.
+    Sessions { rows: Vec<(Vec<u8>, Vec<u8>)> },
     /// `data` of file `file` at `offset`.
     Bytes { file: u32, offset: u64, data: B },
     /// Last: everything arrived; install.
     End,
+}
+
+/// Session rows cut into parts of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
+pub fn session_chunks(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let (mut part, mut bytes) = (Vec::new(), 0usize);
+    for (k, v) in rows {
+        if bytes + k.len() + v.len() > SNAPSHOT_CHUNK_BYTES && !part.is_empty() {
+            out.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
+        bytes += k.len() + v.len() + 8;
+        part.push((k.clone(), v.clone()));
+    }
+    if !part.is_empty() {
+        out.push(part);
+    }
+    out
 }
 
 /// A snapshot being received from `from` for `group`; its directory goes away with it unless
@@ -136,6 +156,10 @@ fn file_name(i: usize) -> String {
     format!("{i:05}.sst")
 }
 
+/// Disk space a snapshot transfer leaves free for the rest of the node (the Raft log, RocksDB's
+/// compactions).
+pub const SNAPSHOT_DISK_RESERVE_BYTES: u64 = 64 << 20;
+
 /// The receiving side: transfers in progress, per (group, sender), written under `dir`.
 pub struct Reassembly {
     dir: PathBuf,
@@ -154,17 +178,29 @@ impl Reassembly {
     pub fn add(&self, group: GroupId, from: NodeId, id: &str, part: Part<Vec<u8>>) -> Result<Option<SnapshotData>, String> {
         let key = (group, from);
         let io = |e: std::io::Error| format!("snapshot of group {group} from node {from}: {e}");
-        if let Part::Header { memory, sizes, sessions } = part {
+        if let Part::Header { memory, sizes } = part {
             self.parts.retain(|_, inc| inc.touched.elapsed() < ABANDONED_AFTER);
             // Unique per transfer and per process run: a directory left by an earlier run is
             // never written into again.
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let dir =
                 self.dir.join(format!("g{group}-n{from}-{}-{seq}", id.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>()));
+            // The sender declares the sizes: refuse what the disk cannot hold before writing.
+            let declared = sizes.iter().fold(0u64, |a, b| a.saturating_add(*b));
             std::fs::create_dir_all(&self.dir).map_err(io)?;
+            let free = nix::sys::statvfs::statvfs(&self.dir)
+                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                .map_err(|e| io(e.into()))?;
+            if declared > free.saturating_sub(SNAPSHOT_DISK_RESERVE_BYTES) {
+                return Err(format!(
+                    "snapshot of group {group} from node {from} declares {declared} bytes; only {free} are free here (keeping {SNAPSHOT_DISK_RESERVE_BYTES})"
+                ));
+            }
             std::fs::create_dir(&dir).map_err(io)?;
+            // The new directory's entry is durable before any file in it is relied on.
+            std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
             let written = vec![0; sizes.len()];
-            self.parts.insert(key, Incoming { id: id.to_string(), touched: Instant::now(), dir, sizes, written, sessions, memory });
+            self.parts.insert(key, Incoming { id: id.to_string(), touched: Instant::now(), dir, sizes, written, sessions: vec![], memory });
             return Ok(None);
         }
         let mut inc = self.parts.get_mut(&key).ok_or_else(|| format!("a snapshot part of group {group} whose header never arrived"))?;
@@ -175,6 +211,11 @@ impl Reassembly {
         }
         match part {
             Part::Header { .. } => Ok(None),
+            Part::Sessions { rows } => {
+                inc.sessions.extend(rows);
+                inc.touched = Instant::now();
+                Ok(None)
+            }
             Part::Bytes { file, offset, data } => {
                 let i = file as usize;
                 let ok = i < inc.sizes.len() && inc.written[i] == offset && offset + data.len() as u64 <= inc.sizes[i];
@@ -227,11 +268,43 @@ mod tests {
     }
 
     #[test]
+    fn a_transfer_larger_than_the_free_disk_is_refused_before_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Reassembly::new(dir.path().join("in"));
+        let header = Part::Header { memory: None, sizes: vec![u64::MAX / 4, u64::MAX / 4] };
+        let e = r.add(1, 2, "t1", header).expect_err("an impossible size was accepted");
+        assert!(e.contains("free"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path().join("in")).expect("dir").count(), 0, "a transfer dir was made");
+    }
+
+    #[test]
+    fn a_million_sessions_travel_in_parts_that_each_fit_a_frame() {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..1_000_000u64).map(|i| (i.to_be_bytes().to_vec(), vec![7u8; 280])).collect();
+        let total: usize = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(total > crate::peer::PEER_FRAME_BYTES_MAX, "the sessions must not fit one frame for this test to mean anything");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Reassembly::new(dir.path().to_path_buf());
+        assert!(matches!(r.add(1, 2, "t1", Part::Header { memory: None, sizes: vec![] }), Ok(None)));
+        let chunks = session_chunks(&rows);
+        assert!(chunks.len() > 256, "{} parts", chunks.len());
+        for rows in chunks {
+            let part = Part::<Vec<u8>>::Sessions { rows };
+            let bytes = postcard::to_allocvec(&part).expect("encode").len();
+            assert!(bytes <= SNAPSHOT_CHUNK_BYTES + 64 * 1024, "a part of {bytes} bytes");
+            assert!(matches!(r.add(1, 2, "t1", part), Ok(None)));
+        }
+        let Ok(Some(SnapshotData::Files(f))) = r.add(1, 2, "t1", Part::End) else { panic!("not complete") };
+        assert_eq!(f.sessions.len(), 1_000_000);
+        assert_eq!(f.sessions[999_999].0, 999_999u64.to_be_bytes().to_vec());
+    }
+
+    #[test]
     fn parts_land_in_files_in_order_and_a_gap_starts_over() {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = Reassembly::new(dir.path().to_path_buf());
-        let header = || Part::Header { memory: None, sizes: vec![6, 3], sessions: vec![(b"s".to_vec(), b"v".to_vec())] };
+        let header = || Part::Header { memory: None, sizes: vec![6, 3] };
         assert!(matches!(r.add(1, 2, "t1", header()), Ok(None)));
+        assert!(matches!(r.add(1, 2, "t1", Part::Sessions { rows: vec![(b"s".to_vec(), b"v".to_vec())] }), Ok(None)));
         assert!(matches!(r.add(1, 2, "t1", bytes(0, 0, b"abc")), Ok(None)));
         assert!(matches!(r.add(1, 2, "t1", bytes(0, 3, b"def")), Ok(None)));
         assert!(matches!(r.add(1, 2, "t1", bytes(1, 0, b"xyz")), Ok(None)));

@@ -73,6 +73,11 @@ impl Db {
         Ok(db)
     }
 
+    /// The directory every snapshot file lives under, as this database was opened.
+    pub fn snapshot_root(&self) -> &Path {
+        &self.snapshots
+    }
+
     /// Where snapshot files live: `out` for snapshots built here, `in` for received ones.
     pub fn snapshot_dir(&self, sub: &str) -> std::path::PathBuf {
         self.snapshots.join(sub)
@@ -88,7 +93,7 @@ impl Db {
             if k.len() == 9 && k[8] == crate::keys::TAG_INSTALLING {
                 let marker: crate::raft_store::InstallMarker =
                     postcard::from_bytes(&v).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-                keep.extend(marker.files.iter().filter_map(|f| f.parent().map(|p| p.to_path_buf())));
+                keep.extend(marker.paths(&self.snapshots).iter().filter_map(|f| f.parent().map(|p| p.to_path_buf())));
             }
         }
         if let Ok(entries) = std::fs::read_dir(self.snapshot_dir("in")) {
@@ -173,6 +178,19 @@ impl Db {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(keys::CF_META), keys::META_CLUSTER_ID, id.as_bytes());
         self.write_sync(b)
+    }
+
+    /// This data dir's incarnation: `fresh()` (never 0) stored on the first call, the stored one
+    /// after. A wiped or replaced data dir gets a new one, which is how the cluster tells it
+    /// from the data dir it lost.
+    pub fn incarnation(&self, fresh: impl FnOnce() -> u64) -> Result<u64, std::io::Error> {
+        if let Some(b) = self.get_meta(keys::META_INCARNATION)? {
+            let bytes: [u8; 8] = b.as_slice().try_into().map_err(|_| io_err("the stored incarnation is not 8 bytes"))?;
+            return Ok(u64::from_be_bytes(bytes));
+        }
+        let v = fresh().max(1);
+        self.put_meta(keys::META_INCARNATION, &v.to_be_bytes())?;
+        Ok(v)
     }
 
     pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), std::io::Error> {

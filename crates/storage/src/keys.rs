@@ -88,6 +88,8 @@ pub fn session_answer_key(group: GroupId, client: u64, seq: u64) -> [u8; 25] {
 
 pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
 pub const META_MAP: &[u8] = b"map";
+/// The data dir's incarnation: a random id made when the database was created.
+pub const META_INCARNATION: &[u8] = b"incarnation";
 
 pub fn data_key(key: &[u8]) -> Vec<u8> {
     data_key_with_hash(ringkv_wire::key_hash(key), key)

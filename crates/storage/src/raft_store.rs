@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
@@ -304,8 +304,22 @@ impl SnapshotData {
 /// What a shard install still has to do, recorded before its old state is cleared.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InstallMarker {
+    /// Relative to the snapshot root (`Db::snapshot_root`) when under it, so a restart with a
+    /// differently spelled `--data-dir` still finds them.
     pub files: Vec<PathBuf>,
     pub meta: SnapshotMeta,
+}
+
+impl InstallMarker {
+    pub fn new(root: &Path, files: impl IntoIterator<Item = PathBuf>, meta: SnapshotMeta) -> Self {
+        let files = files.into_iter().map(|p| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or(p)).collect();
+        InstallMarker { files, meta }
+    }
+
+    /// The files as paths under `root` (the snapshot root of the database as opened now).
+    pub fn paths(&self, root: &Path) -> Vec<PathBuf> {
+        self.files.iter().map(|p| if p.is_relative() { root.join(p) } else { p.clone() }).collect()
+    }
 }
 
 /// Largest SST file of a shard snapshot: one key range of it.
@@ -325,13 +339,28 @@ pub struct StateMachine {
     group: GroupId,
     kind: ReplicaKind,
     current: Arc<Mutex<Option<Arc<StoredSnapshot>>>>,
+    /// Set while a snapshot replaces this replica's rows: reads of its applied state would see
+    /// the range empty or half filled.
+    installing: Arc<std::sync::atomic::AtomicBool>,
     /// Size at which a snapshot's SST file is closed and the next key range starts.
     pub file_bytes: u64,
 }
 
 impl StateMachine {
     pub fn new(db: Arc<Db>, group: GroupId, kind: ReplicaKind) -> Self {
-        StateMachine { db, group, kind, current: Arc::new(Mutex::new(None)), file_bytes: SNAPSHOT_FILE_BYTES }
+        StateMachine {
+            db,
+            group,
+            kind,
+            current: Arc::new(Mutex::new(None)),
+            installing: Default::default(),
+            file_bytes: SNAPSHOT_FILE_BYTES,
+        }
+    }
+
+    /// Whether a snapshot is being installed (its applied state must not be read).
+    pub fn is_installing(&self) -> bool {
+        self.installing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn kind(&self) -> ReplicaKind {
@@ -345,6 +374,26 @@ impl StateMachine {
     /// Reads a user key from this node's applied state.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, io::Error> {
         self.db.get_cf(CF_DATA, &data_key(key))
+    }
+
+    /// Reads keys from one RocksDB snapshot, so a batch never sees part of a write batch. Stops
+    /// after the first key that takes the values read past `bytes_max`: the answer is a prefix
+    /// of `keys` (at least one value), and the caller asks again for the rest.
+    pub fn get_many(&self, keys: &[Vec<u8>], bytes_max: usize) -> Result<Vec<Option<Vec<u8>>>, io::Error> {
+        let db = self.db.raw();
+        let snap = db.snapshot();
+        let cf = self.db.cf(CF_DATA);
+        let mut out = Vec::with_capacity(keys.len().min(1024));
+        let mut bytes = 0usize;
+        for k in keys {
+            let v = snap.get_cf(cf, data_key(k)).map_err(io_err)?;
+            bytes += k.len() + v.as_ref().map_or(0, |v| v.len()) + 8;
+            out.push(v);
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Approximate bytes of this shard's data in SST files; rows still in the memtable are not
@@ -403,7 +452,10 @@ impl StateMachine {
         if !marker.files.is_empty() {
             let mut opts = rocksdb::IngestExternalFileOptions::default();
             opts.set_move_files(false);
-            self.db.raw().ingest_external_file_cf_opts(self.db.cf(CF_DATA), &opts, marker.files.clone()).map_err(io_err)?;
+            self.db
+                .raw()
+                .ingest_external_file_cf_opts(self.db.cf(CF_DATA), &opts, marker.paths(self.db.snapshot_root()))
+                .map_err(io_err)?;
         }
         let apply_cf = self.db.cf(CF_APPLY_STATE);
         let mut b = WriteBatch::default();
@@ -437,6 +489,8 @@ struct Overlay {
     /// Session rows and answers written earlier in the batch (`None`: deleted).
     rows: std::collections::HashMap<u64, SessionRow>,
     answers: std::collections::HashMap<(u64, u64), Option<CommandResult>>,
+    /// Clients whose sessions expired earlier in the batch (their rows are deleted).
+    expired: std::collections::HashSet<u64>,
 }
 
 /// A client's session in one group: which answers are kept, and below which sequence number
@@ -445,6 +499,8 @@ struct Overlay {
 struct SessionRow {
     floor: u64,
     live: Vec<u64>,
+    /// Log index of the client's last write in this group: sessions silent for long expire.
+    last_index: u64,
 }
 
 /// The client's row; a client without one (new, or from a data dir written before rows
@@ -464,12 +520,67 @@ fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> 
             live.push(u64::from_be_bytes(seq));
         }
     }
-    Ok(SessionRow { floor: 0, live })
+    Ok(SessionRow { floor: 0, live, last_index: 0 })
+}
+
+/// Forgets every session of `sm`'s group whose last write is below `below_index`: its row and
+/// the answers it keeps. Returns how many.
+fn expire_sessions(sm: &StateMachine, below_index: u64, overlay: &mut Overlay, batch: &mut WriteBatch) -> Result<u64, io::Error> {
+    let apply_cf = sm.db.cf(CF_APPLY_STATE);
+    let prefix = group_tag_key(sm.group, TAG_SESSION);
+    let mut expired = 0;
+    for kv in sm.db.raw().iterator_cf(apply_cf, IteratorMode::From(&prefix, Direction::Forward)) {
+        let (k, v) = kv.map_err(io_err)?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        // Rows are `group ++ tag ++ client`; answers have the sequence number after that.
+        let Some(client) = k.get(9..17).filter(|_| k.len() == 17).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes) else {
+            continue;
+        };
+        // A write earlier in this batch may have renewed the row.
+        let row: SessionRow = match overlay.rows.get(&client) {
+            Some(r) => r.clone(),
+            None => dec(&v)?,
+        };
+        if row.last_index >= below_index {
+            continue;
+        }
+        for seq in &row.live {
+            batch.delete_cf(apply_cf, session_answer_key(sm.group, client, *seq));
+            overlay.answers.insert((client, *seq), None);
+        }
+        batch.delete_cf(apply_cf, session_key(sm.group, client));
+        overlay.rows.remove(&client);
+        overlay.expired.insert(client);
+        expired += 1;
+    }
+    Ok(expired)
+}
+
+/// What a session keeps of an answer: only what the client cannot know. A compare-and-swap
+/// that swapped found exactly the value the client expected, so that value is not stored.
+fn stored_answer(r: &CommandResult) -> CommandResult {
+    match r {
+        CommandResult::Cas { swapped: true, .. } => CommandResult::Cas { swapped: true, current: None },
+        other => other.clone(),
+    }
+}
+
+/// A stored answer as the client gets it (the inverse of [`stored_answer`]).
+fn replayed_answer(stored: CommandResult, cmd: &Command) -> CommandResult {
+    match (stored, cmd) {
+        (CommandResult::Cas { swapped: true, .. }, Command::Cas { expect, .. }) => {
+            CommandResult::Cas { swapped: true, current: expect.clone() }
+        }
+        (other, _) => other,
+    }
 }
 
 /// Applies one command against the overlay (writes earlier in the same batch) and the database.
 fn exec(
     sm: &StateMachine,
+    index: u64,
     cmd: Command,
     overlay: &mut Overlay,
     batch: &mut WriteBatch,
@@ -483,6 +594,7 @@ fn exec(
             let (client, seq) = (session.client, session.seq);
             let mut row = match overlay.rows.get(&client) {
                 Some(r) => r.clone(),
+                None if overlay.expired.contains(&client) => SessionRow::default(),
                 None => session_row(sm, client)?,
             };
             let answer = match overlay.answers.get(&(client, seq)) {
@@ -491,14 +603,14 @@ fn exec(
             };
             if let Some(r) = answer {
                 metrics::counter!("ringkv_raft_duplicate_writes_total").increment(1);
-                return Ok(r);
+                return Ok(replayed_answer(r, &cmd));
             }
             if seq < row.floor {
                 // Its answer was forgotten because the client moved past it: never apply it now.
                 metrics::counter!("ringkv_raft_expired_writes_total").increment(1);
                 return Ok(CommandResult::Expired { client, seq, floor: row.floor });
             }
-            let r = exec(sm, *cmd, overlay, batch, map)?;
+            let r = exec(sm, index, *cmd, overlay, batch, map)?;
             // The client retries nothing below `acked_below` again: forget those answers.
             if session.acked_below > row.floor {
                 for old in row.live.iter().copied().filter(|s| *s < session.acked_below) {
@@ -509,11 +621,19 @@ fn exec(
                 row.floor = session.acked_below;
             }
             row.live.push(seq);
-            batch.put_cf(apply_cf, session_answer_key(sm.group, client, seq), enc(&r)?);
+            row.last_index = index;
+            let stored = stored_answer(&r);
+            batch.put_cf(apply_cf, session_answer_key(sm.group, client, seq), enc(&stored)?);
             batch.put_cf(apply_cf, session_key(sm.group, client), enc(&row)?);
-            overlay.answers.insert((client, seq), Some(r.clone()));
+            overlay.answers.insert((client, seq), Some(stored));
             overlay.rows.insert(client, row);
+            overlay.expired.remove(&client);
             Ok(r)
+        }
+        Command::ExpireSessions { below_index } => {
+            let n = expire_sessions(sm, below_index, overlay, batch)?;
+            metrics::counter!("ringkv_raft_sessions_expired_total").increment(n);
+            Ok(CommandResult::Done)
         }
         Command::PutMany { pairs } if pairs.iter().all(|(k, _)| key_ok(k)) => {
             for (key, value) in pairs {
@@ -565,7 +685,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // A crash in the middle of installing a snapshot: finish it first.
         if let Some(b) = self.db.get_cf(CF_APPLY_STATE, &self.apply_key(TAG_INSTALLING))? {
             let marker: InstallMarker = dec(&b)?;
-            if let Some(missing) = marker.files.iter().find(|f| !f.exists()) {
+            let files = marker.paths(self.db.snapshot_root());
+            if let Some(missing) = files.iter().find(|f| !f.exists()) {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("group {}: an interrupted snapshot install needs {}, which is gone", self.group, missing.display()),
@@ -574,7 +695,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tracing::warn!(group = self.group, "finishing a snapshot install interrupted by a crash");
             self.finish_install(&marker)?;
             // Those files were kept only for this; nothing holds them any more.
-            for dir in marker.files.iter().filter_map(|f| f.parent()).collect::<std::collections::BTreeSet<_>>() {
+            for dir in files.iter().filter_map(|f| f.parent()).collect::<std::collections::BTreeSet<_>>() {
                 if dir.starts_with(self.db.snapshot_dir("in")) {
                     let _ = std::fs::remove_dir_all(dir);
                 }
@@ -602,7 +723,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             n += 1;
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::Done,
-                EntryPayload::Normal(cmd) => exec(self, cmd, &mut overlay, &mut batch, &mut map)?,
+                EntryPayload::Normal(cmd) => exec(self, entry.log_id.index, cmd, &mut overlay, &mut batch, &mut map)?,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResult::Done
@@ -650,9 +771,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.db.write_sync(b)?;
             }
             (SnapshotData::Files(f), ReplicaKind::Shard { start, end }) => {
+                struct Installing<'a>(&'a std::sync::atomic::AtomicBool);
+                impl Drop for Installing<'_> {
+                    fn drop(&mut self) {
+                        self.0.store(false, std::sync::atomic::Ordering::Release);
+                    }
+                }
+                self.installing.store(true, std::sync::atomic::Ordering::Release);
+                let _installing = Installing(&self.installing);
                 // One synced batch replaces the old rows and sessions and records what is left
                 // to do; the files are then ingested in one atomic step.
-                let marker = InstallMarker { files: f.files.iter().map(|(p, _)| p.clone()).collect(), meta: meta.clone() };
+                let marker = InstallMarker::new(self.db.snapshot_root(), f.files.iter().map(|(p, _)| p.clone()), meta.clone());
                 let mut b = WriteBatch::default();
                 b.put_cf(apply_cf, self.apply_key(TAG_INSTALLING), enc(&marker)?);
                 b.delete_range_cf(apply_cf, group_tag_key(self.group, TAG_SESSION), group_tag_key(self.group, TAG_SESSION + 1));
@@ -727,8 +856,9 @@ mod tests {
         apply(&mut sm, vec![entry(5, cas(2, 1, b"1", b"2"))]).await;
         assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
         // Retrying seq 1 again still answers "swapped" and changes nothing.
+        // (A swapped CAS keeps no copy of the value it expected.)
         let answer = answer(&db, 9, 1).expect("answer kept");
-        assert_eq!(answer, CommandResult::Cas { swapped: true, current: Some(b"0".to_vec()) });
+        assert_eq!(answer, CommandResult::Cas { swapped: true, current: None });
         apply(&mut sm, vec![entry(6, replay_as_put(1))]).await;
         assert_eq!(sm.get(b"n").expect("get"), Some(b"2".to_vec()));
 
@@ -784,6 +914,33 @@ mod tests {
         }
         assert!(db2.get_cf(CF_APPLY_STATE, &group_tag_key(1, TAG_INSTALLING)).expect("get").is_none(), "marker cleared");
 
+        // The same crash with the files under the node's own snapshot root, then a restart
+        // that spells the data dir differently: the install still finishes.
+        let spelled = dir.path().join("d");
+        let db4 = Db::open(&spelled).expect("db");
+        let held = db4.snapshot_dir("in").join("transfer-1");
+        std::fs::create_dir_all(&held).expect("dir");
+        let mut copies = Vec::new();
+        for (i, (p, _)) in files.files.iter().enumerate() {
+            let to = held.join(format!("{i}.sst"));
+            std::fs::copy(p, &to).expect("copy");
+            copies.push(to);
+        }
+        let marker = InstallMarker::new(db4.snapshot_root(), copies, snap.meta.clone());
+        assert!(marker.files.iter().all(|f| f.is_relative()), "{:?}", marker.files);
+        let mut b = WriteBatch::default();
+        b.put_cf(db4.cf(CF_APPLY_STATE), group_tag_key(1, TAG_INSTALLING), enc(&marker).expect("enc"));
+        db4.write_sync(b).expect("write");
+        db4.shutdown();
+        drop(db4);
+        std::fs::create_dir_all(dir.path().join("x")).expect("dir");
+        let respelled = dir.path().join(".").join("x").join("..").join("d");
+        let db4 = Db::open(&respelled).expect("reopen with another spelling");
+        let mut restarted = StateMachine::new(db4.clone(), 1, kind);
+        let (applied, _) = restarted.applied_state().await.expect("finishes the install");
+        assert_eq!(applied, snap.meta.last_log_id);
+        assert_eq!(restarted.get(b"k100").expect("get"), Some(vec![b'v'; 100]));
+
         // A normal install over existing rows leaves exactly the snapshot's rows.
         let db3 = Db::open(&dir.path().join("c")).expect("db");
         let mut sm3 = StateMachine::new(db3.clone(), 1, kind);
@@ -791,6 +948,74 @@ mod tests {
         sm3.install_snapshot(&snap.meta, snap.snapshot.clone()).await.expect("install");
         assert_eq!(sm3.get(b"stale").expect("get"), None);
         assert_eq!(sm3.get(b"k7").expect("get"), Some(vec![b'v'; 100]));
+    }
+
+    fn put_by(client: u64, seq: u64, key: &[u8]) -> Command {
+        let session = ringkv_wire::Session { client, seq, acked_below: seq };
+        Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: b"v".to_vec() }) }
+    }
+
+    /// Sessions silent since before the cut are forgotten, row and answers, whatever the apply
+    /// batches were; newer ones (also one renewed earlier in the same batch) stay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_sessions_are_forgotten_the_same_way_on_every_replica() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let entries = || {
+            vec![
+                entry(1, put_by(1, 1, b"a")),
+                entry(2, put_by(1, 2, b"a")),
+                entry(3, put_by(2, 1, b"b")),
+                entry(4, put_by(3, 1, b"c")),
+                entry(5, put_by(2, 2, b"b")),
+                entry(6, put_by(3, 2, b"c")),
+                entry(7, Command::ExpireSessions { below_index: 5 }),
+                entry(8, put_by(1, 3, b"a")),
+            ]
+        };
+        let mut states = Vec::new();
+        for (name, batch) in [("one", 8usize), ("many", 1), ("pairs", 2), ("three", 3)] {
+            let db = Db::open(&dir.path().join(name)).expect("db");
+            let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+            let all = entries();
+            for chunk in all.chunks(batch) {
+                apply(&mut sm, chunk.to_vec()).await;
+            }
+            // Client 1 (last write at 2 before the cut) was forgotten, then wrote again as new.
+            assert_eq!(seqs(&db, 1), vec![3], "{name}");
+            assert_eq!(answer(&db, 1, 2), None, "{name}");
+            // Client 2 wrote at 5 and client 3 at 6: both are kept.
+            assert_eq!(seqs(&db, 2), vec![2], "{name}");
+            assert_eq!(seqs(&db, 3), vec![2], "{name}");
+            let rows: Vec<(Vec<u8>, Vec<u8>)> = {
+                let prefix = group_tag_key(1, TAG_SESSION);
+                db.raw()
+                    .iterator_cf(db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward))
+                    .map(|kv| kv.expect("kv"))
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect()
+            };
+            states.push(rows);
+        }
+        assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas with other apply batches differ");
+    }
+
+    /// A swapped compare-and-swap stores no copy of the value; a retry still gets it back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_swapped_cas_answer_keeps_no_value_and_replays_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        let big = vec![b'x'; 10_000];
+        apply(&mut sm, vec![entry(1, Command::Put { key: b"n".to_vec(), value: big.clone() })]).await;
+        apply(&mut sm, vec![entry(2, cas(1, 1, &big, b"small"))]).await;
+        assert_eq!(answer(&db, 9, 1), Some(CommandResult::Cas { swapped: true, current: None }));
+        let items: Vec<Result<EntryResponder<TypeConfig>, io::Error>> = vec![Ok((entry(3, cas(1, 1, &big, b"small")), None))];
+        sm.apply(futures::stream::iter(items)).await.expect("apply");
+        let mut b = WriteBatch::default();
+        let r = exec(&sm, 4, cas(1, 1, &big, b"small"), &mut Overlay::default(), &mut b, &mut None).expect("exec");
+        assert_eq!(r, CommandResult::Cas { swapped: true, current: Some(big.clone()) }, "the retry's answer");
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"small".to_vec()));
     }
 
     fn answer(db: &Db, client: u64, seq: u64) -> Option<CommandResult> {

@@ -45,6 +45,12 @@ pub enum Command {
         session: ringkv_wire::Session,
         cmd: Box<Command>,
     },
+    /// Forgets the sessions of clients whose last write in this group has a log index below
+    /// `below_index` (silent for longer than the session expiry, as the leader that proposed it
+    /// measured; deterministic on every replica because the cut is in the log).
+    ExpireSessions {
+        below_index: u64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -56,6 +62,7 @@ impl std::fmt::Display for Command {
             Command::PutMany { pairs } => write!(f, "put_many({})", pairs.len()),
             Command::Placement(p) => write!(f, "placement({p:?})"),
             Command::Session { session, cmd } => write!(f, "{cmd} for client {:x} seq {}", session.client, session.seq),
+            Command::ExpireSessions { below_index } => write!(f, "expire sessions silent since before index {below_index}"),
         }
     }
 }

@@ -20,6 +20,8 @@ use ringkv_wire::Envelope;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::tls::Caller;
+
 /// Frames queued per lane before senders wait.
 pub const LANE_QUEUE_MAX: usize = 4096;
 /// Largest batch one writer hands to QUIC at once.
@@ -30,6 +32,10 @@ pub const SERVER_IN_FLIGHT_PER_STREAM_MAX: usize = 1024;
 pub const CLIENT_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
 /// The id of the error frame a server sends before it closes a stream whose framing is broken.
 pub const BROKEN_STREAM_ID: u64 = u64::MAX;
+/// A frame over the size limit but under this is read past (and answered with the service's
+/// "too large" error for its id), so the stream and the connection other requests share stay
+/// up; a longer one is taken for broken framing and closes the stream.
+pub const OVERSIZE_SKIP_BYTES_MAX: usize = 256 << 20;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -55,11 +61,20 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, RpcError> {
     tokio::net::lookup_host(addr).await.map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("names no address".into()))
 }
 
-/// The serving side of a protocol.
+/// The serving side of a protocol. Every request comes with the identity of the connection's
+/// certificate, so a service decides what each caller may do.
 pub trait Service<Req, Resp>: Send + Sync + 'static {
-    fn call(self: Arc<Self>, req: Req) -> BoxFuture<Resp>;
+    fn call(self: Arc<Self>, caller: Caller, req: Req) -> BoxFuture<Resp>;
     /// The response sent for a request that could not be decoded or answered.
     fn error(&self, why: String) -> Resp;
+    /// The response sent for a request over the frame size limit.
+    fn too_large(&self, why: String) -> Resp {
+        self.error(why)
+    }
+    /// The response sent to every request of a connection over the server's connection limit.
+    fn busy(&self, why: String) -> Resp {
+        self.error(why)
+    }
 }
 
 type Pending<Resp> = DashMap<u64, oneshot::Sender<Result<Resp, RpcError>>>;
@@ -205,7 +220,13 @@ async fn read_frame(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Res
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(e) => return Err(FrameError::Stream(e.to_string())),
     }
-    let len = frame_len(header, frame_bytes_max).map_err(FrameError::Codec)?;
+    let len = match frame_len(header, frame_bytes_max) {
+        Ok(len) => len,
+        Err(CodecError::TooLarge { len, .. }) if len <= OVERSIZE_SKIP_BYTES_MAX => {
+            return Err(FrameError::Skipped { id: skip_frame(recv, len).await?, len });
+        }
+        Err(e) => return Err(FrameError::Codec(e)),
+    };
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
     metrics::counter!("ringkv_transport_received_bytes_total").increment((len + FRAME_HEADER_BYTES) as u64);
@@ -216,6 +237,27 @@ async fn read_frame(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Res
 enum FrameError {
     Stream(String),
     Codec(CodecError),
+    /// A frame over the limit was read past; its id, if the start of its body named one.
+    Skipped {
+        id: Option<u64>,
+        len: usize,
+    },
+}
+
+/// Reads past the body of an oversize frame of `len` bytes, keeping only the request id at its
+/// start (postcard varint).
+async fn skip_frame(recv: &mut quinn::RecvStream, len: usize) -> Result<Option<u64>, FrameError> {
+    let mut head = vec![0u8; len.min(10)];
+    recv.read_exact(&mut head).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    let id = postcard::take_from_bytes::<u64>(&head).ok().map(|(id, _)| id);
+    let mut left = len - head.len();
+    let mut scratch = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(scratch.len());
+        recv.read_exact(&mut scratch[..n]).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+        left -= n;
+    }
+    Ok(id)
 }
 
 async fn read_responses<Resp: DeserializeOwned>(
@@ -228,6 +270,13 @@ async fn read_responses<Resp: DeserializeOwned>(
         let body = match read_frame(&mut recv, frame_bytes_max).await {
             Ok(Some(b)) => b,
             Ok(None) => break "stream finished".to_string(),
+            Err(FrameError::Skipped { id, len }) => {
+                // Only the request whose answer is too large fails; the lane stays usable.
+                if let Some((_, tx)) = id.and_then(|id| pending.remove(&id)) {
+                    let _ = tx.send(Err(RpcError::Decode(format!("a response of {len} bytes is over the limit of {frame_bytes_max}"))));
+                }
+                continue;
+            }
             Err(e) => break format!("{e:?}"),
         };
         match postcard::from_bytes::<Envelope<Resp>>(&body) {
@@ -263,13 +312,23 @@ where
     Resp: Serialize + Send + 'static,
     S: Service<Req, Resp>,
 {
+    let Some(caller) = crate::tls::caller(&conn) else {
+        metrics::counter!("ringkv_transport_handshake_failures_total").increment(1);
+        conn.close(3u32.into(), b"no readable certificate");
+        return;
+    };
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream::<Req, Resp, S>(send, recv, svc.clone(), frame_bytes_max));
+        tokio::spawn(serve_stream::<Req, Resp, S>(send, recv, svc.clone(), caller, frame_bytes_max));
     }
 }
 
-async fn serve_stream<Req, Resp, S>(send: quinn::SendStream, mut recv: quinn::RecvStream, svc: Arc<S>, frame_bytes_max: usize)
-where
+async fn serve_stream<Req, Resp, S>(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    svc: Arc<S>,
+    caller: Caller,
+    frame_bytes_max: usize,
+) where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
     S: Service<Req, Resp>,
@@ -284,6 +343,14 @@ where
             Err(FrameError::Stream(e)) => {
                 tracing::debug!("peer stream ended: {e}");
                 break;
+            }
+            Err(FrameError::Skipped { id, len }) => {
+                metrics::counter!("ringkv_transport_oversize_frames_total").increment(1);
+                let why = format!("a request of {len} bytes is over the limit of {frame_bytes_max}");
+                if let Some(f) = encode_reply(&*svc, id.unwrap_or(BROKEN_STREAM_ID), svc.too_large(why), frame_bytes_max) {
+                    let _ = tx.send(f).await;
+                }
+                continue;
             }
             Err(FrameError::Codec(e)) => {
                 // The length prefix is bad, so the rest of the stream cannot be framed: say why
@@ -311,7 +378,7 @@ where
         let svc = svc.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let resp = svc.clone().call(req).await;
+            let resp = svc.clone().call(caller, req).await;
             if let Some(f) = encode_reply(&*svc, id, resp, frame_bytes_max) {
                 let _ = tx.send(f).await;
             }
@@ -331,13 +398,54 @@ fn encode_reply<Req, Resp: Serialize, S: Service<Req, Resp>>(svc: &S, id: u64, r
     Some(frame)
 }
 
-/// Accepts connections on `endpoint` and serves each with `svc` until `shutdown` resolves.
-pub async fn serve<Req, Resp, S>(endpoint: quinn::Endpoint, svc: Arc<S>, frame_bytes_max: usize, shutdown: impl Future<Output = ()>)
+/// How long a connection over the limit is kept to answer `busy` before it is closed.
+pub const BUSY_CONNECTION_LINGER: Duration = Duration::from_millis(500);
+
+/// Answers every request on a connection over the limit with the service's `busy` error, then
+/// closes it (the caller dials again later).
+async fn refuse_connection<Req, Resp, S>(conn: quinn::Connection, svc: Arc<S>, frame_bytes_max: usize, connections_max: usize)
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
     S: Service<Req, Resp>,
 {
+    metrics::counter!("ringkv_transport_connections_refused_total").increment(1);
+    let answer = async {
+        while let Ok((send, mut recv)) = conn.accept_bi().await {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+            tokio::spawn(write_loop(send, rx));
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(body)) = read_frame(&mut recv, frame_bytes_max).await {
+                    let id = postcard::take_from_bytes::<u64>(&body).map(|(id, _)| id).unwrap_or(BROKEN_STREAM_ID);
+                    let why = format!("the node serves at most {connections_max} client connections; try again later");
+                    if let Some(f) = encode_reply(&*svc, id, svc.busy(why), frame_bytes_max) {
+                        if tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    };
+    let _ = tokio::time::timeout(BUSY_CONNECTION_LINGER, answer).await;
+    conn.close(4u32.into(), b"busy");
+}
+
+/// Accepts connections on `endpoint` and serves each with `svc` until `shutdown` resolves; past
+/// `connections_max` connections at once, a new one gets only `busy` answers and is closed.
+pub async fn serve<Req, Resp, S>(
+    endpoint: quinn::Endpoint,
+    svc: Arc<S>,
+    frame_bytes_max: usize,
+    connections_max: usize,
+    shutdown: impl Future<Output = ()>,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    S: Service<Req, Resp>,
+{
+    let slots = Arc::new(Semaphore::new(connections_max));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -345,9 +453,13 @@ where
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let svc = svc.clone();
+                let permit = slots.clone().try_acquire_owned();
                 tokio::spawn(async move {
                     match incoming.await {
-                        Ok(conn) => serve_connection::<Req, Resp, S>(conn, svc, frame_bytes_max).await,
+                        Ok(conn) => match permit {
+                            Ok(_permit) => serve_connection::<Req, Resp, S>(conn, svc, frame_bytes_max).await,
+                            Err(_) => refuse_connection::<Req, Resp, S>(conn, svc, frame_bytes_max, connections_max).await,
+                        },
                         Err(e) => {
                             metrics::counter!("ringkv_transport_handshake_failures_total").increment(1);
                             tracing::debug!("incoming connection refused: {e}");

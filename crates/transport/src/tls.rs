@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringkv_wire::{Role, ROLE_DEFAULT};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -108,12 +109,71 @@ pub fn client_config(paths: &CertPaths, alpn: &[u8]) -> Result<quinn::ClientConf
     Ok(client)
 }
 
-/// The node id in the certificate the peer presented (DNS name `node-ID.ringkv`), if it is a
-/// node certificate. The certificate was already verified against the cluster CA.
-pub fn peer_node_id(conn: &quinn::Connection) -> Option<u64> {
+/// Who is at the other end of a connection, as its certificate (already verified against the
+/// cluster CA) says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node certificate (DNS name `node-ID.ringkv`).
+    Node(u64),
+    /// A client certificate with its role (a certificate naming no role has [`ROLE_DEFAULT`]).
+    Client(Role),
+}
+
+impl Caller {
+    /// What this caller may do on the client port: nodes send joins and forwards, so they act
+    /// as admin there.
+    pub fn role(&self) -> Role {
+        match self {
+            Caller::Node(_) => Role::Admin,
+            Caller::Client(r) => *r,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Node(id) => format!("node {id}"),
+            Caller::Client(r) => format!("a {r} client"),
+        }
+    }
+}
+
+/// The identity a DER certificate carries: a node id from a DNS name `node-ID.ringkv`, else a
+/// client role from a SAN URI `urn:ringkv:role:ROLE`. `None` if it cannot be parsed.
+pub fn caller_of_cert(der: &[u8]) -> Option<Caller> {
+    let der = CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    if let Some(id) = cert.valid_dns_names().find_map(node_id_of_dns_name) {
+        return Some(Caller::Node(id));
+    }
+    let role = cert.valid_uri_names().filter_map(Role::from_uri).max();
+    Some(Caller::Client(role.unwrap_or(ROLE_DEFAULT)))
+}
+
+/// The node id a DNS name `node-ID.ringkv` names.
+pub fn node_id_of_dns_name(name: &str) -> Option<u64> {
+    name.strip_prefix("node-")?.strip_suffix(".ringkv")?.parse().ok()
+}
+
+/// Who the peer of `conn` is, from the certificate it presented.
+pub fn caller(conn: &quinn::Connection) -> Option<Caller> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    let leaf = certs.first()?;
-    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
-    let id = cert.valid_dns_names().find_map(|n| n.strip_prefix("node-")?.strip_suffix(".ringkv")?.parse().ok());
-    id
+    caller_of_cert(certs.first()?)
+}
+
+/// The node id in the certificate the peer presented, if it is a node certificate.
+pub fn peer_node_id(conn: &quinn::Connection) -> Option<u64> {
+    match caller(conn)? {
+        Caller::Node(id) => Some(id),
+        Caller::Client(_) => None,
+    }
+}
+
+/// The identity of the first certificate in a PEM file (a node checks its own at start).
+pub fn caller_of_pem_file(path: &Path) -> Result<Caller, TlsError> {
+    let leaf = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Pem(path.to_path_buf(), e.to_string()))?
+        .next()
+        .ok_or_else(|| TlsError::Pem(path.to_path_buf(), "no certificate".into()))?
+        .map_err(|e| TlsError::Pem(path.to_path_buf(), e.to_string()))?;
+    caller_of_cert(&leaf).ok_or_else(|| TlsError::Pem(path.to_path_buf(), "not an X.509 certificate".into()))
 }

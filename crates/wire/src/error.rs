@@ -31,6 +31,15 @@ pub enum RequestError {
     Unavailable(String),
     #[error("not permitted: {0}")]
     NotPermitted(String),
+    /// The caller's certificate does not carry the role this request needs.
+    #[error("permission denied: {request} needs the {needed} role, the caller has {has}")]
+    PermissionDenied { request: String, needed: crate::Role, has: String },
+    /// The request (or its answer) is over a size limit; nothing was done.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The node is at its limit of connections or requests in flight; retry later.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,6 +55,7 @@ impl RequestError {
                 | RequestError::ShardNotFound { .. }
                 | RequestError::NotBootstrapped
                 | RequestError::Unavailable(_)
+                | RequestError::Busy(_)
         )
     }
 }

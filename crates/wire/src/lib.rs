@@ -3,12 +3,14 @@
 //! Everything that crosses a process boundary is defined here, so the node, the client, `ringctl`
 //! and the tests agree on one vocabulary. This crate does no I/O.
 
+pub mod auth;
 pub mod codec;
 pub mod error;
 pub mod map;
 pub mod msg;
 pub mod ring;
 
+pub use auth::{Role, ROLE_DEFAULT};
 pub use codec::{decode_frame, encode_frame, CodecError, Decoded};
 pub use error::RequestError;
 pub use map::{ClusterMap, Epoch, MoveRecord, NodeInfo, NodeState, PlacementSettings, ShardDesc};

@@ -61,6 +61,10 @@ pub struct NodeInfo {
     /// Address of the Prometheus endpoint.
     pub metrics_addr: String,
     pub state: NodeState,
+    /// A random id of the node's data dir, made when it was created. A node whose data dir was
+    /// wiped or replaced comes back with another one, and is refused instead of voting with an
+    /// empty log. 0: not known yet (claimed by the node's first heartbeat).
+    pub incarnation: u64,
 }
 
 /// The whole cluster as the placement group last committed it.

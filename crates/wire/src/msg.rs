@@ -225,6 +225,8 @@ pub struct PlannedOp {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeHeartbeat {
     pub node: NodeId,
+    /// The incarnation of the node's data dir (see [`NodeInfo::incarnation`]).
+    pub incarnation: u64,
     pub map_version: u64,
     pub groups: Vec<GroupStat>,
 }
@@ -303,9 +305,17 @@ pub enum PeerRequest {
     /// replica from `from` to `to` (add `to` as a learner; once it caught up, replace `from`
     /// by `to` through joint consensus). Idempotent; answers where the move stands. With
     /// `cancel`, drops the learner instead (a move already complete in Raft stays complete).
-    MoveStep { shard: GroupId, from: NodeId, to: NodeId, to_peer_addr: String, cancel: bool },
+    MoveStep { shard: GroupId, from: NodeId, to: NodeId, to_peer_addr: String, cancel: bool, fence: PlacementFence },
     /// From the placement leader to a shard's leader: hand leadership to `to`.
-    TransferLeader { shard: GroupId, to: NodeId },
+    TransferLeader { shard: GroupId, to: NodeId, fence: PlacementFence },
+}
+
+/// What an order of the placement leader carries so a node can refuse one from a deposed leader:
+/// the leader's term in the placement group and the map version it acted on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementFence {
+    pub term: u64,
+    pub map_version: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

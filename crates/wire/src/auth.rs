@@ -1,0 +1,125 @@
+//! Who may send what: the roles client certificates carry and the role each request needs.
+//!
+//! A client certificate names its role in a SAN URI (`urn:ringkv:role:read|write|admin`); a node
+//! certificate (`node-ID.ringkv`) acts as admin on the client port, where nodes send joins.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientRequest;
+
+/// What a client may do. Each role includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads and status.
+    Read,
+    /// Reads and data writes.
+    Write,
+    /// Everything: placement, settings, leader transfer, bootstrap, join, fault injection.
+    Admin,
+}
+
+/// The URI prefix of the SAN that carries a client certificate's role.
+pub const ROLE_URI_PREFIX: &str = "urn:ringkv:role:";
+
+/// The role of a client certificate that names none (certificates issued before roles existed).
+pub const ROLE_DEFAULT: Role = Role::Write;
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "read" => Some(Role::Read),
+            "write" => Some(Role::Write),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// The SAN URI that carries this role.
+    pub fn uri(&self) -> String {
+        format!("{ROLE_URI_PREFIX}{}", self.as_str())
+    }
+
+    /// The role a SAN URI names, if it is a role URI.
+    pub fn from_uri(uri: &str) -> Option<Role> {
+        Role::parse(uri.strip_prefix(ROLE_URI_PREFIX)?)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::parse(s).ok_or_else(|| format!("unknown role `{s}` (read, write or admin)"))
+    }
+}
+
+impl ClientRequest {
+    /// The least role that may send this request.
+    pub fn required_role(&self) -> Role {
+        match self {
+            ClientRequest::GetMap
+            | ClientRequest::Get { .. }
+            | ClientRequest::BatchGet { .. }
+            | ClientRequest::NodeStatus
+            | ClientRequest::Identify
+            | ClientRequest::PlacementStatus => Role::Read,
+            ClientRequest::Put { .. } | ClientRequest::Delete { .. } | ClientRequest::Cas { .. } | ClientRequest::BatchPut { .. } => {
+                Role::Write
+            }
+            ClientRequest::TransferLeader { .. }
+            | ClientRequest::Bootstrap { .. }
+            | ClientRequest::SetPartition { .. }
+            | ClientRequest::JoinCluster { .. }
+            | ClientRequest::Join { .. }
+            | ClientRequest::SetNodeState { .. }
+            | ClientRequest::SetPlacementSettings { .. } => Role::Admin,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_ordered_and_round_trip_through_their_uri() {
+        assert!(Role::Read < Role::Write && Role::Write < Role::Admin);
+        for r in [Role::Read, Role::Write, Role::Admin] {
+            assert_eq!(Role::from_uri(&r.uri()), Some(r));
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        assert_eq!(Role::from_uri("urn:ringkv:role:root"), None);
+        assert_eq!(Role::from_uri("https://example.com/admin"), None);
+    }
+
+    #[test]
+    fn admin_requests_need_admin() {
+        let admin = [
+            ClientRequest::TransferLeader { shard: 1, to: 2 },
+            ClientRequest::Bootstrap { nodes: vec![], shards: 1, replication: 3 },
+            ClientRequest::SetPartition { isolated_from: vec![] },
+            ClientRequest::JoinCluster { through: vec![] },
+            ClientRequest::SetNodeState { node: 4, state: crate::NodeState::Removed, force: true },
+            ClientRequest::SetPlacementSettings { settings: Default::default() },
+        ];
+        for r in admin {
+            assert_eq!(r.required_role(), Role::Admin, "{}", r.kind());
+        }
+        let put = ClientRequest::Put { shard: 1, epoch: Default::default(), key: vec![], value: vec![], session: None };
+        assert_eq!(put.required_role(), Role::Write);
+        assert_eq!(ClientRequest::GetMap.required_role(), Role::Read);
+    }
+}
