@@ -110,6 +110,13 @@ pub enum Part<B> {
     End,
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem `s` describes.
+// The field types differ between platforms (u64 on Linux x86_64, u32 elsewhere).
+#[allow(clippy::unnecessary_cast)]
+fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
+    (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
+}
+
 /// Session rows cut into parts of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
 pub fn session_chunks(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
@@ -188,9 +195,7 @@ impl Reassembly {
             // The sender declares the sizes: refuse what the disk cannot hold before writing.
             let declared = sizes.iter().fold(0u64, |a, b| a.saturating_add(*b));
             std::fs::create_dir_all(&self.dir).map_err(io)?;
-            let free = nix::sys::statvfs::statvfs(&self.dir)
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
-                .map_err(|e| io(e.into()))?;
+            let free = nix::sys::statvfs::statvfs(&self.dir).map(|s| free_bytes(&s)).map_err(|e| io(e.into()))?;
             if declared > free.saturating_sub(SNAPSHOT_DISK_RESERVE_BYTES) {
                 return Err(format!(
                     "snapshot of group {group} from node {from} declares {declared} bytes; only {free} are free here (keeping {SNAPSHOT_DISK_RESERVE_BYTES})"
