@@ -262,3 +262,36 @@ async fn sessions_of_silent_clients_expire_through_the_log() -> anyhow::Result<(
     tc.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_cut_off_node_costs_a_new_client_nothing() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    client.put(b"k", b"v").await?;
+    let seeds: Vec<String> = (1..=3).map(|id| tc.client_addr(id)).collect();
+    let certs = ringkv_node::dev::ClusterFileExt::client_certs(&tc.cluster.file);
+
+    // Node 1 cut off from the placement quorum (its peers), but reachable by clients: after a
+    // while it no longer hands out its map as current, and new clients get one elsewhere.
+    tc.isolate(&client, 1).await?;
+    eventually(Duration::from_secs(30), "node 1 stops serving its map as current", || async {
+        let r = client.call_node(&tc.client_addr(1), &ringkv_wire::ClientRequest::GetMap, Duration::from_secs(2)).await?;
+        anyhow::ensure!(matches!(r, Err(ringkv_wire::RequestError::Unavailable(_))), "{r:?}");
+        Ok(())
+    })
+    .await?;
+    let fresh = Client::connect(ringkv_client::ClientConfig::new(seeds.clone(), certs.clone())).await?;
+    assert_eq!(fresh.get_with(b"k", CallOptions::timeout(Duration::from_secs(10))).await?, Some(b"v".to_vec()));
+    tc.heal(&client).await?;
+
+    // Node 1 dead: a new client asks every seed at once, so connecting and reading take
+    // milliseconds, not a timeout on node 1 first.
+    tc.cluster.kill(1).await?;
+    let started = Instant::now();
+    let fresh = Client::connect(ringkv_client::ClientConfig::new(seeds, certs)).await?;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1000), "fetching the map with node 1 dead took {took:?}");
+    assert_eq!(fresh.get(b"k").await?, Some(b"v".to_vec()));
+    tc.stop().await;
+    Ok(())
+}

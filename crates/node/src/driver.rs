@@ -30,6 +30,9 @@ use crate::node::{cut_off_from_quorum, Node, Replica};
 
 /// How often a node reports to the placement leader.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A node whose heartbeats have not reached the placement leader for this long does not hand
+/// out its map as current.
+pub const MAP_STALE_AFTER: Duration = Duration::from_secs(10);
 /// How often the placement leader runs a round of the executor.
 pub const EXECUTOR_INTERVAL: Duration = Duration::from_secs(1);
 /// A learner within this many entries of the leader's last index counts as caught up.
@@ -77,6 +80,8 @@ pub struct Driver {
     /// The highest placement term any placement order came with: orders from lower terms come
     /// from a deposed leader and are refused.
     placement_term_seen: std::sync::atomic::AtomicU64,
+    /// When this node's heartbeat last reached the placement leader.
+    placement_contact: Mutex<Option<Instant>>,
 }
 
 impl Default for Driver {
@@ -87,6 +92,7 @@ impl Default for Driver {
             leader_hint: Mutex::new(None),
             applied: Mutex::new(BTreeMap::new()),
             placement_term_seen: std::sync::atomic::AtomicU64::new(0),
+            placement_contact: Mutex::new(None),
         }
     }
 }
@@ -295,6 +301,20 @@ impl Node {
         }
         change(ChangeMembers::ReplaceAllVoters(target.clone())).await?;
         Ok(MoveStage::Done { voters: target.into_iter().collect() })
+    }
+
+    /// Refuses to hand out this node's map as current when its heartbeats have not reached the
+    /// placement leader for [`MAP_STALE_AFTER`]: it may be cut off from the placement quorum and
+    /// its map old. (A node that has not reached it yet since it started still answers.)
+    pub fn check_map_current(&self) -> Result<(), RequestError> {
+        match *lock(&self.driver.placement_contact) {
+            Some(t) if t.elapsed() > MAP_STALE_AFTER => Err(RequestError::Unavailable(format!(
+                "node {} has not reached the placement leader for {:?}; its map may be stale, ask another node",
+                self.id(),
+                t.elapsed()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Checks an order (a move step, a leader transfer) from node `sender`: it must be a
@@ -533,7 +553,11 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
             continue;
         }
         let hb = node.heartbeat();
-        if let Err(e) = node.placement_call(PeerRequest::Heartbeat(hb)).await {
+        let sent = node.placement_call(PeerRequest::Heartbeat(hb)).await;
+        if sent.is_ok() {
+            *lock(&node.driver.placement_contact) = Some(Instant::now());
+        }
+        if let Err(e) = sent {
             if let RequestError::NotPermitted(why) = &e {
                 return node.fail(format!("the placement leader refused this node: {why}"));
             }

@@ -332,7 +332,10 @@ impl ClientService {
 
     async fn handle(&self, req: ClientRequest) -> ClientResponse {
         match req {
-            ClientRequest::GetMap => Ok(ClientReply::Map((*self.node.map()).clone())),
+            ClientRequest::GetMap => {
+                self.node.check_map_current()?;
+                Ok(ClientReply::Map((*self.node.map()).clone()))
+            }
             ClientRequest::Get { shard, epoch, key, stale } => {
                 self.check_sizes(&key, None)?;
                 let r = self.route(shard, epoch, &key)?;
