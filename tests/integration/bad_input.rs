@@ -241,3 +241,59 @@ async fn past_its_limits_a_node_answers_busy_and_serves_again_after() -> anyhow:
     tc.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_recover_is_quarantined_and_the_node_serves_the_rest() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    let map = client.map();
+    let keys = ringkv_tests::keys_for_every_shard(&map, "q");
+    for (_, k) in &keys {
+        client.put(k, b"v").await?;
+    }
+    let broken = map.shards.iter().find(|s| s.replicas.contains(&2)).map(|s| s.id).expect("a shard on node 2");
+    // Node 2 stops; its replica of `broken` is left in the middle of an install whose files
+    // are gone (as a lost disk sector or an operator's `rm` would leave it).
+    tc.cluster.stop_node(2, Duration::from_secs(10)).await?;
+    {
+        let db = ringkv_storage::Db::open(&tc.cluster.entry(2)?.data_dir.join("db"))?;
+        let marker = ringkv_storage::raft_store::InstallMarker::new(
+            db.snapshot_root(),
+            vec![db.snapshot_dir("in").join("gone").join("00000.sst")],
+            Default::default(),
+        );
+        db.write_sync(marker_batch(&db, broken, &postcard::to_allocvec(&marker)?))?;
+        db.shutdown();
+    }
+    tc.cluster.restart(2)?;
+    let status = ringkv_tests::eventually(Duration::from_secs(30), "node 2 is up and reports the quarantine", || async {
+        match client.call_node(&tc.client_addr(2), &ringkv_wire::ClientRequest::NodeStatus, Duration::from_secs(2)).await? {
+            Ok(ringkv_wire::ClientReply::NodeStatus(s)) if !s.quarantined.is_empty() => Ok(s),
+            other => anyhow::bail!("{other:?}"),
+        }
+    })
+    .await?;
+    assert_eq!(status.quarantined.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![broken]);
+    assert!(status.quarantined[0].1.contains("gone"), "{:?}", status.quarantined);
+    let held = map.shards.iter().filter(|s| s.replicas.contains(&2)).count();
+    assert_eq!(status.groups.iter().filter(|g| g.group != 0).count(), held - 1, "node 2 runs its other replicas");
+    let text = ringkv_tests::scrape(&tc.cluster.entry(2)?.metrics_addr)?;
+    assert_eq!(ringkv_tests::metric(&text, "ringkv_replicas_quarantined"), Some(1.0));
+    // Every shard, the broken one included, still serves from its other replicas.
+    for (_, k) in &keys {
+        assert_eq!(client.get(k).await?, Some(b"v".to_vec()));
+    }
+    tc.stop().await;
+    Ok(())
+}
+
+/// A write batch that records an install marker for `group`.
+fn marker_batch(db: &ringkv_storage::Db, group: u64, marker: &[u8]) -> ringkv_storage::WriteBatch {
+    let mut b = ringkv_storage::WriteBatch::default();
+    b.put_cf(
+        db.cf(ringkv_storage::keys::CF_APPLY_STATE),
+        ringkv_storage::keys::group_tag_key(group, ringkv_storage::keys::TAG_INSTALLING),
+        marker,
+    );
+    b
+}

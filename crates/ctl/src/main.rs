@@ -235,6 +235,8 @@ struct ShardRow {
 struct Status {
     nodes: Vec<NodeRow>,
     shards: Vec<ShardRow>,
+    /// Replicas a node could not start: `(node, shard, reason)`.
+    quarantined: Vec<(u64, u64, String)>,
 }
 
 async fn status(client: &Client) -> anyhow::Result<Status> {
@@ -268,13 +270,17 @@ async fn status(client: &Client) -> anyhow::Result<Status> {
             reachable: reachable.contains(&n.id),
         })
         .collect();
-    Ok(Status { nodes, shards })
+    let quarantined = reports.iter().flat_map(|r| r.quarantined.iter().map(|(g, why)| (r.node, *g, why.clone()))).collect();
+    Ok(Status { nodes, shards, quarantined })
 }
 
 fn print_status(s: &Status) {
     print_nodes(&s.nodes);
     println!();
     print_shards(&s.shards);
+    for (node, shard, why) in &s.quarantined {
+        println!("QUARANTINED: node {node}'s replica of shard {shard} cannot start: {why}");
+    }
 }
 
 fn print_nodes(nodes: &[NodeRow]) {

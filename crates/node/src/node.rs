@@ -83,6 +83,8 @@ pub struct Node {
     fatal: std::sync::Mutex<Option<String>>,
     pub db: Arc<Db>,
     pub replicas: DashMap<GroupId, Arc<Replica>>,
+    /// Replicas that could not start, and why: never started again in this run.
+    quarantined: DashMap<GroupId, String>,
     pub pool: Arc<PeerPool>,
     map: RwLock<Arc<ClusterMap>>,
     raft_config: Arc<openraft::Config>,
@@ -148,6 +150,7 @@ impl Node {
             fatal: std::sync::Mutex::new(None),
             db,
             replicas: DashMap::new(),
+            quarantined: DashMap::new(),
             pool,
             map: RwLock::new(Arc::new(map)),
             raft_config,
@@ -161,11 +164,29 @@ impl Node {
     }
 
     /// Starts every replica registered in the data dir.
+    /// A replica that cannot start (e.g. an interrupted install whose files are gone) is
+    /// quarantined: reported in status and metrics and left on disk, while the node serves the
+    /// rest. The placement group's replica is not: without it the node is no placement member.
     pub async fn start_registered(self: &Arc<Self>) -> Result<(), NodeError> {
         for (group, kind) in ringkv_storage::list_replicas(&self.db)? {
-            self.ensure_replica(group, kind).await?;
+            match self.ensure_replica(group, kind).await {
+                Ok(_) => {}
+                Err(e) if group != PLACEMENT_GROUP => {
+                    tracing::error!(group, "replica quarantined: it cannot start: {e}");
+                    self.quarantined.insert(group, e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
         }
+        metrics::gauge!("ringkv_replicas_quarantined").set(self.quarantined.len() as f64);
         Ok(())
+    }
+
+    /// Replicas that could not start, with the reason.
+    pub fn quarantined(&self) -> Vec<(GroupId, String)> {
+        let mut q: Vec<(GroupId, String)> = self.quarantined.iter().map(|e| (*e.key(), e.value().clone())).collect();
+        q.sort();
+        q
     }
 
     /// Returns the replica of `group`, creating (and registering) it if this node has none.
@@ -317,6 +338,9 @@ impl Node {
                     );
                     continue;
                 }
+            }
+            if self.quarantined.contains_key(&s.id) {
+                continue;
             }
             // One replica that cannot start must not hold up the others.
             let created = async {

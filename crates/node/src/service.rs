@@ -462,7 +462,7 @@ impl ClientService {
             })
             .collect();
         groups.sort_by_key(|g| g.group);
-        NodeStatus { node: self.node.id(), map_version: self.node.map().version, groups }
+        NodeStatus { node: self.node.id(), map_version: self.node.map().version, groups, quarantined: self.node.quarantined() }
     }
 }
 

@@ -12,10 +12,12 @@ use std::path::PathBuf;
 
 pub use db::Db;
 pub use raft_store::{LogStore, ReplicaKind, StateMachine};
+/// The batch type `Db::write` and `Db::write_sync` take.
+pub use rocksdb::WriteBatch;
 pub use types::*;
 
 use ringkv_wire::GroupId;
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::IteratorMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -265,6 +265,9 @@ pub struct NodeStatus {
     pub node: NodeId,
     pub map_version: u64,
     pub groups: Vec<GroupStatus>,
+    /// Replicas this node could not start (state it cannot recover), with the reason. They are
+    /// left alone on disk; the other replicas of those shards serve.
+    pub quarantined: Vec<(GroupId, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
