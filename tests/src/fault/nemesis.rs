@@ -47,6 +47,8 @@ pub enum Fault {
     Join,
     /// A shard's leadership moves to another replica.
     TransferLeader,
+    /// The test's clients cannot reach one node (nor hear from it); the nodes still talk.
+    IsolateClients,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,10 +56,12 @@ enum Kind {
     Process,
     Network,
     Membership,
+    /// Between clients and nodes: combines with a node partition.
+    Clients,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Isolate,
@@ -70,17 +74,20 @@ impl Fault {
         Fault::Loss,
         Fault::Join,
         Fault::TransferLeader,
+        Fault::IsolateClients,
     ];
 
-    /// The faults of the network: partitions of every shape, delay and loss.
+    /// The faults of the network: partitions of every shape, delay and loss, and clients cut
+    /// off from a node.
     pub fn network() -> Vec<Fault> {
-        Self::ALL.into_iter().filter(|f| f.kind() == Kind::Network).collect()
+        Self::ALL.into_iter().filter(|f| matches!(f.kind(), Kind::Network | Kind::Clients)).collect()
     }
 
     fn kind(self) -> Kind {
         match self {
             Fault::Kill | Fault::Pause => Kind::Process,
             Fault::Join | Fault::TransferLeader => Kind::Membership,
+            Fault::IsolateClients => Kind::Clients,
             _ => Kind::Network,
         }
     }
@@ -92,6 +99,7 @@ enum Undo {
     Resume(NodeId),
     Heal,
     Clear,
+    ClientsBack,
     Nothing,
 }
 
@@ -281,6 +289,11 @@ impl<'a> Nemesis<'a> {
                 }
                 Undo::Nothing
             }
+            Fault::IsolateClients => {
+                self.ns.cut_clients(&BTreeSet::from([victim]))?;
+                self.note("start", f, format!("clients cannot reach node {victim}"));
+                Undo::ClientsBack
+            }
             Fault::TransferLeader => {
                 let map = self.client.refresh_map().await.unwrap_or_else(|_| self.client.map());
                 if let Some(s) = map.shards.choose(&mut self.rng) {
@@ -312,6 +325,7 @@ impl<'a> Nemesis<'a> {
             }
             Undo::Heal => self.ns.block(&BTreeSet::new())?,
             Undo::Clear => self.proxy.set(LinkFaults::default()),
+            Undo::ClientsBack => self.ns.cut_clients(&BTreeSet::new())?,
             Undo::Nothing => return Ok(()),
         }
         self.note("stop", f, String::new());
@@ -330,6 +344,7 @@ impl<'a> Nemesis<'a> {
     /// that exited on their own), heals the network.
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
         self.ns.block(&BTreeSet::new())?;
+        self.ns.cut_clients(&BTreeSet::new())?;
         self.proxy.set(LinkFaults::default());
         self.collect_crashes();
         for id in self.nodes() {

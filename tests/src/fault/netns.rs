@@ -17,7 +17,13 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub struct Netns {
     name: String,
+    /// The faults in force: node-to-node links cut (`(from, to)`), and nodes the test's
+    /// clients (on `127.0.0.1`) cannot reach nor hear from.
+    cuts: std::sync::Mutex<(BTreeSet<(NodeId, NodeId)>, BTreeSet<NodeId>)>,
 }
+
+/// The address the test's clients send from (the kernel's source for `127.0.0.0/8`).
+pub const CLIENT_IP: &str = "127.0.0.1";
 
 fn run(cmd: &mut Command, input: Option<&str>) -> anyhow::Result<String> {
     let what = format!("{cmd:?}");
@@ -68,7 +74,7 @@ impl Netns {
         let name = format!("{PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
         run(Command::new("ip").args(["netns", "add", &name]), None)
             .map_err(|e| anyhow::anyhow!("cannot create a network namespace (the fault tests need root and iproute2): {e}"))?;
-        let ns = Netns { name };
+        let ns = Netns { name, cuts: Default::default() };
         run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]), None)?;
         ns.nft("add table inet ringkv\nadd chain inet ringkv links { type filter hook output priority 0; policy accept; }\n")
             .map_err(|e| anyhow::anyhow!("nftables is needed for the fault tests (apt-get install nftables): {e}"))?;
@@ -100,15 +106,31 @@ impl Netns {
             .build()?)
     }
 
-    /// Replaces the rules: packets from `a` to `b` are dropped for every `(a, b)` in `links`.
+    /// Replaces the node-to-node cuts: packets from `a` to `b` are dropped for every `(a, b)` in
+    /// `links` (client cuts stay).
     pub fn block(&self, links: &BTreeSet<(NodeId, NodeId)>) -> anyhow::Result<()> {
+        let mut cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        cuts.0 = links.clone();
+        self.apply(&cuts)
+    }
+
+    /// Replaces the client cuts: the test's clients and these nodes drop each other's packets
+    /// (node-to-node cuts stay).
+    pub fn cut_clients(&self, nodes: &BTreeSet<NodeId>) -> anyhow::Result<()> {
+        let mut cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        cuts.1 = nodes.clone();
+        self.apply(&cuts)
+    }
+
+    fn apply(&self, (links, clients): &(BTreeSet<(NodeId, NodeId)>, BTreeSet<NodeId>)) -> anyhow::Result<()> {
         let mut s = String::from("flush chain inet ringkv links\n");
+        let mut drop = |from: String, to: String| s.push_str(&format!("add rule inet ringkv links ip saddr {from} ip daddr {to} drop\n"));
         for (a, b) in links {
-            s.push_str(&format!(
-                "add rule inet ringkv links ip saddr {} ip daddr {} drop\n",
-                NetnsLayout::node_ip(*a),
-                NetnsLayout::node_ip(*b)
-            ));
+            drop(NetnsLayout::node_ip(*a).to_string(), NetnsLayout::node_ip(*b).to_string());
+        }
+        for n in clients {
+            drop(CLIENT_IP.into(), NetnsLayout::node_ip(*n).to_string());
+            drop(NetnsLayout::node_ip(*n).to_string(), CLIENT_IP.into());
         }
         self.nft(&s)
     }
