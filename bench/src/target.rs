@@ -69,6 +69,7 @@ impl Local {
             fault_injection: false,
             extra_config: Some(format!("[storage]\nfsync = {}\n", spec.fsync)),
             netns: None,
+            hold_back: vec![],
         };
         tracing::info!(nodes = spec.nodes, shards = spec.shards, fsync = spec.fsync, dir = %dir.path().display(), "starting a local cluster");
         match DevCluster::start(opts).await {

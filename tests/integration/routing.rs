@@ -98,3 +98,24 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
     tc.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_gets_a_leader_with_a_node_down_at_bootstrap_and_it_catches_up_later() -> anyhow::Result<()> {
+    // Node 3 is not running when the cluster is made; `start` waits until every shard has a
+    // leader, which its shards whose first replica is node 3 get only if another replica starts
+    // the group.
+    let mut tc = ringkv_tests::TestCluster::start_holding_back(3, 8, "", vec![3]).await?;
+    let client = tc.client().await?;
+    let map = client.map();
+    assert!(map.shards.iter().any(|s| s.replicas.first() == Some(&3)), "node 3 leads no shard first: {:?}", map.shards);
+    let keys = ringkv_tests::keys_for_every_shard(&map, "late");
+    for (_, k) in &keys {
+        client.put(k, b"v").await?;
+    }
+    tc.cluster.restart(3)?;
+    for (_, k) in &keys {
+        tc.wait_caught_up(&client, 3, k, b"v").await?;
+    }
+    tc.stop().await;
+    Ok(())
+}

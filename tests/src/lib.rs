@@ -42,6 +42,12 @@ impl TestCluster {
     /// As [`TestCluster::start`], with `extra` TOML (whole sections) in every node's first
     /// configuration.
     pub async fn start_with(nodes: usize, shards: u64, extra: &str) -> anyhow::Result<TestCluster> {
+        Self::start_holding_back(nodes, shards, extra, vec![]).await
+    }
+
+    /// As [`TestCluster::start_with`], with the nodes `hold_back` not started at bootstrap
+    /// (`cluster.restart(id)` starts them).
+    pub async fn start_holding_back(nodes: usize, shards: u64, extra: &str, hold_back: Vec<NodeId>) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
         let opts = DevOptions {
             nodes,
@@ -52,6 +58,7 @@ impl TestCluster {
             fault_injection: true,
             extra_config: Some(format!("{TEST_RAFT}\n{extra}")),
             netns: None,
+            hold_back,
         };
         let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
         Ok(TestCluster { cluster, dir: Some(dir) })

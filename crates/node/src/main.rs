@@ -152,6 +152,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         fault_injection: false,
         extra_config: None,
         netns: None,
+        hold_back: vec![],
     };
     let mut cluster = DevCluster::start(opts).await?;
     cluster.set_supervisor(Some(std::process::id()))?;

@@ -54,6 +54,8 @@ pub struct Replica {
     pub sm: StateMachine,
     /// Set once this replica is being removed: its rows are about to be deleted.
     pub retired: std::sync::atomic::AtomicBool,
+    /// When this node started it.
+    pub started: std::time::Instant,
 }
 
 impl Replica {
@@ -206,7 +208,7 @@ impl Node {
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
-        let r = Arc::new(Replica { group, raft, sm, retired: Default::default() });
+        let r = Arc::new(Replica { group, raft, sm, retired: Default::default(), started: std::time::Instant::now() });
         self.replicas.insert(group, r.clone());
         tracing::info!(group, ?kind, "replica started");
         Ok(r)
@@ -277,7 +279,8 @@ impl Node {
         match self.pool.call(from, "", &PeerRequest::GetMap, Duration::from_secs(2), false).await {
             Ok(Ok(PeerReply::Map(m))) if !m.is_bootstrapped() => Ok(()),
             Ok(Ok(PeerReply::Map(m))) => match m.node(self.id()) {
-                Some(me) if me.incarnation == self.incarnation => Ok(()),
+                // 0: a member the bootstrap could not ask (down then); its first heartbeat claims it.
+                Some(me) if me.incarnation == self.incarnation || me.incarnation == 0 => Ok(()),
                 _ => {
                     self.check_incarnation(&m).map_err(|e| RequestError::NotPermitted(e.to_string()))?;
                     Err(RequestError::NotPermitted(format!("node {}'s map does not list node {} with this data dir", from, self.id())))
@@ -346,8 +349,16 @@ impl Node {
             let created = async {
                 let r = self.ensure_replica(s.id, ReplicaKind::Shard { start: s.start, end: s.end }).await?;
                 // Only a shard's first membership is made here; later ones come through Raft.
-                if s.replicas.first() == Some(&me) && s.epoch.conf_ver == 1 {
-                    self.initialize(&r, &s.replicas, &nodes).await?;
+                // The first replica makes it at once (so the initial leaders are the balanced
+                // ones the map chose). If its node is down, slow or could not bind, any other
+                // replica makes it after a while, with the same members at the same log id:
+                // initializing is idempotent and never yields two different first memberships.
+                if s.epoch.conf_ver == 1 {
+                    let first = s.replicas.first() == Some(&me);
+                    let leaderless = r.raft.metrics().borrow_watched().current_leader.is_none();
+                    if first || (leaderless && r.started.elapsed() > self.initialize_takeover_after()) {
+                        self.initialize(&r, &s.replicas, &nodes).await?;
+                    }
                 }
                 Ok::<(), NodeError>(())
             };
@@ -456,6 +467,11 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
         }
         let _ = self.db.raw().flush_wal(true);
+    }
+
+    /// How long a shard's other replicas wait for its first replica to start the group.
+    pub fn initialize_takeover_after(&self) -> Duration {
+        Duration::from_millis(self.config.raft.election_timeout_max_ms * 2)
     }
 
     /// How long a leader may go without hearing from a quorum before it is treated as cut off.
