@@ -48,6 +48,16 @@ pub enum PlacementCommand {
         from: NodeId,
         to: NodeId,
     },
+    /// Records that `to` is to replace `from` among the placement group's voters.
+    BeginPlacementMove {
+        from: NodeId,
+        to: NodeId,
+    },
+    /// The placement group's voters now have `to` instead of `from`: the map follows.
+    FinishPlacementMove {
+        from: NodeId,
+        to: NodeId,
+    },
     /// Drops a move that cannot complete (the Raft group never switched to the new set).
     AbortMove {
         shard: GroupId,
@@ -112,8 +122,10 @@ fn set_node_state(map: &mut ClusterMap, id: NodeId, state: NodeState, force: boo
         (Removed, _) => return refuse(format!("node {id} was removed; a node coming back needs a new id and an empty data dir")),
         (Joining | Down | Decommissioning, Up) | (Up | Joining, Down) => {}
         (Up | Down | Joining, Decommissioning) => {
-            if member {
-                return refuse(format!("node {id} holds the placement group, which cannot move yet; decommission another node"));
+            if member && !map.nodes.iter().any(|n| n.state == Up && !map.placement_members.contains(&n.id)) {
+                return refuse(format!(
+                    "node {id} holds a placement replica and no up node outside the placement group can take it; add a node first"
+                ));
             }
             let up_after = map.nodes.iter().filter(|n| n.id != id && n.state == Up).count();
             if up_after < replication(map) {
@@ -124,8 +136,15 @@ fn set_node_state(map: &mut ClusterMap, id: NodeId, state: NodeState, force: boo
             }
         }
         (_, Removed) => {
-            if member {
-                return refuse(format!("node {id} holds the placement group and cannot be removed"));
+            if member && !force {
+                return refuse(format!(
+                    "node {id} holds a placement replica; decommission it (its placement replica moves first), or use --force if its host is lost (the placement group then replaces it)"
+                ));
+            }
+            if member && !map.nodes.iter().any(|n| n.state == Up && !map.placement_members.contains(&n.id)) {
+                return refuse(format!(
+                    "node {id} holds a placement replica and no up node outside the placement group can take it; add a node first"
+                ));
             }
             let held = map.replicas_on(id);
             let moving = map.moves.iter().filter(|m| m.to == id || m.from == id).count();
@@ -220,6 +239,30 @@ fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, Pl
             s.epoch.conf_ver += 1;
             Ok(true)
         }
+        PlacementCommand::BeginPlacementMove { from, to } => {
+            if let Some(m) = &map.placement_move {
+                return refuse(format!("the placement group is already moving from {} to {}", m.from, m.to));
+            }
+            if !map.placement_members.contains(from) || map.placement_members.contains(to) {
+                return refuse(format!("placement members are {:?}: cannot move {from} to {to}", map.placement_members));
+            }
+            if map.node(*to).map(|n| n.state) != Some(NodeState::Up) {
+                return refuse(format!("node {to} is not up"));
+            }
+            map.placement_move =
+                Some(MoveRecord { shard: 0, from: *from, to: *to, epoch: Epoch::default(), reason: "replace placement member".into() });
+            Ok(true)
+        }
+        PlacementCommand::FinishPlacementMove { from, to } => {
+            if !map.placement_move.as_ref().is_some_and(|m| m.from == *from && m.to == *to) {
+                return refuse(format!("no move of the placement group from {from} to {to}"));
+            }
+            map.placement_move = None;
+            for m in map.placement_members.iter_mut().filter(|m| **m == *from) {
+                *m = *to;
+            }
+            Ok(true)
+        }
         PlacementCommand::AbortMove { shard, from, to } => {
             let before = map.moves.len();
             map.moves.retain(|m| !(m.shard == *shard && m.from == *from && m.to == *to));
@@ -291,6 +334,26 @@ pub fn apply(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<(), Placeme
             Ok(())
         }
     }
+}
+
+/// The next replacement of a placement member, if one is due: a member that was removed or is
+/// decommissioning gives its place to the up non-member with the fewest replicas (ties by id).
+/// One at a time; none while one is in flight.
+pub fn placement_replacement(map: &ClusterMap) -> Option<(NodeId, NodeId)> {
+    if map.placement_move.is_some() {
+        return None;
+    }
+    let leaving = map
+        .placement_members
+        .iter()
+        .copied()
+        .find(|m| map.node(*m).is_some_and(|n| matches!(n.state, NodeState::Removed | NodeState::Decommissioning)))?;
+    let to = map
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Up && !map.placement_members.contains(&n.id))
+        .min_by_key(|n| (map.replicas_on(n.id), n.id))?;
+    Some((leaving, to.id))
 }
 
 /// Assigns `shards` shards with `replication` replicas each over `nodes` so every node holds the
@@ -448,11 +511,38 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_placement_member_is_replaced_by_an_up_node() {
+        let mut map = cluster(5);
+        assert_eq!(placement_replacement(&map), None, "nothing to replace");
+        let set = |map: &mut ClusterMap, node, state, force| apply(map, &PlacementCommand::SetNodeState { node, state, force });
+        set(&mut map, 2, NodeState::Removed, true).expect("forced removal of a lost member");
+        let (from, to) = placement_replacement(&map).expect("a replacement");
+        assert_eq!(from, 2);
+        assert!(to == 4 || to == 5, "an up non-member: {to}");
+        // Only to an up non-member, one at a time, finished only as begun.
+        assert!(apply(&mut map, &PlacementCommand::BeginPlacementMove { from: 2, to: 3 }).is_err(), "to a member");
+        apply(&mut map, &PlacementCommand::BeginPlacementMove { from, to }).expect("begin");
+        assert_eq!(placement_replacement(&map), None, "one at a time");
+        assert!(apply(&mut map, &PlacementCommand::BeginPlacementMove { from: 1, to: 9 }).is_err(), "a second move");
+        assert!(apply(&mut map, &PlacementCommand::FinishPlacementMove { from, to: 1 }).is_err(), "another move's finish");
+        apply(&mut map, &PlacementCommand::FinishPlacementMove { from, to }).expect("finish");
+        assert_eq!(map.placement_members, vec![1, to, 3]);
+        assert_eq!(map.placement_move, None);
+        assert_eq!(placement_replacement(&map), None, "done");
+        // A decommissioning member is replaced the same way.
+        set(&mut map, 3, NodeState::Decommissioning, false).expect("decommission a member");
+        assert_eq!(placement_replacement(&map).map(|(f, _)| f), Some(3));
+    }
+
+    #[test]
     fn lifecycle_changes_that_would_lose_data_or_the_placement_group_are_refused() {
         let mut map = cluster(4);
         let set = |map: &mut ClusterMap, node, state, force| apply(map, &PlacementCommand::SetNodeState { node, state, force });
-        assert!(set(&mut map, 1, NodeState::Decommissioning, false).is_err(), "placement member");
-        assert!(set(&mut map, 1, NodeState::Removed, true).is_err(), "placement member, even forced");
+        let mut three = cluster(3);
+        assert!(set(&mut three, 1, NodeState::Decommissioning, false).is_err(), "no node could take its placement replica");
+        assert!(set(&mut three, 1, NodeState::Removed, true).is_err(), "no node could take its placement replica, even forced");
+        let e = set(&mut map, 1, NodeState::Removed, false).expect_err("a placement member, not forced");
+        assert!(e.to_string().contains("--force"), "{e}");
         let held = map.replicas_on(4);
         assert!(held > 0);
         let e = set(&mut map, 4, NodeState::Removed, false).expect_err("holds replicas");

@@ -94,8 +94,6 @@ async fn a_decommissioned_node_drains_to_zero_and_can_be_removed() -> anyhow::Re
         Err(ringkv_client::Error::Request(RequestError::NotPermitted(why))) => assert!(why.contains("still holds"), "{why}"),
         other => panic!("removing a node that holds replicas must be refused, got {other:?}"),
     }
-    let member = ClientRequest::SetNodeState { node: 1, state: NodeState::Decommissioning, force: false };
-    assert!(client.placement(&member).await.is_err(), "a placement member cannot be decommissioned yet");
     let drain = ClientRequest::SetNodeState { node: 4, state: NodeState::Decommissioning, force: false };
     assert!(matches!(client.placement(&drain).await?, ClientReply::Done));
     eventually(BALANCE_TIMEOUT, "node 4 drains", || async {
@@ -113,6 +111,9 @@ async fn a_decommissioned_node_drains_to_zero_and_can_be_removed() -> anyhow::Re
     })
     .await?;
     assert!(map.shards.iter().all(|s| s.replicas.len() == 3 && !s.replicas.contains(&4)));
+    // With no node outside the placement group left, a member cannot be decommissioned.
+    let member = ClientRequest::SetNodeState { node: 1, state: NodeState::Decommissioning, force: false };
+    assert!(client.placement(&member).await.is_err(), "a placement member with no node to take its place");
     // The drained node dropped its replicas' data (tombstoned), and the cluster serves without it.
     eventually(Duration::from_secs(30), "node 4 drops its replicas", || async {
         match client.call_node(&tc.client_addr(4), &ClientRequest::NodeStatus, Duration::from_secs(5)).await? {
@@ -193,6 +194,44 @@ async fn the_rebalance_completes_when_the_placement_leader_is_killed_midway() ->
     eprintln!("balanced: {load:?}; {} writes acknowledged, {failed} failed", acked.len());
     assert_eq!(load.len(), 5);
     check_acked(&client, &acked).await?;
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_placement_member_is_replaced_and_the_placement_group_survives_another_loss() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(4, 4).await?;
+    let client = tc.client().await?;
+    assert_eq!(client.map().placement_members, vec![1, 2, 3]);
+    client.put(b"k", b"v").await?;
+    // Node 3's host is lost for good; the operator removes it.
+    tc.cluster.kill(3).await?;
+    match client.placement(&ClientRequest::SetNodeState { node: 3, state: NodeState::Removed, force: true }).await? {
+        ClientReply::Done => {}
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+    eventually(Duration::from_secs(90), "node 4 replaces node 3 in the placement group", || async {
+        let map = client.refresh_map().await?;
+        anyhow::ensure!(map.placement_members == vec![1, 2, 4], "members {:?}, moving {:?}", map.placement_members, map.placement_move);
+        Ok(())
+    })
+    .await?;
+    let status = match client.call_node(&tc.client_addr(4), &ClientRequest::NodeStatus, Duration::from_secs(5)).await? {
+        Ok(ClientReply::NodeStatus(s)) => s,
+        other => anyhow::bail!("node status: {other:?}"),
+    };
+    let g0 = status.groups.iter().find(|g| g.group == 0).ok_or_else(|| anyhow::anyhow!("node 4 has no placement replica"))?;
+    let mut voters = g0.voters.clone();
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 4], "the placement group's voters");
+    // Another member dies: nodes 1 and 4 are still a placement quorum.
+    tc.cluster.kill(2).await?;
+    eventually(Duration::from_secs(60), "placement commands are served without nodes 2 and 3", || async {
+        set_placement(&client, |s| s.snapshot_concurrency = 3).await?;
+        anyhow::ensure!(placement_report(&client).await?.settings.snapshot_concurrency == 3);
+        Ok(())
+    })
+    .await?;
     tc.stop().await;
     Ok(())
 }

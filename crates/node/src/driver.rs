@@ -328,7 +328,8 @@ impl Node {
         move_of: Option<(GroupId, NodeId, NodeId)>,
     ) -> Result<(), RequestError> {
         let map = self.map();
-        if !map.placement_members.contains(&sender) {
+        let joining = map.placement_move.as_ref().is_some_and(|m| m.to == sender);
+        if !map.placement_members.contains(&sender) && !joining {
             return Err(RequestError::NotPermitted(format!("node {sender} is not a placement member and cannot order moves")));
         }
         let seen = self.driver.placement_term_seen.load(std::sync::atomic::Ordering::Acquire);
@@ -686,7 +687,19 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         return;
     }
 
-    // 2. Moves in flight, all at once.
+    // 2. The placement group's own replicas first: a removed or decommissioning member is
+    // replaced (learner, caught up, joint consensus, as a shard move; this leader is the
+    // group's leader, so it takes the steps itself).
+    if let Some(m) = map.placement_move.clone() {
+        placement_step(node, r, &map, m).await;
+    } else if let Some((from, to)) = ringkv_placement::placement_replacement(&map) {
+        match propose(r, PlacementCommand::BeginPlacementMove { from, to }).await {
+            Ok(_) => tracing::info!(from, to, "placement member replacement started"),
+            Err(e) => tracing::warn!(from, to, "cannot start replacing placement member {from}: {e}"),
+        }
+    }
+
+    // 3. Moves in flight, all at once.
     let steps = map.moves.iter().map(|m| step(node, r, &map, &cfg, &obs, now, m.clone()));
     futures::future::join_all(steps).await;
     {
@@ -694,7 +707,7 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         st.progress.retain(|shard, _| map.move_of(*shard).is_some());
     }
 
-    // 3. New operators.
+    // 4. New operators.
     let ops = planner::plan(&map, &obs, &planner::in_flight(&map), &cfg, now);
     let (settle, backoff) = {
         let mut st = lock(&node.driver.state);
@@ -702,9 +715,13 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         (st.last_transfers.is_some_and(|t| t.elapsed() < TRANSFER_SETTLE), st.conflicts.keys().copied().collect::<BTreeSet<GroupId>>())
     };
     let mut transfers = Vec::new();
+    // A decommissioning placement member gives up its placement replica before its shards.
+    let placement_leaving: Option<NodeId> =
+        map.placement_move.as_ref().map(|m| m.from).or_else(|| ringkv_placement::placement_replacement(&map).map(|(from, _)| from));
     for op in ops {
         match op {
             Operator::MoveReplica { reason: planner::Reason::Balance, .. } if !map.settings.balance => {}
+            Operator::MoveReplica { reason: planner::Reason::Drain, from, .. } if Some(from) == placement_leaving => {}
             Operator::MoveReplica { shard, .. } if backoff.contains(&shard) => {}
             Operator::MoveReplica { shard, from, to, reason } => {
                 let Some(epoch) = map.shard(shard).map(|s| s.epoch) else { continue };
@@ -745,6 +762,24 @@ async fn round(node: &Arc<Node>, r: &Replica) {
             }
         });
         futures::future::join_all(sends).await;
+    }
+}
+
+/// One step of replacing placement member `m.from` by `m.to`, taken by the placement leader on
+/// group 0 itself.
+async fn placement_step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, m: MoveRecord) {
+    let to_addr = map.node(m.to).map(|n| n.peer_addr.clone()).unwrap_or_default();
+    match node.move_step(PLACEMENT_GROUP, m.from, m.to, to_addr, false).await {
+        Ok(MoveStage::Done { voters }) => match propose(r, PlacementCommand::FinishPlacementMove { from: m.from, to: m.to }).await {
+            Ok(_) => {
+                metrics::counter!("ringkv_placement_member_replacements_total").increment(1);
+                tracing::info!(from = m.from, to = m.to, ?voters, "placement member replaced");
+            }
+            Err(e) => tracing::warn!("cannot record the placement member replacement: {e}"),
+        },
+        Ok(MoveStage::Learner { matched, last }) => tracing::debug!(to = m.to, matched, last, "placement replica catching up"),
+        Ok(other) => tracing::warn!(from = m.from, to = m.to, "placement member replacement: {other:?}"),
+        Err(e) => tracing::debug!(from = m.from, to = m.to, "placement member replacement waits: {e}"),
     }
 }
 

@@ -270,6 +270,9 @@ impl Node {
     /// yet, or lists this node with this data dir's incarnation.
     pub async fn may_create_placement_replica(&self, from: NodeId) -> Result<(), ringkv_wire::RequestError> {
         use ringkv_wire::RequestError;
+        if self.map().placement_move.as_ref().is_some_and(|m| m.to == self.id()) {
+            return Ok(());
+        }
         if self.map().is_bootstrapped() {
             return Err(RequestError::NotPermitted(format!(
                 "node {} has the cluster map but no placement replica; it is not a placement member",
@@ -327,6 +330,22 @@ impl Node {
         self.snapshot_throttle.set(&map.settings);
         let me = self.id();
         let nodes: Vec<(NodeId, String)> = map.nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
+        // The placement group's replica: created here when this node is to replace a member
+        // (the leader then adds it as a learner), removed once this node is no member.
+        let placement_target = map.placement_move.as_ref().is_some_and(|m| m.to == me);
+        match self.replica(PLACEMENT_GROUP) {
+            None if placement_target => {
+                if let Err(e) = self.ensure_replica(PLACEMENT_GROUP, ReplicaKind::Placement).await {
+                    tracing::error!("cannot start this node's placement replica: {e}");
+                }
+            }
+            Some(_) if !placement_target && !map.placement_members.contains(&me) => {
+                if let Err(e) = self.remove_replica(PLACEMENT_GROUP, map.version).await {
+                    tracing::error!("cannot remove this node's placement replica yet: {e}");
+                }
+            }
+            _ => {}
+        }
         for s in &map.shards {
             let incoming = map.move_of(s.id).is_some_and(|m| m.to == me);
             if !s.replicas.contains(&me) && !incoming {

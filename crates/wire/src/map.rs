@@ -82,6 +82,9 @@ pub struct ClusterMap {
     /// Replica moves the placement leader is running (at most one per shard). A move's target
     /// node creates its (empty) replica when it sees the move here.
     pub moves: Vec<MoveRecord>,
+    /// The placement group's own move in flight (shard 0): `to` replaces `from`, a member that
+    /// was removed or is decommissioning. `to` creates its replica when it sees this.
+    pub placement_move: Option<MoveRecord>,
     /// Placement settings, changed at run time through the placement group.
     pub settings: PlacementSettings,
 }

@@ -17,10 +17,12 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub struct Netns {
     name: String,
-    /// The faults in force: node-to-node links cut (`(from, to)`), and nodes the test's
-    /// clients (on `127.0.0.1`) cannot reach nor hear from.
-    cuts: std::sync::Mutex<(BTreeSet<(NodeId, NodeId)>, BTreeSet<NodeId>)>,
+    cuts: std::sync::Mutex<Cuts>,
 }
+
+/// The faults in force: node-to-node links cut (`(from, to)`), and nodes the test's clients (on
+/// `127.0.0.1`) cannot reach nor hear from.
+type Cuts = (BTreeSet<(NodeId, NodeId)>, BTreeSet<NodeId>);
 
 /// The address the test's clients send from (the kernel's source for `127.0.0.0/8`).
 pub const CLIENT_IP: &str = "127.0.0.1";
@@ -122,7 +124,7 @@ impl Netns {
         self.apply(&cuts)
     }
 
-    fn apply(&self, (links, clients): &(BTreeSet<(NodeId, NodeId)>, BTreeSet<NodeId>)) -> anyhow::Result<()> {
+    fn apply(&self, (links, clients): &Cuts) -> anyhow::Result<()> {
         let mut s = String::from("flush chain inet ringkv links\n");
         let mut drop = |from: String, to: String| s.push_str(&format!("add rule inet ringkv links ip saddr {from} ip daddr {to} drop\n"));
         for (a, b) in links {
