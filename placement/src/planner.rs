@@ -96,6 +96,8 @@ pub struct Observed {
     /// When this placement leader took over: a node it has not heard from yet gets the grace
     /// period from then, not from the epoch of the clock.
     pub leader_since_ms: u64,
+    /// Replicas `(shard, node)` their node reports it could not start: rebuilt elsewhere.
+    pub quarantined: BTreeSet<(GroupId, NodeId)>,
 }
 
 /// Whether node `id` counts as down at `now_ms`: marked down, or silent for `down_after_ms`.
@@ -224,6 +226,19 @@ pub fn plan(map: &ClusterMap, obs: &Observed, in_flight: &[InFlight], cfg: &Plan
                     ops.push(Operator::MoveReplica { shard, from: src, to, reason });
                 }
             }
+        }
+    }
+
+    // A replica its node could not start is repaired like one on a down node; its node is up
+    // but not asked to do anything for it.
+    for &(shard, src) in &obs.quarantined {
+        let held = st.replicas.get(&shard).is_some_and(|r| r.contains(&src));
+        if !held || st.busy.contains(&shard) || down.contains(&src) {
+            continue;
+        }
+        if let Some(to) = st.best_target(shard, max) {
+            st.apply(shard, src, to);
+            ops.push(Operator::MoveReplica { shard, from: src, to, reason: Reason::Repair });
         }
     }
 
@@ -533,6 +548,25 @@ mod tests {
         let held = map.shards.iter().filter(|s| s.replicas.contains(&3)).count();
         let repairs = ops.iter().filter(|o| matches!(o, Operator::MoveReplica { from: 3, reason: Reason::Repair, .. })).count();
         assert_eq!(repairs, held, "every replica of the silent node is repaired at once: {ops:?}");
+    }
+
+    #[test]
+    fn a_quarantined_replica_is_repaired_on_another_node() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let cfg = PlannerConfig::default();
+        let (map, mut obs) = random_cluster(&mut rng, 5, 20, 100_000);
+        let shard = map.shards.iter().find(|s| s.replicas.contains(&2)).expect("a shard on node 2");
+        obs.quarantined.insert((shard.id, 2));
+        let ops = plan(&map, &obs, &[], &cfg, 100_000);
+        let repair = ops.iter().find_map(|o| match o {
+            Operator::MoveReplica { shard: s, from: 2, to, reason: Reason::Repair } if *s == shard.id => Some(*to),
+            _ => None,
+        });
+        let to = repair.unwrap_or_else(|| panic!("no repair of the quarantined replica: {ops:?}"));
+        assert!(!shard.replicas.contains(&to), "to a node without a replica of the shard");
+        // Node 2 is up: its other replicas are not repaired away (balance may still move some).
+        let others = |o: &Operator| matches!(o, Operator::MoveReplica { from: 2, shard: s, reason: Reason::Repair, .. } if *s != shard.id);
+        assert!(!ops.iter().any(others), "{ops:?}");
     }
 
     #[test]

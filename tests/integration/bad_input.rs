@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringkv_client::{CertPaths, Client, ClientConfig, Error};
-use ringkv_tests::{ringkv_binary, TestCluster};
+use ringkv_tests::{eventually, ringkv_binary, TestCluster};
 use ringkv_wire::{ClientResponse, Envelope, RequestError, ALPN_CLIENT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +244,7 @@ async fn past_its_limits_a_node_answers_busy_and_serves_again_after() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_cannot_recover_is_quarantined_and_the_node_serves_the_rest() -> anyhow::Result<()> {
-    let mut tc = TestCluster::start(3, 4).await?;
+    let mut tc = TestCluster::start(4, 4).await?;
     let client = tc.client().await?;
     let map = client.map();
     let keys = ringkv_tests::keys_for_every_shard(&map, "q");
@@ -280,6 +280,22 @@ async fn a_replica_that_cannot_recover_is_quarantined_and_the_node_serves_the_re
     let text = ringkv_tests::scrape(&tc.cluster.entry(2)?.metrics_addr)?;
     assert_eq!(ringkv_tests::metric(&text, "ringkv_replicas_quarantined"), Some(1.0));
     // Every shard, the broken one included, still serves from its other replicas.
+    for (_, k) in &keys {
+        assert_eq!(client.get(k).await?, Some(b"v".to_vec()));
+    }
+    // The placement driver rebuilds the broken replica on another node, and node 2 drops the
+    // quarantined state once the map no longer lists it there.
+    eventually(Duration::from_secs(90), "the quarantined replica is rebuilt elsewhere", || async {
+        let map = client.refresh_map().await?;
+        let s = map.shard(broken).ok_or_else(|| anyhow::anyhow!("no shard {broken}"))?;
+        anyhow::ensure!(s.replicas.len() == 3 && !s.replicas.contains(&2) && map.moves.is_empty(), "replicas {:?}", s.replicas);
+        match client.call_node(&tc.client_addr(2), &ringkv_wire::ClientRequest::NodeStatus, Duration::from_secs(2)).await? {
+            Ok(ringkv_wire::ClientReply::NodeStatus(st)) => anyhow::ensure!(st.quarantined.is_empty(), "{:?}", st.quarantined),
+            other => anyhow::bail!("{other:?}"),
+        }
+        Ok(())
+    })
+    .await?;
     for (_, k) in &keys {
         assert_eq!(client.get(k).await?, Some(b"v".to_vec()));
     }

@@ -19,6 +19,10 @@ const POINTS: [&str; 8] = [
     "snapshot::install",
 ];
 
+/// Writes made while the snapshot-install victim is down: about 400 per shard of 4, so every
+/// shard purges past what the victim holds.
+const INSTALL_WRITES: usize = 1600;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_survives_a_crash_at_each_storage_crash_point() -> anyhow::Result<()> {
     let mut tc = TestCluster::start(3, 4).await?;
@@ -29,8 +33,9 @@ async fn every_acknowledged_write_survives_a_crash_at_each_storage_crash_point()
         tc.cluster.kill(victim).await?;
         let arm = if *point == "snapshot::install" {
             // While the node is down the others write past a snapshot and purge the log it
-            // would need, so it must install a snapshot when it returns.
-            for n in 0..600 {
+            // would need, so it must install a snapshot when it returns. Enough for every
+            // shard: openraft purges 256 entries at a time, behind the 20 kept (TEST_RAFT).
+            for n in 0..INSTALL_WRITES {
                 let key = format!("install{i}-{n}").into_bytes();
                 client.put(&key, format!("v-{n}").as_bytes()).await?;
                 acked.push(key);
@@ -53,7 +58,7 @@ async fn every_acknowledged_write_survives_a_crash_at_each_storage_crash_point()
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let (keys, _) = writer.stop().await?;
-        let round_start = acked.len() - if *point == "snapshot::install" { 600 } else { 0 };
+        let round_start = acked.len() - if *point == "snapshot::install" { INSTALL_WRITES } else { 0 };
         acked.extend(keys);
         let log = std::fs::read_to_string(tc.cluster.entry(victim)?.data_dir.join("node.log"))?;
         let status = crashed.ok_or_else(|| anyhow::anyhow!("node {victim} did not reach crash point {point} within 60 s"))?;

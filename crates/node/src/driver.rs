@@ -121,6 +121,7 @@ impl Driver {
             last_heartbeat_ms: st.heartbeats.iter().map(|(n, (t, _))| (*n, self.ms(*t))).collect(),
             leaders: leaders.into_iter().map(|(g, (_, n))| (g, n)).collect(),
             leader_since_ms: st.since.map(|t| self.ms(t)).unwrap_or(0),
+            quarantined: st.heartbeats.iter().flat_map(|(n, (_, hb))| hb.quarantined.iter().map(move |g| (*g, *n))).collect(),
         }
     }
 
@@ -216,7 +217,8 @@ impl Node {
             .collect();
         prev.retain(|g, _| self.replicas.contains_key(g));
         groups.sort_by_key(|g| g.group);
-        NodeHeartbeat { node: self.id(), incarnation: self.incarnation, map_version: self.map().version, groups }
+        let quarantined = self.quarantined().into_iter().map(|(g, _)| g).collect();
+        NodeHeartbeat { node: self.id(), incarnation: self.incarnation, map_version: self.map().version, groups, quarantined }
     }
 
     /// One step of a move, run on the shard's leader. See the module documentation.

@@ -395,6 +395,26 @@ impl Node {
                 None => false,
             })
             .collect();
+        // A quarantined replica the map no longer lists here (it was rebuilt elsewhere): its
+        // state goes, as a removed replica's does.
+        let gone: Vec<GroupId> = self
+            .quarantined
+            .iter()
+            .map(|e| *e.key())
+            .filter(|g| map.shard(*g).is_some_and(|s| !s.replicas.contains(&me) && map.move_of(*g).is_none_or(|m| m.to != me)))
+            .collect();
+        for g in gone {
+            let Some(s) = map.shard(g) else { continue };
+            let kind = ReplicaKind::Shard { start: s.start, end: s.end };
+            match ringkv_storage::remove_replica(&self.db, g, kind, s.epoch.conf_ver) {
+                Ok(()) => {
+                    self.quarantined.remove(&g);
+                    metrics::gauge!("ringkv_replicas_quarantined").set(self.quarantined.len() as f64);
+                    tracing::info!(shard = g, "quarantined replica removed: the shard was rebuilt elsewhere");
+                }
+                Err(e) => tracing::error!(shard = g, "cannot remove the quarantined replica: {e}"),
+            }
+        }
         for g in stale {
             let conf_ver = map.shard(g).map(|s| s.epoch.conf_ver).unwrap_or(0);
             if let Err(e) = self.remove_replica(g, conf_ver).await {

@@ -229,6 +229,9 @@ pub struct NodeHeartbeat {
     pub incarnation: u64,
     pub map_version: u64,
     pub groups: Vec<GroupStat>,
+    /// Replicas this node could not start (quarantined): the placement leader rebuilds them
+    /// elsewhere.
+    pub quarantined: Vec<GroupId>,
 }
 
 /// One replica's statistics in a heartbeat.
