@@ -185,7 +185,7 @@ impl GroupClient {
         let total = data.len() as usize;
         let deadline = SNAPSHOT_TIMEOUT + self.throttle.time_for(total);
         let failed = |m: String| StreamingError::from(RPCError::<TypeConfig>::Network(NetworkError::from_string(m)));
-        let header: Part<&[u8]> = match &data {
+        let header: crate::snapshot::SendPart<'_> = match &data {
             SnapshotData::Memory(b) => Part::Header { memory: Some(b.as_slice()), sizes: vec![] },
             SnapshotData::Files(f) => Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect() },
         };
@@ -231,7 +231,7 @@ impl GroupClient {
         vote: &VoteOf<TypeConfig>,
         meta: &SnapshotMeta,
         id: &str,
-        part: &Part<&[u8]>,
+        part: &crate::snapshot::SendPart<'_>,
         floor: Duration,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
         let msg = (vote, meta, id, part);

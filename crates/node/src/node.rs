@@ -270,10 +270,11 @@ impl Node {
     /// yet, or lists this node with this data dir's incarnation.
     pub async fn may_create_placement_replica(&self, from: NodeId) -> Result<(), ringkv_wire::RequestError> {
         use ringkv_wire::RequestError;
-        if self.map().placement_move.as_ref().is_some_and(|m| m.to == self.id()) {
+        let local = self.map();
+        if local.placement_move.as_ref().is_some_and(|m| m.to == self.id()) {
             return Ok(());
         }
-        if self.map().is_bootstrapped() {
+        if local.is_bootstrapped() {
             return Err(RequestError::NotPermitted(format!(
                 "node {} has the cluster map but no placement replica; it is not a placement member",
                 self.id()

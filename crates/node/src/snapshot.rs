@@ -95,15 +95,19 @@ impl SnapshotThrottle {
     }
 }
 
-/// One message of a snapshot transfer; `B` is `&[u8]` when sending and `Vec<u8>` when received
-/// (postcard encodes both alike).
+/// Session rows `(key after the group tag, value)`.
+pub type SessionRows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One message of a snapshot transfer; `B` is `&[u8]` and `R` a slice of the rows when sending,
+/// `Vec<u8>` and [`SessionRows`] when received (postcard encodes both alike), so the sender
+/// copies nothing.
 #[derive(Debug, Serialize, Deserialize)]
-pub enum Part<B> {
+pub enum Part<B, R = SessionRows> {
     /// First: the placement map inline, or the sizes of the SST files to follow.
     Header { memory: Option<B>, sizes: Vec<u64> },
     /// Some of the shard's session rows `(key after the group tag, value)`, at most about
     /// [`SNAPSHOT_CHUNK_BYTES`] per part: a shard with millions of sessions still moves.
-    Sessions { rows: Vec<(Vec<u8>, Vec<u8>)> },
+    Sessions { rows: R },
     /// `data` of file `file` at `offset`.
     Bytes { file: u32, offset: u64, data: B },
     /// Last: everything arrived; install.
@@ -117,20 +121,22 @@ fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
     (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
 }
 
-/// Session rows cut into parts of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
-pub fn session_chunks(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+/// A part as the sender writes it: borrowed file bytes and session rows.
+pub type SendPart<'a> = Part<&'a [u8], &'a [(Vec<u8>, Vec<u8>)]>;
+
+/// Session rows cut into consecutive slices of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
+pub fn session_chunks(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[(Vec<u8>, Vec<u8>)]> {
     let mut out = Vec::new();
-    let (mut part, mut bytes) = (Vec::new(), 0usize);
-    for (k, v) in rows {
-        if bytes + k.len() + v.len() > SNAPSHOT_CHUNK_BYTES && !part.is_empty() {
-            out.push(std::mem::take(&mut part));
-            bytes = 0;
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, (k, v)) in rows.iter().enumerate() {
+        if bytes + k.len() + v.len() > SNAPSHOT_CHUNK_BYTES && i > start {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
         }
         bytes += k.len() + v.len() + 8;
-        part.push((k.clone(), v.clone()));
     }
-    if !part.is_empty() {
-        out.push(part);
+    if start < rows.len() {
+        out.push(&rows[start..]);
     }
     out
 }
@@ -293,9 +299,9 @@ mod tests {
         let chunks = session_chunks(&rows);
         assert!(chunks.len() > 256, "{} parts", chunks.len());
         for rows in chunks {
-            let part = Part::<Vec<u8>>::Sessions { rows };
-            let bytes = postcard::to_allocvec(&part).expect("encode").len();
-            assert!(bytes <= SNAPSHOT_CHUNK_BYTES + 64 * 1024, "a part of {bytes} bytes");
+            let bytes = postcard::to_allocvec(&SendPart::Sessions { rows }).expect("encode");
+            assert!(bytes.len() <= SNAPSHOT_CHUNK_BYTES + 64 * 1024, "a part of {} bytes", bytes.len());
+            let part: Part<Vec<u8>> = postcard::from_bytes(&bytes).expect("decode as the receiver does");
             assert!(matches!(r.add(1, 2, "t1", part), Ok(None)));
         }
         let Ok(Some(SnapshotData::Files(f))) = r.add(1, 2, "t1", Part::End) else { panic!("not complete") };
