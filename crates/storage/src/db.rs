@@ -87,6 +87,7 @@ impl Db {
     /// still needs.
     fn clean_snapshot_dirs(&self) -> Result<(), std::io::Error> {
         let _ = std::fs::remove_dir_all(self.snapshot_dir("out"));
+        let _ = std::fs::remove_dir_all(self.snapshot_dir("check"));
         let mut keep = std::collections::HashSet::new();
         for kv in self.db.iterator_cf(self.cf(crate::keys::CF_APPLY_STATE), rocksdb::IteratorMode::Start) {
             let (k, v) = kv.map_err(io_err)?;

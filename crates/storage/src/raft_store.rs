@@ -216,6 +216,65 @@ fn write_sst_files(
     Ok(files)
 }
 
+/// Checks that received snapshot files hold only plain rows of the shard `[start, end)`, before
+/// anything of the replica is replaced: a faulty or foreign sender must not be able to overwrite
+/// another shard's rows (or delete them with a range tombstone). The files are hard-linked into a
+/// scratch database and ingested there, which gives each file's smallest and largest key
+/// (range tombstones included) without reading the rows; the originals stay untouched.
+pub fn check_snapshot_files(db: &Db, files: &[PathBuf], start: u64, end: u64) -> Result<(), io::Error> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let seq = SNAPSHOT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = db.snapshot_dir("check").join(format!("c{seq}"));
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _remove = Remove(&scratch);
+    let links = scratch.join("files");
+    std::fs::create_dir_all(&links)?;
+    let mut linked = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let to = links.join(format!("{i:05}.sst"));
+        if std::fs::hard_link(f, &to).is_err() {
+            std::fs::copy(f, &to)?;
+        }
+        linked.push(to);
+    }
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let check = rocksdb::DB::open(&opts, scratch.join("db")).map_err(io_err)?;
+    let mut ingest = rocksdb::IngestExternalFileOptions::default();
+    ingest.set_move_files(true);
+    check
+        .ingest_external_file_opts(&ingest, linked)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot files are not valid SST files: {e}")))?;
+    let (lower, upper) = data_range(start, end);
+    let refuse = |what: String| Err(io::Error::new(io::ErrorKind::InvalidData, format!("snapshot refused: {what}")));
+    for f in check.live_files().map_err(io_err)? {
+        if f.num_deletions > 0 {
+            return refuse(format!("file {} holds {} deletions", f.name, f.num_deletions));
+        }
+        let (Some(first), Some(last)) = (f.start_key.as_deref(), f.end_key.as_deref()) else {
+            return refuse(format!("file {} has no key bounds", f.name));
+        };
+        let too_low = first < lower.as_slice() || first.len() < 8;
+        let too_high = upper.as_deref().is_some_and(|u| last >= u);
+        if too_low || too_high {
+            return refuse(format!(
+                "file {} holds keys {:02x?}..{:02x?} outside the shard's hash range [{start:#x}, {end:#x})",
+                f.name,
+                &first[..first.len().min(8)],
+                &last[..last.len().min(8)]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Adds to `b` the deletion of every user row with a hash in `[start, end)`.
 pub fn delete_data_range(db: &Db, b: &mut WriteBatch, start: u64, end: u64) -> Result<(), io::Error> {
     let data_cf = db.cf(CF_DATA);
@@ -779,9 +838,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 self.installing.store(true, std::sync::atomic::Ordering::Release);
                 let _installing = Installing(&self.installing);
+                let paths: Vec<PathBuf> = f.files.iter().map(|(p, _)| p.clone()).collect();
+                check_snapshot_files(&self.db, &paths, start, end)?;
                 // One synced batch replaces the old rows and sessions and records what is left
                 // to do; the files are then ingested in one atomic step.
-                let marker = InstallMarker::new(self.db.snapshot_root(), f.files.iter().map(|(p, _)| p.clone()), meta.clone());
+                let marker = InstallMarker::new(self.db.snapshot_root(), paths, meta.clone());
                 let mut b = WriteBatch::default();
                 b.put_cf(apply_cf, self.apply_key(TAG_INSTALLING), enc(&marker)?);
                 b.delete_range_cf(apply_cf, group_tag_key(self.group, TAG_SESSION), group_tag_key(self.group, TAG_SESSION + 1));
@@ -948,6 +1009,50 @@ mod tests {
         sm3.install_snapshot(&snap.meta, snap.snapshot.clone()).await.expect("install");
         assert_eq!(sm3.get(b"stale").expect("get"), None);
         assert_eq!(sm3.get(b"k7").expect("get"), Some(vec![b'v'; 100]));
+    }
+
+    /// A receiver installs only files whose rows lie in its own shard's range: a snapshot of
+    /// another range, or a file that deletes rows, is refused before anything is replaced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_files_outside_the_shard_range_are_refused_and_nothing_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let whole = ReplicaKind::Shard { start: 0, end: u64::MAX };
+        let db = Db::open(&dir.path().join("a")).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, whole);
+        let puts = (1..=100u64).map(|i| entry(i, Command::Put { key: format!("k{i}").into_bytes(), value: b"v".to_vec() })).collect();
+        apply(&mut sm, puts).await;
+        let snap = sm.build_snapshot().await.expect("snapshot");
+
+        // The receiver owns only the upper half of the ring; some of the 100 keys hash below it.
+        let half = u64::MAX / 2;
+        let upper = ReplicaKind::Shard { start: half, end: u64::MAX };
+        let low_key = (1..=100u64).map(|i| format!("k{i}")).find(|k| ringkv_wire::key_hash(k.as_bytes()) < half).expect("a key below half");
+        let high_key = (1..=100u64).map(|i| format!("k{i}")).find(|k| ringkv_wire::key_hash(k.as_bytes()) >= half).expect("a key above half");
+        let db2 = Db::open(&dir.path().join("b")).expect("db");
+        let mut sm2 = StateMachine::new(db2.clone(), 7, upper);
+        apply(&mut sm2, vec![entry(1, Command::Put { key: high_key.clone().into_bytes(), value: b"mine".to_vec() })]).await;
+        let err = sm2.install_snapshot(&snap.meta, snap.snapshot.clone()).await.expect_err("a foreign range is refused");
+        assert!(err.to_string().contains("outside the shard's hash range"), "{err}");
+        assert_eq!(sm2.get(high_key.as_bytes()).expect("get"), Some(b"mine".to_vec()), "nothing replaced");
+        assert_eq!(sm2.get(low_key.as_bytes()).expect("get"), None, "nothing ingested");
+        assert!(db2.get_cf(CF_APPLY_STATE, &group_tag_key(7, TAG_INSTALLING)).expect("get").is_none(), "no install marker");
+        assert!(!db2.snapshot_dir("check").exists() || std::fs::read_dir(db2.snapshot_dir("check")).expect("dir").next().is_none(), "scratch removed");
+
+        // The same files for a replica of the whole ring are fine, and the check left them intact.
+        let db3 = Db::open(&dir.path().join("c")).expect("db");
+        let mut sm3 = StateMachine::new(db3.clone(), 1, whole);
+        sm3.install_snapshot(&snap.meta, snap.snapshot.clone()).await.expect("install");
+        assert_eq!(sm3.get(low_key.as_bytes()).expect("get"), Some(b"v".to_vec()));
+
+        // A file that deletes rows (here inside the range) is not a snapshot.
+        let forged = dir.path().join("forged.sst");
+        let opts = rocksdb::Options::default();
+        let mut w = rocksdb::SstFileWriter::create(&opts);
+        w.open(&forged).expect("open");
+        w.delete(data_key(high_key.as_bytes())).expect("delete");
+        w.finish().expect("finish");
+        let err = check_snapshot_files(&db2, &[forged], half, u64::MAX).expect_err("deletions refused");
+        assert!(err.to_string().contains("deletions"), "{err}");
     }
 
     fn put_by(client: u64, seq: u64, key: &[u8]) -> Command {
