@@ -163,6 +163,93 @@ async fn a_node_killed_for_good_is_replaced_after_the_down_time() -> anyhow::Res
     Ok(())
 }
 
+/// A node cut off from the placement quorum (but not from the other nodes) is repaired away
+/// like a dead one; while its shards move, their reads and writes keep succeeding within the
+/// client's deadline, for a client that knew the old map and for a new one that asks the cut-off
+/// node first, and the cut-off node stops offering its old map as current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_moves_while_a_node_is_cut_off_from_the_placement_quorum() -> anyhow::Result<()> {
+    let tc = TestCluster::start(5, 8).await?;
+    let client = tc.client().await?;
+    set_placement(&client, |s| {
+        s.down_after_ms = 3000;
+        s.balance = false;
+    })
+    .await?;
+    let map = client.refresh_map().await?;
+    let members = map.placement_members.clone();
+    // The hard case: a shard led on the cut-off node that still reaches a majority of its
+    // group through a node outside the placement group, so no election takes the lead away.
+    let outside: Vec<u64> = map.nodes.iter().map(|n| n.id).filter(|id| !members.contains(id)).collect();
+    let (cut_off, other, led) = map
+        .shards
+        .iter()
+        .find_map(|s| {
+            let both: Vec<u64> = s.replicas.iter().copied().filter(|r| outside.contains(r)).collect();
+            (both.len() >= 2).then(|| (both[0], both[1], s.id))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no shard has two replicas outside the placement group {members:?}"))?;
+    eventually(Duration::from_secs(30), "the shard is led on the node to cut off", || async {
+        client.transfer_leader(led, cut_off).await?;
+        anyhow::ensure!(tc.leaders_on(&client, cut_off).await?.contains(&led), "shard {led} not led on node {cut_off}");
+        Ok(())
+    })
+    .await?;
+    let keys: Vec<(u64, Vec<u8>)> = keys_for_every_shard(&map, "cut")
+        .into_iter()
+        .filter(|(s, _)| map.shard(*s).is_some_and(|d| d.replicas.contains(&cut_off)))
+        .collect();
+    for (_, k) in &keys {
+        client.put(k, b"before").await?;
+    }
+    tc.cut(&client, cut_off, &members).await?;
+    let cut_at = std::time::Instant::now();
+    let mut round = 0u32;
+    eventually(BALANCE_TIMEOUT, &format!("the shards of node {cut_off} move away"), || {
+        round += 1;
+        let (client, keys) = (&client, &keys);
+        let value = round.to_be_bytes();
+        async move {
+            for (shard, k) in keys {
+                // Not retried by `eventually`: a failure here fails the test.
+                let r = async {
+                    client.put(k, &value).await?;
+                    anyhow::ensure!(client.get(k).await? == Some(value.to_vec()), "read back");
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    return Ok(Err(anyhow::anyhow!("shard {shard} in round {round}: {e:#}")));
+                }
+            }
+            let map = client.refresh_map().await?;
+            let left = keys.iter().filter(|(s, _)| map.shard(*s).is_some_and(|d| d.replicas.contains(&cut_off))).count();
+            anyhow::ensure!(left == 0 && map.moves.is_empty(), "{left} shards still on node {cut_off}");
+            Ok(Ok(()))
+        }
+    })
+    .await??;
+    eprintln!("{} shards moved off node {cut_off} in {:?} ({round} rounds of writes)", keys.len(), cut_at.elapsed());
+    // The cut-off node no longer offers its map as current once it has lost placement contact
+    // for long; a new client asking it first still finds the moved shards.
+    eventually(Duration::from_secs(30), "the cut-off node refuses to serve its old map", || async {
+        let r = client.call_node(&tc.client_addr(cut_off), &ClientRequest::GetMap, Duration::from_secs(5)).await?;
+        anyhow::ensure!(matches!(r, Err(RequestError::Unavailable(_))), "node {cut_off} answered {r:?}");
+        Ok(())
+    })
+    .await?;
+    let mut cfg = tc.cluster.client_config();
+    cfg.seeds = vec![tc.client_addr(cut_off), tc.client_addr(other)];
+    let fresh = ringkv_client::Client::connect(cfg).await?;
+    for (shard, k) in &keys {
+        fresh.put(k, b"after").await.map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))?;
+        anyhow::ensure!(fresh.get(k).await? == Some(b"after".to_vec()), "shard {shard} read back");
+    }
+    tc.heal(&client).await?;
+    tc.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rebalance_completes_when_the_placement_leader_is_killed_midway() -> anyhow::Result<()> {
     let mut tc = TestCluster::start(3, 32).await?;

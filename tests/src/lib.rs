@@ -79,9 +79,14 @@ impl TestCluster {
     /// Cuts `node` off from every other node, in both directions.
     pub async fn isolate(&self, client: &Client, node: NodeId) -> anyhow::Result<()> {
         let others: Vec<NodeId> = self.cluster.file.nodes.iter().map(|n| n.id).filter(|id| *id != node).collect();
-        self.set_partition(client, node, others.clone()).await?;
-        for o in others {
-            self.set_partition(client, o, vec![node]).await?;
+        self.cut(client, node, &others).await
+    }
+
+    /// Cuts `node` off from the nodes `from`, in both directions; it still reaches the rest.
+    pub async fn cut(&self, client: &Client, node: NodeId, from: &[NodeId]) -> anyhow::Result<()> {
+        self.set_partition(client, node, from.to_vec()).await?;
+        for o in from {
+            self.set_partition(client, *o, vec![node]).await?;
         }
         Ok(())
     }

@@ -82,6 +82,8 @@ pub struct Driver {
     placement_term_seen: std::sync::atomic::AtomicU64,
     /// When this node's heartbeat last reached the placement leader.
     placement_contact: Mutex<Option<Instant>>,
+    /// When this node last handed its shard leaderships away for want of placement contact.
+    last_yield: Mutex<Option<Instant>>,
 }
 
 impl Default for Driver {
@@ -93,6 +95,7 @@ impl Default for Driver {
             applied: Mutex::new(BTreeMap::new()),
             placement_term_seen: std::sync::atomic::AtomicU64::new(0),
             placement_contact: Mutex::new(None),
+            last_yield: Mutex::new(None),
         }
     }
 }
@@ -316,6 +319,43 @@ impl Node {
                 t.elapsed()
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// Hands every shard leadership held here to the most caught-up other voter when this node
+    /// has been cut off from the placement quorum for [`MAP_STALE_AFTER`] (at most once per that
+    /// time): the placement driver cannot reach a leader here, so it could not move the shard
+    /// (repair this node away, balance) while the leader kept its followers. A replica that still
+    /// reaches placement takes over; if none does, leadership moves at most once per period.
+    pub async fn yield_leaderships_when_cut_off(&self) {
+        let cut_off = lock(&self.driver.placement_contact).is_some_and(|t| t.elapsed() > MAP_STALE_AFTER);
+        if !cut_off {
+            return;
+        }
+        {
+            let mut last = lock(&self.driver.last_yield);
+            if last.is_some_and(|t| t.elapsed() < MAP_STALE_AFTER) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let led: Vec<Arc<Replica>> = self
+            .replicas
+            .iter()
+            .filter(|r| *r.key() != 0 && r.raft.metrics().borrow_watched().state.is_leader())
+            .map(|r| r.clone())
+            .collect();
+        for r in led {
+            let m = r.raft.metrics().borrow_watched().clone();
+            let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+            let voters = m.membership_config.membership().voter_ids().filter(|n| *n != self.id());
+            if let Some(to) = voters.max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
+                tracing::warn!("shard {}: no placement contact for over {MAP_STALE_AFTER:?}, handing leadership to node {to}", r.group);
+                metrics::counter!("ringkv_leaderships_yielded_total").increment(1);
+                if let Err(e) = r.raft.trigger().transfer_leader(to).await {
+                    tracing::warn!("shard {}: leader transfer to node {to} failed: {e}", r.group);
+                }
+            }
         }
     }
 
@@ -559,6 +599,8 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
         let sent = node.placement_call(PeerRequest::Heartbeat(hb)).await;
         if sent.is_ok() {
             *lock(&node.driver.placement_contact) = Some(Instant::now());
+        } else {
+            node.yield_leaderships_when_cut_off().await;
         }
         if let Err(e) = sent {
             if let RequestError::NotPermitted(why) = &e {

@@ -1027,7 +1027,8 @@ mod tests {
         let half = u64::MAX / 2;
         let upper = ReplicaKind::Shard { start: half, end: u64::MAX };
         let low_key = (1..=100u64).map(|i| format!("k{i}")).find(|k| ringkv_wire::key_hash(k.as_bytes()) < half).expect("a key below half");
-        let high_key = (1..=100u64).map(|i| format!("k{i}")).find(|k| ringkv_wire::key_hash(k.as_bytes()) >= half).expect("a key above half");
+        let high_key =
+            (1..=100u64).map(|i| format!("k{i}")).find(|k| ringkv_wire::key_hash(k.as_bytes()) >= half).expect("a key above half");
         let db2 = Db::open(&dir.path().join("b")).expect("db");
         let mut sm2 = StateMachine::new(db2.clone(), 7, upper);
         apply(&mut sm2, vec![entry(1, Command::Put { key: high_key.clone().into_bytes(), value: b"mine".to_vec() })]).await;
@@ -1036,7 +1037,10 @@ mod tests {
         assert_eq!(sm2.get(high_key.as_bytes()).expect("get"), Some(b"mine".to_vec()), "nothing replaced");
         assert_eq!(sm2.get(low_key.as_bytes()).expect("get"), None, "nothing ingested");
         assert!(db2.get_cf(CF_APPLY_STATE, &group_tag_key(7, TAG_INSTALLING)).expect("get").is_none(), "no install marker");
-        assert!(!db2.snapshot_dir("check").exists() || std::fs::read_dir(db2.snapshot_dir("check")).expect("dir").next().is_none(), "scratch removed");
+        assert!(
+            !db2.snapshot_dir("check").exists() || std::fs::read_dir(db2.snapshot_dir("check")).expect("dir").next().is_none(),
+            "scratch removed"
+        );
 
         // The same files for a replica of the whole ring are fine, and the check left them intact.
         let db3 = Db::open(&dir.path().join("c")).expect("db");
