@@ -285,12 +285,18 @@ mod tests {
     #[test]
     fn this_process_has_cpu_time_and_memory() {
         let pid = std::process::id();
+        let before = cpu_ticks(pid).expect("ticks");
+        // Spin until the kernel has charged this process at least 5 ticks (50 ms at 100 Hz):
+        // the count must grow with the CPU spent, and a reader that returned a constant fails.
+        let started = std::time::Instant::now();
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while cpu_ticks(pid).expect("ticks") < before + 5 {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "20 s of spinning charged no CPU ticks");
         }
         assert!(x != 1);
-        assert!(cpu_ticks(pid).is_ok());
         assert!(rss_mib(pid).expect("rss") > 1.0);
         assert!(cpu_ticks(u32::MAX).is_err());
     }

@@ -92,7 +92,9 @@ impl Local {
     /// Stops the cluster. On success its data is removed; on failure it is kept and its path
     /// returned, so the node logs (`node-N/node.log`) can be read.
     pub async fn finish(mut self, ok: bool) -> Option<PathBuf> {
-        self.cluster.stop_all().await;
+        for (id, why) in self.cluster.stop_all().await {
+            eprintln!("node {id} {why}");
+        }
         let dir = self.dir.take()?;
         if ok {
             drop(dir);

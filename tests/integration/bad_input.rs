@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringkv_client::{CertPaths, Client, ClientConfig, Error};
-use ringkv_tests::{eventually, ringkv_binary, TestCluster};
+use ringkv_tests::{eventually, metric, ringkv_binary, scrape, TestCluster};
 use ringkv_wire::{ClientResponse, Envelope, RequestError, ALPN_CLIENT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,41 +61,109 @@ fn postcard_decode(b: &[u8]) -> anyhow::Result<Envelope<ClientResponse>> {
     }
 }
 
+/// How a node answered a QUIC connection made with `tls` to `addr`: the reason it closed the
+/// connection within a few seconds, or `None` if it kept it open (it was accepted).
+async fn refusal(addr: &str, tls: rustls::ClientConfig) -> anyhow::Result<Option<String>> {
+    let quic = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let conn = match ep.connect_with(quic, addr.parse()?, ringkv_transport::NODE_SERVER_NAME)?.await {
+        Ok(c) => c,
+        Err(e) => return Ok(Some(e.to_string())),
+    };
+    // The server checks the client's certificate after the client has finished its side of
+    // the handshake, so a refusal arrives as the connection's close.
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+    ep.close(0u32.into(), b"");
+    Ok(closed.ok().map(|e| e.to_string()))
+}
+
+/// A TLS configuration trusting the cluster CA and offering `ALPN`, with `cert` or none.
+fn tls_with(ca: &std::path::Path, cert: Option<(&std::path::Path, &std::path::Path)>, alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut tls = match cert {
+        Some((cert, key)) => {
+            let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::from_pem_file(key)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+fn handshake_failures(tc: &TestCluster, id: u64) -> anyhow::Result<f64> {
+    Ok(metric(&scrape(&tc.cluster.entry(id)?.metrics_addr)?, "ringkv_transport_handshake_failures_total").unwrap_or(0.0))
+}
+
+/// Each port refuses what it must, during the handshake and with the specific reason (not just
+/// some error): the client port a certificate of another CA (TLS alert 48, unknown CA) and no
+/// certificate (alert 116, certificate required); the peer port a client certificate of the
+/// cluster's own CA (it needs a node certificate) and a node certificate of another CA. Every
+/// refusal is counted; proper clients and peers are still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() -> anyhow::Result<()> {
     let tc = TestCluster::start(3, 4).await?;
     let seeds = vec![tc.client_addr(1)];
-    // A certificate from another CA.
+    let peer_port = tc.cluster.entry(1)?.peer_addr.clone();
+    let ca = tc.cluster.file.certs.ca.clone();
     let other = tempfile::tempdir()?;
     ringkv_transport::certs::init_ca(other.path())?;
     let foreign = ringkv_transport::certs::issue_client(other.path(), other.path(), "client", ringkv_wire::Role::Admin)?;
-    let certs = CertPaths { ca: tc.cluster.file.certs.ca.clone(), cert: foreign.cert, key: foreign.key };
+    let foreign_node = ringkv_transport::certs::issue_node(other.path(), other.path(), 2, &[])?;
+    let own = &tc.cluster.file.certs;
+    let before = handshake_failures(&tc, 1)?;
+
+    // The smart client with a foreign certificate fails to connect at all.
+    let certs = CertPaths { ca: ca.clone(), cert: foreign.cert.clone(), key: foreign.key.clone() };
     let mut cfg = ClientConfig::new(seeds.clone(), certs);
     cfg.timeout = Duration::from_secs(3);
     let r = Client::connect(cfg).await;
     assert!(r.is_err(), "a client with a foreign certificate connected");
 
-    // No certificate at all.
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&tc.cluster.file.certs.ca)? {
-        roots.add(c?)?;
+    // rustls refuses a certificate of another CA whose name matches the cluster CA's as a bad
+    // signature (decrypt_error, alert 51), one of a differently named CA as unknown (48).
+    let cases: [(&str, &str, rustls::ClientConfig, &str); 4] = [
+        (
+            "client port, foreign CA",
+            &seeds[0],
+            tls_with(&ca, Some((&foreign.cert, &foreign.key)), ALPN_CLIENT)?,
+            "invalid peer certificate",
+        ),
+        ("client port, no certificate", &seeds[0], tls_with(&ca, None, ALPN_CLIENT)?, "handshake failed: error 116"),
+        (
+            "peer port, client certificate",
+            &peer_port,
+            tls_with(&ca, Some((&own.client_cert, &own.client_key)), ringkv_wire::ALPN_PEER)?,
+            "peer port needs a node certificate",
+        ),
+        (
+            "peer port, foreign node",
+            &peer_port,
+            tls_with(&ca, Some((&foreign_node.cert, &foreign_node.key)), ringkv_wire::ALPN_PEER)?,
+            "invalid peer certificate",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, addr, tls, expect) in cases {
+        let r = refusal(addr, tls).await?;
+        eprintln!("{what}: {r:?}");
+        if !r.as_deref().is_some_and(|r| r.contains(expect)) {
+            wrong.push(format!("{what}: expected a refusal with {expect:?}, got {r:?}"));
+        }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
-    let quic = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let refused = async {
-        let conn = ep.connect_with(quic, seeds[0].parse()?, ringkv_transport::NODE_SERVER_NAME)?.await?;
-        let rpc = ringkv_transport::RpcClient::<ringkv_wire::ClientRequest, ClientResponse>::over(conn, 1, 1 << 20).await?;
-        let _served = rpc.call(&ringkv_wire::ClientRequest::GetMap, Duration::from_secs(3)).await?;
-        anyhow::Ok(())
-    }
-    .await;
-    assert!(refused.is_err(), "a client without a certificate was served");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // The control: the same dial with the cluster's own client certificate is kept open.
+    let r = refusal(&seeds[0], tls_with(&ca, Some((&own.client_cert, &own.client_key)), ALPN_CLIENT)?).await?;
+    assert!(r.is_none(), "a proper client was refused: {r:?}");
+    let after = handshake_failures(&tc, 1)?;
+    assert!(after >= before + 4.0, "refusals not counted: {before} -> {after} handshake failures");
 
     // The cluster still serves a proper client.
     let client = tc.client().await?;
@@ -312,4 +380,70 @@ fn marker_batch(db: &ringkv_storage::Db, group: u64, marker: &[u8]) -> ringkv_st
         marker,
     );
     b
+}
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> anyhow::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path)?;
+    Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// A full disk: the cluster's data is on a small tmpfs that the test fills with a ballast file
+/// until less than the nodes' reserve is free. Writes are then refused with a typed, clear
+/// `DiskFull` (not a timeout, not a crash), reads are served, every acknowledged write is
+/// there and every node stays up; once the ballast is gone, writes are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_clearly_keeps_every_write_and_recovers() -> anyhow::Result<()> {
+    const RESERVE: u64 = 64 << 20;
+    let tc = TestCluster::start_on_tmpfs(3, 4, 512 << 20, &format!("[storage]\nreserve_bytes = {RESERVE}")).await?;
+    let client = tc.client().await?;
+    let value = vec![7u8; 16 << 10];
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let k = format!("before-full-{i}").into_bytes();
+        client.put(&k, &value).await?;
+        acked.push(k);
+    }
+    // The ballast leaves a little less than the reserve free.
+    let disk = tc.path();
+    let ballast = disk.join("ballast");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast)?;
+        let chunk = vec![0u8; 1 << 20];
+        while free_bytes(&disk)? > RESERVE - (4 << 20) {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+    }
+    let refusal = eventually(Duration::from_secs(15), "writes are refused on a full disk", || async {
+        match client.put(b"on-a-full-disk", &value).await {
+            Err(Error::Request(e @ RequestError::DiskFull { .. })) => Ok(e),
+            Ok(()) => anyhow::bail!("a write was taken below the reserve"),
+            Err(e) => Err(anyhow::anyhow!("refused with {e} instead of DiskFull")),
+        }
+    })
+    .await?;
+    let text = refusal.to_string();
+    assert!(text.contains("disk full") && text.contains("reserve"), "{text}");
+    let free = metric(&scrape(&tc.cluster.entry(1)?.metrics_addr)?, "ringkv_storage_disk_full");
+    assert_eq!(free, Some(1.0), "the node reports its disk full");
+    // Reads are served, nothing acknowledged is missing, and every node is up.
+    for k in &acked {
+        assert_eq!(client.get(k).await?, Some(value.clone()), "{}", String::from_utf8_lossy(k));
+    }
+    for n in 1..=3 {
+        let r = client.call_node(&tc.client_addr(n), &ringkv_wire::ClientRequest::NodeStatus, Duration::from_secs(5)).await?;
+        assert!(r.is_ok(), "node {n} on a full disk: {r:?}");
+    }
+    // Space is freed: writes are taken again.
+    std::fs::remove_file(&ballast)?;
+    eventually(Duration::from_secs(15), "writes are taken again", || async {
+        client.put(b"after-full", &value).await?;
+        Ok(())
+    })
+    .await?;
+    assert_eq!(client.get(b"after-full").await?, Some(value.clone()));
+    tc.stop().await;
+    Ok(())
 }

@@ -92,7 +92,11 @@ async fn a_short_local_run_writes_the_contract_fields() -> anyhow::Result<()> {
     assert_eq!(points.iter().map(|p| p["shards"].as_u64()).collect::<Vec<_>>(), vec![Some(1), Some(4)]);
     for p in &points {
         assert!(p["rss_mib_mean"].as_f64().unwrap_or(0.0) > 1.0, "no memory measured: {p}");
-        assert!(p["cpu_percent_max"].as_f64().unwrap_or(-1.0) >= 0.0, "{p}");
+        // CPU per node: a busiest node at least as busy as the mean, within what the cores allow
+        // (an idle node may be near 0: idle groups are meant to be quiet).
+        let (mean, max) = (p["cpu_percent_mean"].as_f64().unwrap_or(-1.0), p["cpu_percent_max"].as_f64().unwrap_or(-1.0));
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        assert!(0.0 <= mean && mean <= max && max <= 100.0 * cores, "cpu mean {mean}, max {max}: {p}");
     }
 
     // Bad arguments get a clear error and a failing exit code.
@@ -165,8 +169,16 @@ async fn load_from_two_agents_merges_and_the_open_loop_keeps_its_rate() -> anyho
     flood.rate = Some(100_000.0);
     let r = ringkv_bench::sweep::run(&Target::Cluster(tc.path().join("cluster.json")), &flood).await?;
     assert!(r.not_issued > 0, "{r:?}");
-    assert!(r.ops_per_sec < 50_000.0, "one worker cannot do {} ops/s", r.ops_per_sec);
+    let completed_rate = r.ops as f64 / r.elapsed_s;
+    assert!(
+        (r.ops_per_sec - completed_rate).abs() <= completed_rate * 0.05 && r.ops_per_sec < 100_000.0 / 4.0,
+        "throughput {} ops/s is not what completed ({} ops in {} s)",
+        r.ops_per_sec,
+        r.ops,
+        r.elapsed_s
+    );
     assert!(r.table().contains("warning"));
+    tc.stop().await;
     Ok(())
 }
 
@@ -195,5 +207,6 @@ async fn a_sweep_draws_its_plots() -> anyhow::Result<()> {
     let (j, o) = (dir.path().join("plots").join("concurrency-latency.svg").display().to_string(), dir.path().display().to_string());
     let out = tokio::task::spawn_blocking(move || bench(&["plot", &j, "--out", &o])).await??;
     assert!(!out.status.success());
+    tc.stop().await;
     Ok(())
 }

@@ -22,6 +22,8 @@ fn ringctl(cluster: &PathBuf, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ringctl_put_get_delete_cas_and_status() -> anyhow::Result<()> {
     let tc = TestCluster::start(3, 8).await?;
+    // No leader balancing: leader counts and a transfer are checked below.
+    ringkv_tests::set_placement(&tc.client().await?, |s| s.balance = false).await?;
     let file = tc.path().join("cluster.json");
     let f = file.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -140,12 +142,19 @@ async fn ringctl_placement_commands_confirm_refuse_clearly_and_add_a_node() -> a
         let out = ringctl(&f, &["node", "add", &addr, "--output", "json"], None)?;
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["node"], 4);
-        // Balancing is off: the new node gets nothing until `rebalance` turns it on.
-        std::thread::sleep(std::time::Duration::from_secs(3));
-        let out = ringctl(&f, &["rebalance", "--dry-run", "--output", "json"], None)?;
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        // Balancing is off: the new node gets nothing until `rebalance` turns it on. Once it
+        // is up, the plan moves replicas to it.
+        let started = std::time::Instant::now();
+        let plan = loop {
+            let out = ringctl(&f, &["rebalance", "--dry-run", "--output", "json"], None)?;
+            let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            if plan["plan"].as_array().is_some_and(|p| p.iter().any(|op| op["to"] == 4)) {
+                break plan;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "node 4 is not in the plan after 30 s: {plan}");
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        };
         assert_eq!(plan["balanced"], false, "{plan}");
-        assert!(plan["plan"].as_array().is_some_and(|p| p.iter().any(|op| op["to"] == 4)), "{plan}");
         let out = ringctl(&f, &["--timeout", "30", "rebalance", "--watch", "--max-wait", "150", "--output", "json"], None)?;
         assert!(out.status.success(), "{}", text(&out));
         let done: serde_json::Value = serde_json::from_slice(&out.stdout)?;

@@ -58,10 +58,13 @@ async fn partitioned_node_cannot_commit_while_the_majority_serves() -> anyhow::R
     let client = tc.client().await?;
     let map = client.map();
     let keys = keys_for_every_shard(&map, "part");
+    // The minority's own keys, which the majority never writes: a minority write applied
+    // later would show here (a key the majority overwrote would hide it).
+    let minority_keys = keys_for_every_shard(&map, "minority");
     let isolated = 1;
     tc.isolate(&client, isolated).await?;
     // Writes sent straight to the isolated node never succeed, whichever role it had.
-    for (shard, k) in &keys {
+    for (shard, k) in &minority_keys {
         let desc = map.shard(*shard).expect("shard").clone();
         let req = ClientRequest::Put { shard: *shard, epoch: desc.epoch, key: k.clone(), value: b"minority".to_vec(), session: None };
         let r = client.call_node(&tc.client_addr(isolated), &req, Duration::from_secs(8)).await;
@@ -80,6 +83,11 @@ async fn partitioned_node_cannot_commit_while_the_majority_serves() -> anyhow::R
     for (_, k) in &keys {
         assert_eq!(client.get(k).await?, Some(b"majority".to_vec()));
         tc.wait_caught_up(&client, isolated, k, b"majority").await?;
+    }
+    // The isolated node has caught up past the heal: none of its refused writes applied.
+    for (shard, k) in &minority_keys {
+        assert_eq!(client.get(k).await?, None, "a write the isolated node refused applied to shard {shard}");
+        assert_eq!(tc.stale_get(&client, isolated, k).await?, None, "the isolated node kept its refused write to shard {shard}");
     }
     tc.stop().await;
     Ok(())

@@ -1,6 +1,8 @@
 //! The integration tests: one binary, real `ringkv node` processes, real QUIC on 127.0.0.1.
-//! Each test prints where its cluster lives if it fails; rerun one with
-//! `cargo test --release -p ringkv-tests --test integration NAME -- --nocapture`.
+//! A failing test keeps its cluster's directory (data and node logs) and prints where it is;
+//! rerun one with `cargo build --release --workspace --bins && cargo test --release -p
+//! ringkv-tests --test integration NAME -- --nocapture` (a test refuses to run a `ringkv`
+//! binary older than the sources).
 
 mod bad_input;
 mod bench;
@@ -11,5 +13,6 @@ mod data_path;
 mod faults;
 mod jepsen;
 mod placement;
+mod power_loss;
 mod routing;
 mod security;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ringkv_tests::{keys_for_every_shard, scrape, TestCluster};
+use ringkv_tests::{eventually, keys_for_every_shard, metric, scrape, set_placement, TestCluster};
 use ringkv_wire::{ClientRequest, Epoch, RequestError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,6 +19,8 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
         assert!((3..=4).contains(&first), "node {n} is first replica of {first} shards");
     }
     assert_eq!(map.placement_members, vec![1, 2, 3]);
+    // No leader balancing: the leader found below must still lead when the follower names it.
+    set_placement(&client, |s| s.balance = false).await?;
     // Nodes 4 and 5 are not placement members: they learned the map from one and created
     // their replicas from it, so writes reach every shard.
     let keys = keys_for_every_shard(&map, "five");
@@ -80,7 +82,10 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
     call(leader, ClientRequest::SetPartition { isolated_from: vec![] }).await??;
     assert_eq!(client.get(&key).await?, Some(b"v".to_vec()), "misrouted writes changed nothing");
 
-    // Every node serves its metrics, and keeps exactly one connection per peer.
+    // Every node serves its metrics, and keeps exactly one connection per peer: every QUIC
+    // connection open on its peer endpoint (a duplicate dialed from both ends, a connection
+    // never closed) is one the pool uses for a distinct peer. Duplicates are closed after a
+    // grace period, so this is awaited.
     for n in &tc.cluster.file.nodes {
         let text = scrape(&n.metrics_addr)?;
         for name in
@@ -88,12 +93,14 @@ async fn five_nodes_get_balanced_replicas_and_misrouted_requests_get_hints() -> 
         {
             assert!(text.contains(name), "node {} metrics lack {name}", n.id);
         }
-        let conns = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ringkv_transport_peer_connections "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(-1.0);
-        assert!((1.0..=4.0).contains(&conns), "node {} has {conns} peer connections for 4 peers", n.id);
+        eventually(Duration::from_secs(15), &format!("node {} keeps one connection per peer", n.id), || async {
+            let text = scrape(&n.metrics_addr)?;
+            let peers = metric(&text, "ringkv_transport_peer_connections").unwrap_or(-1.0);
+            let open = metric(&text, "ringkv_transport_peer_endpoint_connections").unwrap_or(-1.0);
+            anyhow::ensure!((1.0..=4.0).contains(&peers) && open == peers, "{open} connections open for {peers} peers");
+            Ok(())
+        })
+        .await?;
     }
     tc.stop().await;
     Ok(())

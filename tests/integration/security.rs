@@ -31,7 +31,7 @@ fn denied(r: Result<ClientReply, Error>, needed: Role) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_roles_limit_what_a_certificate_may_do() -> anyhow::Result<()> {
-    let tc = TestCluster::start(3, 4).await?;
+    let mut tc = TestCluster::start(3, 4).await?;
     let admin = tc.client().await?;
     let (writer, writer_certs) = client_with_role(&tc, Role::Write).await?;
     let (reader, _) = client_with_role(&tc, Role::Read).await?;
@@ -87,6 +87,43 @@ async fn client_roles_limit_what_a_certificate_may_do() -> anyhow::Result<()> {
         .await?;
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // What an admin may send is still refused where the cluster's state forbids it: a second
+    // bootstrap (on the first placement member or any other), a join with an address no peer
+    // can reach.
+    let nodes = admin.refresh_map().await?.nodes.clone();
+    for n in [1, 2] {
+        let req = ClientRequest::Bootstrap { nodes: nodes.clone(), shards: 4, replication: 3 };
+        match admin.call_node(&tc.client_addr(n), &req, Duration::from_secs(5)).await? {
+            Err(RequestError::NotPermitted(m)) => assert!(m.contains("already belongs to a bootstrapped cluster"), "{m}"),
+            other => anyhow::bail!("a second bootstrap on node {n} answered {other:?}"),
+        }
+    }
+    let mut unreachable = nodes[0].clone();
+    unreachable.id = 9;
+    unreachable.peer_addr = "0.0.0.0:7000".into();
+    match admin.placement(&ClientRequest::Join { node: unreachable }).await {
+        Err(Error::Request(RequestError::Malformed(m))) => assert!(m.contains("peer address \"0.0.0.0:7000\" is not a reachable"), "{m}"),
+        other => anyhow::bail!("a join with an unspecified address answered {other:?}"),
+    }
+    assert!(admin.refresh_map().await?.node(9).is_none(), "the refused join registered node 9");
+
+    // Fault injection is a property of a run, not of a node: restarted without
+    // `--fault-injection`, node 3 refuses `SetPartition` even from an admin.
+    tc.cluster.file.fault_injection = false;
+    tc.cluster.kill(3).await?;
+    tc.cluster.restart(3)?;
+    let partition = ClientRequest::SetPartition { isolated_from: vec![1] };
+    ringkv_tests::eventually(Duration::from_secs(30), "node 3 refuses fault injection", || async {
+        match admin.call_node(&tc.client_addr(3), &partition, Duration::from_secs(5)).await? {
+            Err(RequestError::NotPermitted(m)) if m.contains("fault injection is off") => Ok(()),
+            other => anyhow::bail!("node 3 answered {other:?}"),
+        }
+    })
+    .await?;
+    let r = admin.call_node(&tc.client_addr(1), &ClientRequest::SetPartition { isolated_from: vec![] }, Duration::from_secs(5)).await?;
+    assert!(matches!(r, Ok(ClientReply::Done)), "node 1, started with fault injection, refused: {r:?}");
+    tc.cluster.wait_ready(Duration::from_secs(60)).await?;
     tc.stop().await;
     Ok(())
 }
@@ -182,12 +219,6 @@ async fn a_node_refuses_to_start_with_another_nodes_certificate() -> anyhow::Res
     Ok(())
 }
 
-fn signal(tc: &TestCluster, id: u64, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
-    let pid = tc.cluster.pid(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
-    Ok(())
-}
-
 /// The reproduction: node 3 lags, node 2 is wiped and restarted from a copy of its
 /// identity, node 1 dies. Without incarnations, nodes 2 (empty) and 3 elected a leader and lost
 /// acknowledged writes; now node 2 is refused and the shard waits for node 1.
@@ -196,7 +227,7 @@ async fn a_wiped_node_is_refused_and_no_acknowledged_write_is_lost() -> anyhow::
     use nix::sys::signal::Signal;
     let mut tc = TestCluster::start(3, 4).await?;
     let client = tc.client().await?;
-    signal(&tc, 3, Signal::SIGSTOP)?;
+    tc.signal(3, Signal::SIGSTOP)?;
     let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("amnesia-{i}").into_bytes()).collect();
     for k in &keys {
         client.put(k, k).await?;
@@ -212,7 +243,7 @@ async fn a_wiped_node_is_refused_and_no_acknowledged_write_is_lost() -> anyhow::
     std::fs::write(dir.join("node.toml"), identity)?;
     tc.cluster.kill(1).await?;
     tc.cluster.restart(2)?;
-    signal(&tc, 3, Signal::SIGCONT)?;
+    tc.signal(3, Signal::SIGCONT)?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let reads = keys.iter().map(|k| client.get_with(k, ringkv_client::CallOptions::timeout(Duration::from_secs(3))));
     for (k, r) in keys.iter().zip(futures::future::join_all(reads).await) {

@@ -2,6 +2,7 @@
 //! directory, with helpers to write, read, kill, restart and partition.
 
 pub mod fault;
+pub mod powerfs;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,23 +16,53 @@ use ringkv_wire::{ClientReply, ClientRequest, NodeId};
 pub const TEST_RAFT: &str =
     "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 20";
 
-/// The `ringkv` binary built next to this test binary or tool (same profile).
+/// The `ringkv` binary built next to this test binary or tool (same profile). Panics if it is
+/// missing or older than any source it is built from: `cargo test` does not rebuild it, and a
+/// test of an old binary proves nothing about the code under test.
 pub fn ringkv_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/integration-<hash> or target/<profile>/jepsen -> target/<profile>/ringkv
     let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|d| d.join("ringkv")).collect();
-    let found = candidates.iter().find(|b| b.exists()).cloned();
-    found.unwrap_or_else(|| {
-        panic!(
-            "{} is missing: build it first with `cargo build --release --bins` (the README's test command does)",
-            candidates[candidates.len() - 1].display()
-        )
-    })
+    let build = "build it with `cargo build --release --workspace --bins` (the README's test command does)";
+    let Some(found) = candidates.iter().find(|b| b.exists()).cloned() else {
+        panic!("{} is missing: {build}", candidates[candidates.len() - 1].display())
+    };
+    if let Some(newer) = newer_source(&found) {
+        panic!("{} is older than {}: {build}", found.display(), newer.display());
+    }
+    found
 }
 
+/// A source file of the workspace's crates modified after `binary` was built, if any.
+fn newer_source(binary: &std::path::Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let mut dirs: Vec<PathBuf> = vec![root.join("placement")];
+    dirs.extend(std::fs::read_dir(root.join("crates")).ok()?.flatten().map(|e| e.path()));
+    let mut files = vec![root.join("Cargo.lock")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") || p.file_name().is_some_and(|n| n == "Cargo.toml") {
+                files.push(p);
+            }
+        }
+    }
+    files.into_iter().find(|f| std::fs::metadata(f).and_then(|m| m.modified()).is_ok_and(|m| m > built))
+}
+
+/// A cluster of one test. Its directory (data and node logs) is deleted only by a `stop` that
+/// found every node running and saw each exit cleanly; a test that fails by any path (a panic,
+/// an `Err` return, a failed start) keeps it and prints where it is.
 pub struct TestCluster {
     pub cluster: DevCluster,
+    /// The filesystem the cluster's directory is on, if the test made one (unmounted after
+    /// the nodes are gone and before the directory is removed: fields drop in this order).
+    mounted: Option<Mounted>,
     dir: Option<tempfile::TempDir>,
+    stopped: bool,
 }
 
 impl TestCluster {
@@ -49,6 +80,37 @@ impl TestCluster {
     /// (`cluster.restart(id)` starts them).
     pub async fn start_holding_back(nodes: usize, shards: u64, extra: &str, hold_back: Vec<NodeId>) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
+        Self::launch(dir, None, nodes, shards, extra, hold_back).await
+    }
+
+    /// As [`TestCluster::start_with`], with the cluster's directory on a tmpfs of `bytes`
+    /// (a small disk the test can fill). Needs root.
+    pub async fn start_on_tmpfs(nodes: usize, shards: u64, bytes: u64, extra: &str) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
+        let fs = Tmpfs::mount(&dir.path().join("cluster"), bytes)?;
+        Self::launch(dir, Some(Mounted::Tmpfs(fs)), nodes, shards, extra, vec![]).await
+    }
+
+    /// As [`TestCluster::start_with`], with the cluster's directory on a [`powerfs::PowerFs`]
+    /// (the synced state lands in the test directory's `backing`): [`TestCluster::power`] cuts
+    /// the power. Needs root.
+    pub async fn start_on_power_fs(nodes: usize, shards: u64, extra: &str) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
+        let (backing, mount) = (dir.path().join("backing"), dir.path().join("cluster"));
+        std::fs::create_dir_all(&backing)?;
+        std::fs::create_dir_all(&mount)?;
+        let fs = powerfs::PowerFs::mount(&backing, &mount).map_err(|e| anyhow::anyhow!("cannot mount the power-loss filesystem: {e}"))?;
+        Self::launch(dir, Some(Mounted::Power(fs)), nodes, shards, extra, vec![]).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        mounted: Option<Mounted>,
+        nodes: usize,
+        shards: u64,
+        extra: &str,
+        hold_back: Vec<NodeId>,
+    ) -> anyhow::Result<TestCluster> {
         let opts = DevOptions {
             nodes,
             shards,
@@ -60,8 +122,25 @@ impl TestCluster {
             netns: None,
             hold_back,
         };
-        let cluster = DevCluster::start(opts).await.map_err(|e| anyhow::anyhow!("{e:#} (logs under {})", dir.path().display()))?;
-        Ok(TestCluster { cluster, dir: Some(dir) })
+        match DevCluster::start(opts).await {
+            Ok(cluster) => Ok(TestCluster { cluster, mounted, dir: Some(dir), stopped: false }),
+            Err(e) => {
+                // The cluster's processes are gone with it (killed on drop); its logs stay.
+                if let Some(m) = mounted {
+                    m.keep_logs(&dir.path().join("cluster"));
+                }
+                let kept = dir.keep();
+                anyhow::bail!("{e:#} (cluster data and node logs kept in {})", kept.display())
+            }
+        }
+    }
+
+    /// The power-loss filesystem of a cluster started with [`TestCluster::start_on_power_fs`].
+    pub fn power(&self) -> anyhow::Result<&powerfs::PowerFs> {
+        match &self.mounted {
+            Some(Mounted::Power(p)) => Ok(p),
+            _ => anyhow::bail!("this cluster is not on a power-loss filesystem"),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -74,6 +153,13 @@ impl TestCluster {
 
     pub fn client_addr(&self, id: NodeId) -> String {
         self.cluster.entry(id).map(|e| e.client_addr.clone()).unwrap_or_default()
+    }
+
+    /// Sends `sig` to node `id`'s process (SIGSTOP and SIGCONT pause and resume it).
+    pub fn signal(&self, id: NodeId, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.cluster.pid(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
+        Ok(())
     }
 
     /// Cuts `node` off from every other node, in both directions.
@@ -133,19 +219,89 @@ impl TestCluster {
         .await
     }
 
+    /// Ends a test whose nodes were expected to break (a self-test of a check): kills what
+    /// is left and removes the directory without the checks of [`TestCluster::stop`].
+    pub async fn discard(mut self) {
+        let _ = self.cluster.stop_all().await;
+        self.stopped = true;
+    }
+
+    /// Stops the cluster at the end of a test. Panics (keeping the directory) if a node
+    /// process exited on its own during the test or did not stop cleanly: a crash must not go
+    /// unnoticed because the other nodes kept serving.
     pub async fn stop(mut self) {
-        self.cluster.stop_all().await;
+        let exited = self.cluster.exited();
+        let unclean = self.cluster.stop_all().await;
+        if exited.is_empty() && unclean.is_empty() {
+            self.stopped = true;
+            return;
+        }
+        let mut what: Vec<String> = exited.iter().map(|(id, st)| format!("node {id} exited on its own ({st})")).collect();
+        what.extend(unclean.iter().map(|(id, why)| format!("node {id} {why}")));
+        panic!("{} (see the nodes' node.log)", what.join("; "));
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(d) = self.dir.take() {
-                let kept = d.keep();
-                eprintln!("test failed; cluster data and node logs kept in {}", kept.display());
+        if self.stopped {
+            return;
+        }
+        if let (Some(m), Some(d)) = (&self.mounted, &self.dir) {
+            m.keep_logs(&d.path().join("cluster"));
+        }
+        if let Some(d) = self.dir.take() {
+            let kept = d.keep();
+            eprintln!("test failed; cluster data and node logs kept in {}", kept.display());
+        }
+    }
+}
+
+/// A filesystem a test mounted for its cluster.
+enum Mounted {
+    Power(powerfs::PowerFs),
+    /// Held for its drop, which unmounts it.
+    Tmpfs(#[allow(dead_code)] Tmpfs),
+}
+
+impl Mounted {
+    /// Before a failed test's filesystem goes away with it: a tmpfs keeps nothing, so its node
+    /// logs are copied next to it. (The power-loss filesystem's backing dir keeps them.)
+    fn keep_logs(&self, cluster: &std::path::Path) {
+        if let Mounted::Tmpfs(_) = self {
+            let kept = cluster.with_file_name("cluster-logs");
+            for e in std::fs::read_dir(cluster).into_iter().flatten().flatten() {
+                let log = e.path().join("node.log");
+                if log.exists() {
+                    let to = kept.join(e.file_name());
+                    let _ = std::fs::create_dir_all(&to).and_then(|()| std::fs::copy(&log, to.join("node.log")));
+                }
             }
         }
+    }
+}
+
+/// A tmpfs of a given size mounted by the test (root only); unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &std::path::Path, bytes: u64) -> anyhow::Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "ringkv-test"])
+            .arg(path)
+            .status()
+            .map_err(|e| anyhow::anyhow!("cannot run mount: {e}"))?;
+        anyhow::ensure!(st.success(), "mount -t tmpfs on {} failed ({st}); this test needs root", path.display());
+        Ok(Tmpfs { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("--lazy").arg(&self.path).status();
     }
 }
 
@@ -235,7 +391,11 @@ impl Writer {
 }
 
 /// Checks that every acknowledged key reads back its value (`prefix-N` = `v-N`).
+/// Reads back every acknowledged write of a [`Writer`]. No acknowledged write at all fails too:
+/// a cluster unavailable for the whole run must not pass a durability check by having nothing
+/// to check.
 pub async fn check_acked(client: &Client, acked: &[Vec<u8>]) -> anyhow::Result<()> {
+    anyhow::ensure!(!acked.is_empty(), "no write was acknowledged: nothing to check");
     for key in acked {
         let k = String::from_utf8_lossy(key).into_owned();
         let n = k.rsplit('-').next().unwrap_or_default();

@@ -84,11 +84,15 @@ pub struct StorageConfig {
     /// Fsync the write-ahead log before acknowledging a write. Turning it off trades the
     /// durability of acknowledged writes across power loss (not process crashes) for speed.
     pub fsync: bool,
+    /// Free bytes the node keeps on its data dir's filesystem: below this, it refuses client
+    /// writes (`DiskFull`) and serves reads, so replication, snapshots and compactions still
+    /// have room and nothing acknowledged is at risk. Writes are taken again once space is freed.
+    pub reserve_bytes: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { fsync: true }
+        StorageConfig { fsync: true, reserve_bytes: 512 << 20 }
     }
 }
 
@@ -173,9 +177,25 @@ struct PartialConfig {
     fault_injection: Option<bool>,
 }
 
-fn read_partial(path: &Path) -> Result<PartialConfig, ConfigError> {
+/// A configuration file as a TOML table, checked on its own (so an unknown key or a bad value is
+/// reported with the file that holds it).
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.to_path_buf(), e))?;
-    parse_partial(&text, path)
+    parse_partial(&text, path)?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+}
+
+/// Lays `over` onto `base` key by key, into sections too: a file that sets only
+/// `[raft] heartbeat_interval_ms` changes that key and keeps every other one.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 fn parse_partial(text: &str, path: &Path) -> Result<PartialConfig, ConfigError> {
@@ -186,16 +206,17 @@ impl NodeConfig {
     /// Resolves the configuration: the stored identity, then `--config`, then flags.
     pub fn resolve(data_dir: &Path, file: Option<&Path>, o: Overrides) -> Result<NodeConfig, ConfigError> {
         let identity = data_dir.join(IDENTITY_FILE);
-        let mut p = if identity.exists() { read_partial(&identity)? } else { PartialConfig::default() };
+        let mut table = if identity.exists() { read_table(&identity)? } else { toml::Table::new() };
         // Fault injection holds only for a run whose flags or --config ask for it (an identity
         // file written by an older version may still name it).
-        p.fault_injection = None;
-        let stored_id = p.id;
+        table.remove("fault_injection");
+        let stored_id = table.get("id").and_then(|v| v.as_integer()).map(|i| i as u64);
         if let Some(f) = file {
-            let f = read_partial(f)?;
-            macro_rules! over { ($($k:ident),*) => { $( if f.$k.is_some() { p.$k = f.$k; } )* } }
-            over!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, tls, seeds, join, limits, raft, storage, fault_injection);
+            merge(&mut table, read_table(f)?);
         }
+        let mut p: PartialConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(file.map(Path::to_path_buf).unwrap_or(identity.clone()), e.to_string()))?;
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
         flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
         if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
@@ -284,8 +305,16 @@ impl NodeConfig {
         let path = self.data_dir.join(IDENTITY_FILE);
         let tmp = path.with_extension("toml.tmp");
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(|e| ConfigError::Io(tmp.clone(), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| ConfigError::Io(path.clone(), e))
+        // Synced before and after the rename: a power loss leaves the old file or the new one,
+        // never an empty one.
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(|e| ConfigError::Io(tmp.clone(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ConfigError::Io(path.clone(), e))?;
+        std::fs::File::open(&self.data_dir).and_then(|d| d.sync_all()).map_err(|e| ConfigError::Io(self.data_dir.clone(), e))
     }
 }
 
@@ -340,6 +369,48 @@ mod tests {
         assert!(!again.fault_injection, "fault injection survived a restart without the flag");
         let flagged = NodeConfig::resolve(&data, None, Overrides { fault_injection: Some(true), ..Default::default() }).expect("flag");
         assert!(flagged.fault_injection);
+    }
+
+    /// A `--config` with part of a section changes only the keys it names; the stored
+    /// identity keeps the rest (not the defaults).
+    #[test]
+    fn a_partial_section_changes_only_its_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let first = dir.path().join("first.toml");
+        std::fs::write(&first, "[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 1000\n")
+            .expect("write");
+        let cfg = NodeConfig::resolve(&data, Some(&first), first_start(dir.path())).expect("first start");
+        cfg.persist().expect("persist");
+        let file = dir.path().join("partial.toml");
+        std::fs::write(&file, "[raft]\nheartbeat_interval_ms = 50\n").expect("write");
+        let c = NodeConfig::resolve(&data, Some(&file), Overrides::default()).expect("partial section");
+        assert_eq!(c.raft.heartbeat_interval_ms, 50);
+        assert_eq!((c.raft.election_timeout_min_ms, c.raft.election_timeout_max_ms), (500, 1000), "the rest of [raft] kept");
+        assert_eq!(c.client_addr, cfg.client_addr);
+        assert_eq!(c.limits, cfg.limits);
+    }
+
+    /// Each kind of bad setting is refused before the node starts, naming what is wrong.
+    #[test]
+    fn bad_settings_in_sections_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases = [
+            ("[raft]\nheartbeat = 5\n", "heartbeat"),
+            ("[limits]\nkey_bytes_max = 0\n", "limits must be positive"),
+            ("[raft]\nheartbeat_interval_ms = 500\nelection_timeout_min_ms = 400\n", "raft"),
+            ("join = \"nowhere\"\n", "join `nowhere`"),
+            ("advertise_peer_addr = \"10.0.0.1\"\n", "advertise_peer_addr"),
+            ("[raft]\nheartbeat_interval_ms = \"fast\"\n", "heartbeat_interval_ms"),
+            ("client_addr = [1, 2]\n", "client_addr"),
+        ];
+        for (i, (text, expect)) in cases.iter().enumerate() {
+            let file = dir.path().join(format!("bad{i}.toml"));
+            std::fs::write(&file, text).expect("write");
+            let e = NodeConfig::resolve(&dir.path().join(format!("d{i}")), Some(&file), first_start(dir.path()))
+                .expect_err(&format!("{text:?} is refused"));
+            assert!(e.to_string().contains(expect), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -117,16 +117,31 @@ pub struct DevCluster {
     env: BTreeMap<NodeId, Vec<(String, String)>>,
 }
 
+/// A loopback port free for both protocols (the QUIC endpoints use UDP, the metrics endpoint
+/// TCP). The port is released before the node binds it, so it comes from below the kernel's
+/// ephemeral range: the clients and connections of this and every other process draw their
+/// ports from that range and cannot take it meanwhile. Successive calls (of this process, from
+/// an offset of its pid) hand out different ports, so clusters started side by side do not
+/// collide either.
 fn free_port() -> anyhow::Result<u16> {
-    // Both protocols: the QUIC endpoints use UDP, the metrics endpoint TCP.
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let port = udp.local_addr()?.port();
-    let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
-    drop(udp);
-    match tcp {
-        Ok(_) => Ok(port),
-        Err(_) => free_port(),
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_001));
+    let span = high - low;
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (low + (offset + n) % span) as u16;
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return Ok(port);
+        }
     }
+    anyhow::bail!("no free loopback port in {low}..{high}")
 }
 
 impl DevCluster {
@@ -342,30 +357,55 @@ impl DevCluster {
         }
     }
 
-    /// Waits until every shard has a leader that its replicas agree on.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until every shard and the placement group have a leader. Fails at once if a node
+    /// process exits meanwhile, and on timeout names the shards without a leader and the nodes
+    /// that did not answer.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
         let client = Client::unrouted(self.client_config())?;
         let mut last = String::new();
         while started.elapsed() < timeout {
+            let exited = self.exited();
+            if !exited.is_empty() {
+                let what: Vec<String> = exited
+                    .iter()
+                    .map(|(id, st)| {
+                        format!(
+                            "node {id} exited ({st}), see {}",
+                            self.entry(*id).map(|e| e.data_dir.join("node.log").display().to_string()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                anyhow::bail!("cluster not ready: {}", what.join("; "));
+            }
             match client.refresh_map().await {
                 Ok(map) => {
                     let reports = client.node_reports().await;
                     let mut led = std::collections::HashSet::new();
-                    for r in reports.iter().flatten() {
-                        for g in &r.groups {
-                            if g.is_leader {
-                                led.insert(g.group);
-                            }
+                    let mut silent = Vec::new();
+                    for r in &reports {
+                        match r {
+                            Ok(r) => led.extend(r.groups.iter().filter(|g| g.is_leader).map(|g| g.group)),
+                            Err(e) => silent.push(e.clone()),
                         }
                     }
-                    let missing = map.shards.iter().filter(|s| !led.contains(&s.id)).count();
-                    if missing == 0 && led.contains(&ringkv_wire::PLACEMENT_GROUP) {
+                    let mut missing: Vec<u64> = map.shards.iter().map(|s| s.id).filter(|id| !led.contains(id)).collect();
+                    if !led.contains(&ringkv_wire::PLACEMENT_GROUP) {
+                        missing.insert(0, ringkv_wire::PLACEMENT_GROUP);
+                    }
+                    if missing.is_empty() {
                         return Ok(());
                     }
-                    last = format!("{missing} shards without a leader");
+                    let shown: Vec<String> = missing.iter().take(16).map(|g| g.to_string()).collect();
+                    last = format!(
+                        "{} groups without a leader ({}{}); nodes not answering: {}",
+                        missing.len(),
+                        shown.join(", "),
+                        if missing.len() > 16 { ", ..." } else { "" },
+                        if silent.is_empty() { "none".to_string() } else { silent.join(", ") }
+                    );
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => last = format!("no map: {e}"),
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -411,7 +451,10 @@ impl DevCluster {
         self.write_file()
     }
 
-    pub async fn stop_all(&mut self) {
+    /// Stops every node (SIGTERM, SIGKILL after 10 s). Returns the nodes that did not exit
+    /// cleanly: with an error status, or only after SIGKILL.
+    pub async fn stop_all(&mut self) -> Vec<(NodeId, String)> {
+        let mut unclean = Vec::new();
         let ids: Vec<NodeId> = self.children.keys().copied().collect();
         for id in &ids {
             if let Some(pid) = self.children.get(id).and_then(|c| c.id()) {
@@ -420,12 +463,19 @@ impl DevCluster {
         }
         for id in ids {
             if let Some(mut c) = self.children.remove(&id) {
-                if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
-                    let _ = c.start_kill();
-                    let _ = c.wait().await;
+                match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
+                    Ok(Ok(st)) if st.success() => {}
+                    Ok(Ok(st)) => unclean.push((id, format!("exited with {st} on SIGTERM"))),
+                    Ok(Err(e)) => unclean.push((id, format!("cannot wait for it: {e}"))),
+                    Err(_) => {
+                        let _ = c.start_kill();
+                        let _ = c.wait().await;
+                        unclean.push((id, "did not exit within 10 s of SIGTERM".into()));
+                    }
                 }
             }
         }
+        unclean
     }
 
     /// Checks whether a node's process has exited on its own.

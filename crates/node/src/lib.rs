@@ -71,6 +71,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let heartbeat_task = tokio::spawn(driver::heartbeat_loop(node.clone()));
     let executor_task = tokio::spawn(driver::executor_loop(node.clone()));
     let sessions_task = tokio::spawn(driver::session_expiry_loop(node.clone()));
+    tokio::spawn(node.clone().disk_space_loop());
 
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
     tokio::pin!(shutdown);

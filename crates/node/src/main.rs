@@ -180,7 +180,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         _ = watch => {}
     }
     eprintln!("stopping the cluster ...");
-    cluster.stop_all().await;
+    for (id, why) in cluster.stop_all().await {
+        eprintln!("node {id} {why}");
+    }
     cluster.set_supervisor(None)?;
     Ok(())
 }

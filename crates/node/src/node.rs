@@ -100,6 +100,8 @@ pub struct Node {
     pub snapshot_throttle: Arc<crate::snapshot::SnapshotThrottle>,
     /// Snapshots being received in chunks.
     pub reassembly: crate::snapshot::Reassembly,
+    /// Free bytes on the data dir's filesystem at the last check (`u64::MAX` before the first).
+    pub disk_free: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -162,6 +164,7 @@ impl Node {
             driver: Default::default(),
             snapshot_throttle: Default::default(),
             reassembly: crate::snapshot::Reassembly::new(snapshots_in),
+            disk_free: std::sync::atomic::AtomicU64::new(u64::MAX),
         }))
     }
 
@@ -492,6 +495,8 @@ impl Node {
             let leaders = self.replicas.iter().filter(|r| r.raft.metrics().borrow_watched().state.is_leader()).count();
             metrics::gauge!("ringkv_raft_leaders").set(leaders as f64);
             metrics::gauge!("ringkv_raft_replicas").set(self.replicas.len() as f64);
+            metrics::gauge!("ringkv_transport_peer_connections").set(self.pool.connections() as f64);
+            metrics::gauge!("ringkv_transport_peer_endpoint_connections").set(self.pool.endpoint_connections() as f64);
             tokio::select! {
                 _ = tokio::time::sleep(MAP_SYNC_INTERVAL) => {}
                 _ = shutdown.changed() => return,
@@ -507,6 +512,52 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
         }
         let _ = self.db.raw().flush_wal(true);
+    }
+
+    /// Refuses a client write while the data disk's free space is below the reserve.
+    pub fn check_disk_space(&self) -> Result<(), ringkv_wire::RequestError> {
+        let free = self.disk_free.load(std::sync::atomic::Ordering::Relaxed);
+        let reserve = self.config.storage.reserve_bytes;
+        if free < reserve {
+            return Err(ringkv_wire::RequestError::DiskFull { node: self.id(), free_bytes: free, reserve_bytes: reserve });
+        }
+        Ok(())
+    }
+
+    /// Every node: measures the data dir's free space each second (`ringkv_storage_free_bytes`,
+    /// `ringkv_storage_disk_full`), so writes stop before the disk is full and resume once it
+    /// is not.
+    pub async fn disk_space_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut was_full = false;
+        loop {
+            match nix::sys::statvfs::statvfs(&self.config.data_dir) {
+                Ok(s) => {
+                    let free = crate::snapshot::free_bytes(&s);
+                    self.disk_free.store(free, std::sync::atomic::Ordering::Relaxed);
+                    let full = free < self.config.storage.reserve_bytes;
+                    metrics::gauge!("ringkv_storage_free_bytes").set(free as f64);
+                    metrics::gauge!("ringkv_storage_disk_full").set(if full { 1.0 } else { 0.0 });
+                    if full != was_full {
+                        if full {
+                            tracing::error!(
+                                free,
+                                reserve = self.config.storage.reserve_bytes,
+                                "data disk below its reserve: refusing writes"
+                            );
+                        } else {
+                            tracing::warn!(free, "data disk above its reserve again: taking writes");
+                        }
+                        was_full = full;
+                    }
+                }
+                Err(e) => tracing::warn!("cannot read the data disk's free space: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// How long a shard's other replicas wait for its first replica to start the group.

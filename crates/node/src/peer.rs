@@ -78,6 +78,12 @@ impl PeerPool {
         self.conns.iter().filter(|e| !e.conn.is_closed()).count()
     }
 
+    /// Every QUIC connection open on the peer endpoint, duplicates and handshakes included:
+    /// with one connection per peer it equals [`PeerPool::connections`].
+    pub fn endpoint_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
     fn live(&self, peer: NodeId) -> Option<Arc<Conn>> {
         self.conns.get(&peer).filter(|e| !e.conn.is_closed()).map(|e| e.conn.clone())
     }

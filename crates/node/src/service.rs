@@ -272,6 +272,7 @@ impl ClientService {
     }
 
     async fn write(&self, r: &Replica, cmd: Command) -> Result<CommandResult, RequestError> {
+        self.node.check_disk_space()?;
         self.check_quorum_contact(r)?;
         metrics::counter!("ringkv_raft_proposals_total").increment(1);
         let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.client_write(cmd)).await.map_err(|_| {

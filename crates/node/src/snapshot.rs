@@ -117,7 +117,7 @@ pub enum Part<B, R = SessionRows> {
 /// Bytes an unprivileged writer may still use on the filesystem `s` describes.
 // The field types differ between platforms (u64 on Linux x86_64, u32 elsewhere).
 #[allow(clippy::unnecessary_cast)]
-fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
+pub(crate) fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
     (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
 }
 

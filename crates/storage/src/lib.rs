@@ -93,14 +93,24 @@ mod tests {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<TypeConfig>> {
             let dir = tempfile::tempdir().map_err(se)?;
             let db = Db::open(dir.path()).map_err(se)?;
-            // Two groups share the database, as on a real node: the suite runs on group 7 while
-            // group 6 and 8 hold entries that must never leak into it.
+            // Three groups share the database, as on a real node: the suite runs on group 7
+            // while groups 6 and 8 hold a vote and log entries (at indexes the suite uses too)
+            // that must never leak into it: a read, a truncation or a purge that crossed a
+            // group's bounds would show up in the suite's expectations.
             let mut other = LogStore::new(db.clone(), 6);
             let mut above = LogStore::new(db.clone(), 8);
             use openraft::storage::RaftLogStorage;
             let v = openraft::alias::VoteOf::<TypeConfig>::new(9, 9);
             other.save_vote(&v).await.map_err(se)?;
             above.save_vote(&v).await.map_err(se)?;
+            let leader = openraft::impls::leader_id_adv::LeaderId { term: 9, node_id: 9 };
+            for group in [6, 8] {
+                for index in 0..=20 {
+                    let e = <Entry as openraft::entry::RaftEntry>::new(openraft::LogId::new(leader, index), openraft::EntryPayload::Blank);
+                    let bytes = postcard::to_allocvec(&e).map_err(se)?;
+                    db.raw().put_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(group, index), bytes).map_err(se)?;
+                }
+            }
             Ok((dir, LogStore::new(db.clone(), 7), StateMachine::new(db, 7, ReplicaKind::Shard { start: 0, end: u64::MAX })))
         }
     }

@@ -42,6 +42,10 @@ pub enum RequestError {
     Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node's data disk has less free space than its reserve: writes are refused (reads
+    /// are served) until space is freed. Nothing was done.
+    #[error("disk full: node {node} has {free_bytes} bytes free on its data disk, below its reserve of {reserve_bytes}; free space or add nodes")]
+    DiskFull { node: NodeId, free_bytes: u64, reserve_bytes: u64 },
 }
 
 impl RequestError {

@@ -71,13 +71,17 @@ fn main() -> ExitCode {
         cfg.register.keys
     );
     eprintln!("seed {seed}; rerun with: {rerun}");
+    let asked = cfg.faults.clone();
     match fault::run(cfg) {
-        Ok(r) if r.anomalies.is_empty() => {
+        Ok(r) if r.anomalies.is_empty() && r.vacuous(&asked).is_empty() => {
             println!("{}", r.summary());
             ExitCode::SUCCESS
         }
         Ok(r) => {
             println!("{}", r.summary());
+            for why in r.vacuous(&asked) {
+                eprintln!("vacuous run: {why}");
+            }
             eprintln!("FAILED; rerun with: {rerun}");
             ExitCode::FAILURE
         }

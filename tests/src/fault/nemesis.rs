@@ -4,6 +4,7 @@
 //! transfer) run in the same schedule, so the other faults land while they are in progress.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,7 +99,11 @@ enum Undo {
     Restart(NodeId),
     Resume(NodeId),
     Heal,
-    Clear,
+    /// Ends a packet fault; it took effect only if the proxy's count of such packets grew.
+    Clear {
+        dropped: u64,
+        delayed: u64,
+    },
     ClientsBack,
     Nothing,
 }
@@ -111,12 +116,22 @@ pub struct Nemesis<'a> {
     rec: Arc<Recorder>,
     rng: StdRng,
     faults: Vec<Fault>,
+    /// The faults still to draw in this pass: every fault of the run comes once per pass, in a
+    /// seeded order, so a short run still meets each of them.
+    deck: Vec<Fault>,
     /// Nodes that may still join (the proxy covers ids up to this).
     max_node: NodeId,
+    /// Faults that took effect (a kill of a running node, a leader transfer the leader
+    /// accepted, a join whose node came up, packets that were really dropped or delayed).
     pub counts: BTreeMap<Fault, u64>,
+    /// Faults tried that did not take effect, and why, by fault.
+    pub ineffective: BTreeMap<Fault, u64>,
     /// Nodes that exited when no fault asked them to (checked every round).
     pub crashed: Vec<String>,
 }
+
+/// How long a joining node may take to be listed as up before the join counts as not happened.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Links cut by `a` not reaching `b` and `b` not reaching `a` for every pair across the sets.
 fn cut(a: &[NodeId], b: &[NodeId], links: &mut BTreeSet<(NodeId, NodeId)>) {
@@ -198,8 +213,10 @@ impl<'a> Nemesis<'a> {
             rec,
             rng: StdRng::seed_from_u64(seed),
             faults,
+            deck: Vec::new(),
             max_node,
             counts: BTreeMap::new(),
+            ineffective: BTreeMap::new(),
             crashed: Vec::new(),
         }
     }
@@ -220,7 +237,7 @@ impl<'a> Nemesis<'a> {
             // Before any fault touches the nodes: a node that died on its own is a finding, and
             // a later kill and restart must not hide it.
             self.collect_crashes();
-            let first = *self.faults.choose(&mut self.rng).ok_or_else(|| anyhow::anyhow!("no faults to inject"))?;
+            let first = self.draw()?;
             let mut now = vec![first];
             if self.rng.gen_bool(0.3) {
                 let others: Vec<Fault> = self.faults.iter().copied().filter(|f| f.kind() != first.kind()).collect();
@@ -241,6 +258,22 @@ impl<'a> Nemesis<'a> {
         Ok(())
     }
 
+    /// The next fault of the current pass (a new seeded pass once all came).
+    fn draw(&mut self) -> anyhow::Result<Fault> {
+        if self.deck.is_empty() {
+            self.deck = self.faults.clone();
+            self.deck.shuffle(&mut self.rng);
+        }
+        self.deck.pop().ok_or_else(|| anyhow::anyhow!("no faults to inject"))
+    }
+
+    /// Records a fault that was tried but did not happen.
+    fn missed(&mut self, f: Fault, why: String) -> anyhow::Result<Undo> {
+        self.note("missed", f, why);
+        *self.ineffective.entry(f).or_default() += 1;
+        Ok(Undo::Nothing)
+    }
+
     async fn start(&mut self, f: Fault) -> anyhow::Result<Undo> {
         let mut nodes = self.nodes();
         nodes.shuffle(&mut self.rng);
@@ -259,7 +292,14 @@ impl<'a> Nemesis<'a> {
                 Undo::Resume(victim)
             }
             Fault::Isolate | Fault::IsolatePlacementLeader | Fault::MajorityMinority | Fault::OneWay | Fault::Bridge | Fault::Ring => {
-                let target = if f == Fault::IsolatePlacementLeader { self.placement_leader().await.unwrap_or(victim) } else { victim };
+                let target = if f == Fault::IsolatePlacementLeader {
+                    match self.placement_leader().await {
+                        Some(l) => l,
+                        None => return self.missed(f, "no node reports leading the placement group".into()),
+                    }
+                } else {
+                    victim
+                };
                 let senders = self.rng.gen_range(1..=(nodes.len() - 1) / 2);
                 let (cut_links, what) = partition(f, &nodes, target, senders);
                 links = cut_links;
@@ -270,22 +310,31 @@ impl<'a> Nemesis<'a> {
                 let max = self.rng.gen_range(20..200);
                 self.proxy.set(LinkFaults { delay_ms: (1, max), loss: 0.0 });
                 self.note("start", f, format!("1..{max} ms per packet"));
-                Undo::Clear
+                return Ok(self.packet_fault_started());
             }
             Fault::Loss => {
                 let loss = self.rng.gen_range(0.05..0.3);
                 self.proxy.set(LinkFaults { delay_ms: (0, 0), loss });
                 self.note("start", f, format!("{:.0}% of packets", loss * 100.0));
-                Undo::Clear
+                return Ok(self.packet_fault_started());
             }
             Fault::Join => {
-                if self.nodes().into_iter().max().unwrap_or(0) < self.max_node {
-                    let id = self.cluster.add_node()?;
-                    self.note("start", f, format!("node {id} joins"));
-                } else {
-                    // Not counted: nothing happened.
-                    self.note("skip", f, "no node id left".into());
-                    return Ok(Undo::Nothing);
+                if self.nodes().into_iter().max().unwrap_or(0) >= self.max_node {
+                    return self.missed(f, "no node id left".into());
+                }
+                let id = self.cluster.add_node()?;
+                self.note("start", f, format!("node {id} joins"));
+                // It happened once the placement driver lists the node as up.
+                let started = Instant::now();
+                loop {
+                    let state = self.client.refresh_map().await.ok().and_then(|m| m.node(id).map(|n| n.state));
+                    if state == Some(ringkv_wire::NodeState::Up) {
+                        break;
+                    }
+                    if started.elapsed() > JOIN_WAIT {
+                        return self.missed(f, format!("node {id} is not up after {JOIN_WAIT:?} (state {state:?})"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Undo::Nothing
             }
@@ -296,13 +345,13 @@ impl<'a> Nemesis<'a> {
             }
             Fault::TransferLeader => {
                 let map = self.client.refresh_map().await.unwrap_or_else(|_| self.client.map());
-                if let Some(s) = map.shards.choose(&mut self.rng) {
-                    let leader = self.client.cached_leader(s.id);
-                    let to: Vec<NodeId> = s.replicas.iter().copied().filter(|r| Some(*r) != leader).collect();
-                    if let Some(to) = to.choose(&mut self.rng) {
-                        let r = tokio::time::timeout(Duration::from_secs(5), self.client.transfer_leader(s.id, *to)).await;
-                        self.note("start", f, format!("shard {} to node {to}: {r:?}", s.id));
-                    }
+                let Some(s) = map.shards.choose(&mut self.rng) else { return self.missed(f, "no shard".into()) };
+                let leader = self.client.cached_leader(s.id);
+                let to: Vec<NodeId> = s.replicas.iter().copied().filter(|r| Some(*r) != leader).collect();
+                let Some(&to) = to.choose(&mut self.rng) else { return self.missed(f, format!("shard {} has no other replica", s.id)) };
+                match tokio::time::timeout(Duration::from_secs(5), self.client.transfer_leader(s.id, to)).await {
+                    Ok(Ok(())) => self.note("start", f, format!("shard {} to node {to}", s.id)),
+                    other => return self.missed(f, format!("shard {} to node {to}: {other:?}", s.id)),
                 }
                 Undo::Nothing
             }
@@ -324,12 +373,28 @@ impl<'a> Nemesis<'a> {
                 }
             }
             Undo::Heal => self.ns.block(&BTreeSet::new())?,
-            Undo::Clear => self.proxy.set(LinkFaults::default()),
+            Undo::Clear { dropped, delayed } => {
+                self.proxy.set(LinkFaults::default());
+                let st = &self.proxy.stats;
+                let hit = st.dropped.load(Ordering::Relaxed) - dropped + st.delayed.load(Ordering::Relaxed) - delayed;
+                if hit == 0 {
+                    return self.missed(f, "no packet was dropped or delayed".into()).map(|_| ());
+                }
+                *self.counts.entry(f).or_default() += 1;
+                self.note("stop", f, format!("{hit} packets hit"));
+                return Ok(());
+            }
             Undo::ClientsBack => self.ns.cut_clients(&BTreeSet::new())?,
             Undo::Nothing => return Ok(()),
         }
         self.note("stop", f, String::new());
         Ok(())
+    }
+
+    /// A delay or loss has begun; it is counted when it ends, if packets were hit.
+    fn packet_fault_started(&self) -> Undo {
+        let st = &self.proxy.stats;
+        Undo::Clear { dropped: st.dropped.load(Ordering::Relaxed), delayed: st.delayed.load(Ordering::Relaxed) }
     }
 
     fn collect_crashes(&mut self) {

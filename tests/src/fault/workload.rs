@@ -217,33 +217,57 @@ async fn read_all(client: &Client, keys: &[Vec<u8>], timeout: Duration) -> anyho
 /// Extra elements past the last one attempted that are read too: none may exist.
 const NEVER_ADDED: u64 = 100;
 
-/// The set's final check; returns (acknowledged, unknown seen present, unknown absent).
-pub async fn check_set(ctx: &Ctx, state: &SetState) -> anyhow::Result<(usize, usize, usize)> {
+/// What the set's final reads show.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SetVerdict {
+    /// Acknowledged adds, all present.
+    pub acked: usize,
+    /// Adds of unknown outcome seen present and absent.
+    pub present: usize,
+    pub absent: usize,
+    pub anomalies: Vec<String>,
+}
+
+/// Judges the set from the outcome of every add and the final read of elements `0..values.len()`
+/// (which reaches past the last add): every acknowledged add is present, nothing failed or never
+/// added is, and each element holds its own number.
+pub fn judge_set(outcomes: &BTreeMap<u64, Outcome>, values: &[Option<Vec<u8>>]) -> SetVerdict {
+    let mut v = SetVerdict::default();
+    for (n, read) in values.iter().enumerate() {
+        let n = n as u64;
+        if let Some(r) = read {
+            if *r != n.to_string().into_bytes() {
+                v.anomalies.push(format!("set: element {n} reads {:?}", String::from_utf8_lossy(r)));
+                continue;
+            }
+        }
+        match (outcomes.get(&n), read.is_some()) {
+            (Some(Outcome::Ok), true) => v.acked += 1,
+            (Some(Outcome::Ok), false) => v.anomalies.push(format!("set: acknowledged add of {n} is lost")),
+            (Some(Outcome::Unknown), true) => v.present += 1,
+            (Some(Outcome::Unknown), false) => v.absent += 1,
+            (Some(Outcome::Fail), true) => v.anomalies.push(format!("set: add of {n} failed, yet it is present")),
+            (None, true) => v.anomalies.push(format!("set: element {n} was never added, yet it is present")),
+            (Some(Outcome::Fail) | None, false) => {}
+        }
+    }
+    if v.acked == 0 {
+        v.anomalies.push("set: no add was acknowledged, nothing was checked".into());
+    }
+    v
+}
+
+/// The set's final check: reads every element attempted and [`NEVER_ADDED`] more.
+pub async fn check_set(ctx: &Ctx, state: &SetState) -> anyhow::Result<SetVerdict> {
     let outcomes = state.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
     let end = outcomes.keys().next_back().map(|n| n + 1).unwrap_or(0) + NEVER_ADDED;
     let keys: Vec<Vec<u8>> = (0..end).map(set_key).collect();
     let values = read_all(&ctx.client, &keys, Duration::from_secs(120)).await?;
-    let (mut acked, mut present, mut absent) = (0, 0, 0);
-    for (n, v) in values.iter().enumerate() {
-        let n = n as u64;
-        let expected = n.to_string().into_bytes();
-        if let Some(v) = v {
-            if *v != expected {
-                ctx.anomaly(format!("set: element {n} reads {:?}", String::from_utf8_lossy(v)));
-                continue;
-            }
-        }
-        match (outcomes.get(&n), v.is_some()) {
-            (Some(Outcome::Ok), true) => acked += 1,
-            (Some(Outcome::Ok), false) => ctx.anomaly(format!("set: acknowledged add of {n} is lost")),
-            (Some(Outcome::Unknown), true) => present += 1,
-            (Some(Outcome::Unknown), false) => absent += 1,
-            (Some(Outcome::Fail), true) => ctx.anomaly(format!("set: add of {n} failed, yet it is present")),
-            (None, true) => ctx.anomaly(format!("set: element {n} was never added, yet it is present")),
-            (Some(Outcome::Fail) | None, false) => {}
-        }
+    let verdict = judge_set(&outcomes, &values);
+    for a in &verdict.anomalies {
+        ctx.anomaly(a.clone());
     }
-    Ok((acked, present, absent))
+    Ok(verdict)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -306,8 +330,9 @@ pub async fn bank_setup(ctx: &Ctx, cfg: BankConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks one read of bank `b`: the total is conserved and no account is negative.
-fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) -> Option<Bank> {
+/// Checks one read of bank `b`: the total is conserved and no account is negative (a read that
+/// sees half a transfer breaks the total).
+fn judge_bank_read(cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) -> Result<Bank, String> {
     let total = cfg.balance * cfg.accounts as i64;
     match v.and_then(Bank::decode) {
         Some(bank)
@@ -315,13 +340,14 @@ fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) 
                 && bank.accounts.iter().sum::<i64>() == total
                 && bank.accounts.iter().all(|x| *x >= 0) =>
         {
-            Some(bank)
+            Ok(bank)
         }
-        other => {
-            ctx.anomaly(format!("bank {b} ({when}): read {other:?}, total must be {total}"));
-            None
-        }
+        other => Err(format!("bank {b} ({when}): read {other:?}, total must be {total}")),
     }
+}
+
+fn check_bank(ctx: &Ctx, cfg: BankConfig, b: u32, v: Option<&[u8]>, when: &str) -> Option<Bank> {
+    judge_bank_read(cfg, b, v, when).map_err(|a| ctx.anomaly(a)).ok()
 }
 
 /// Moves money between accounts with compare-and-swap, each transfer counted in the value.
@@ -370,17 +396,104 @@ pub async fn bank(ctx: Arc<Ctx>, cfg: BankConfig) -> Arc<BankCounts> {
     counts
 }
 
-/// The banks' final check: totals kept, and each bank applied every acknowledged transfer and
-/// at most those plus the ones of unknown outcome (a lost or doubled transfer, or a swap that
-/// ignored its expected value, breaks this).
-pub async fn check_banks(ctx: &Ctx, cfg: BankConfig, counts: &BankCounts) -> anyhow::Result<()> {
-    let keys: Vec<Vec<u8>> = (0..cfg.banks).map(bank_key).collect();
-    for (b, v) in read_all(&ctx.client, &keys, Duration::from_secs(60)).await?.into_iter().enumerate() {
-        let Some(bank) = check_bank(ctx, cfg, b as u32, v.as_deref(), "final read") else { continue };
-        let (ok, unknown) = (counts.ok[b].load(Ordering::Relaxed), counts.unknown[b].load(Ordering::Relaxed));
+/// Judges the banks' final reads (`finals[b]`) against the transfers acknowledged (`ok[b]`) and
+/// of unknown outcome (`unknown[b]`): totals kept, and each bank applied every acknowledged
+/// transfer and at most those plus the unknown ones (a lost or doubled transfer, or a swap that
+/// ignored its expected value, breaks this). A run in which no transfer was acknowledged checked
+/// nothing and fails too.
+pub fn judge_banks(cfg: BankConfig, finals: &[Option<Vec<u8>>], ok: &[u64], unknown: &[u64]) -> Vec<String> {
+    let mut anomalies = Vec::new();
+    for (b, v) in finals.iter().enumerate() {
+        let bank = match judge_bank_read(cfg, b as u32, v.as_deref(), "final read") {
+            Ok(bank) => bank,
+            Err(a) => {
+                anomalies.push(a);
+                continue;
+            }
+        };
+        let (ok, unknown) = (ok.get(b).copied().unwrap_or(0), unknown.get(b).copied().unwrap_or(0));
         if bank.transfers < ok || bank.transfers > ok + unknown {
-            ctx.anomaly(format!("bank {b}: {} transfers applied, but {ok} were acknowledged and {unknown} unknown", bank.transfers));
+            anomalies.push(format!("bank {b}: {} transfers applied, but {ok} were acknowledged and {unknown} unknown", bank.transfers));
         }
     }
+    if ok.iter().sum::<u64>() == 0 {
+        anomalies.push("bank: no transfer was acknowledged, nothing was checked".into());
+    }
+    anomalies
+}
+
+/// The banks' final check (see [`judge_banks`]).
+pub async fn check_banks(ctx: &Ctx, cfg: BankConfig, counts: &BankCounts) -> anyhow::Result<()> {
+    let keys: Vec<Vec<u8>> = (0..cfg.banks).map(bank_key).collect();
+    let finals = read_all(&ctx.client, &keys, Duration::from_secs(60)).await?;
+    let load = |v: &[AtomicU64]| v.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>();
+    for a in judge_banks(cfg, &finals, &load(&counts.ok), &load(&counts.unknown)) {
+        ctx.anomaly(a);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_of(outcomes: &[(u64, Outcome)]) -> BTreeMap<u64, Outcome> {
+        outcomes.iter().copied().collect()
+    }
+
+    fn present(n: u64) -> Option<Vec<u8>> {
+        Some(n.to_string().into_bytes())
+    }
+
+    #[test]
+    fn the_set_check_passes_a_good_history_and_rejects_each_bad_one() {
+        let outcomes = set_of(&[(0, Outcome::Ok), (1, Outcome::Unknown), (2, Outcome::Fail), (3, Outcome::Unknown)]);
+        let good = vec![present(0), present(1), None, None, None];
+        assert_eq!(judge_set(&outcomes, &good), SetVerdict { acked: 1, present: 1, absent: 1, anomalies: vec![] });
+
+        let bad = |values: Vec<Option<Vec<u8>>>, what: &str| {
+            let v = judge_set(&outcomes, &values);
+            assert!(v.anomalies.iter().any(|a| a.contains(what)), "{what}: {:?}", v.anomalies);
+        };
+        bad(vec![None, present(1), None, None, None], "acknowledged add of 0 is lost");
+        bad(vec![present(0), None, present(2), None, None], "add of 2 failed, yet it is present");
+        bad(vec![present(0), None, None, None, present(4)], "element 4 was never added");
+        bad(vec![present(0), Some(b"3".to_vec()), None, None, None], "element 1 reads");
+        // Nothing acknowledged: the run checked nothing.
+        let v = judge_set(&set_of(&[(0, Outcome::Unknown)]), &[present(0), None]);
+        assert!(v.anomalies.iter().any(|a| a.contains("no add was acknowledged")), "{:?}", v.anomalies);
+    }
+
+    const CFG: BankConfig = BankConfig { banks: 2, accounts: 3, balance: 10, workers: 1 };
+
+    fn bank(transfers: u64, accounts: [i64; 3]) -> Option<Vec<u8>> {
+        Some(Bank { transfers, accounts: accounts.to_vec() }.encode())
+    }
+
+    #[test]
+    fn the_bank_check_passes_a_good_history_and_rejects_each_bad_one() {
+        // Bank 0: 2 acknowledged and 1 unknown transfer, 3 applied; bank 1: 1 acknowledged.
+        let good = vec![bank(3, [5, 12, 13]), bank(1, [10, 9, 11])];
+        assert_eq!(judge_banks(CFG, &good, &[2, 1], &[1, 0]), Vec::<String>::new());
+
+        let bad = |finals: Vec<Option<Vec<u8>>>, ok: [u64; 2], unknown: [u64; 2], what: &str| {
+            let a = judge_banks(CFG, &finals, &ok, &unknown);
+            assert!(a.iter().any(|a| a.contains(what)), "{what}: {a:?}");
+        };
+        // A lost acknowledged transfer: fewer applied than acknowledged.
+        bad(vec![bank(1, [5, 12, 13]), bank(1, [10, 9, 11])], [2, 1], [1, 0], "1 transfers applied, but 2 were acknowledged");
+        // A doubled transfer: more applied than acknowledged plus unknown.
+        bad(vec![bank(4, [5, 12, 13]), bank(1, [10, 9, 11])], [2, 1], [1, 0], "4 transfers applied");
+        // Half a transfer: debited but not credited, the total is broken.
+        bad(vec![bank(3, [5, 12, 13]), bank(1, [10, 9, 10])], [2, 1], [1, 0], "total must be 30");
+        // A negative account, a bank missing, an undecodable value.
+        bad(vec![bank(3, [-1, 16, 15]), bank(1, [10, 9, 11])], [2, 1], [1, 0], "bank 0 (final read)");
+        bad(vec![bank(3, [5, 12, 13]), None], [2, 1], [1, 0], "bank 1 (final read): read None");
+        bad(vec![Some(b"garbage".to_vec()), bank(1, [10, 9, 11])], [2, 1], [1, 0], "bank 0 (final read)");
+        // No transfer succeeded: nothing was checked, and that fails too.
+        bad(vec![bank(0, [10, 10, 10]), bank(0, [10, 10, 10])], [0, 0], [0, 0], "no transfer was acknowledged");
+        // Reads of a bank in flight are judged the same way.
+        assert!(judge_bank_read(CFG, 0, bank(1, [10, 10, 11]).as_deref(), "read").is_err());
+        assert!(judge_bank_read(CFG, 0, bank(1, [9, 10, 11]).as_deref(), "read").is_ok());
+    }
 }
