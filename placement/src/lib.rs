@@ -490,6 +490,42 @@ mod tests {
         nodes(id).pop().expect("node")
     }
 
+    /// Settings at their bounds pass, one step past is refused.
+    #[test]
+    fn settings_are_checked_at_their_bounds() {
+        let ok = PlacementSettings { down_after_ms: 1000, snapshot_bytes_per_sec: 64 * 1024, ..Default::default() };
+        assert!(validate_settings(&ok).is_ok());
+        assert!(validate_settings(&PlacementSettings { down_after_ms: 999, ..ok.clone() }).is_err());
+        assert!(validate_settings(&PlacementSettings { snapshot_bytes_per_sec: 64 * 1024 - 1, ..ok.clone() }).is_err());
+        assert!(validate_settings(&PlacementSettings { snapshot_bytes_per_sec: 1024, ..ok.clone() }).is_err());
+        assert!(validate_settings(&PlacementSettings { max_moves_per_node: 0, ..ok.clone() }).is_err());
+        assert!(validate_settings(&PlacementSettings { snapshot_concurrency: 0, ..ok }).is_err());
+    }
+
+    /// Decommissioning is refused while nothing could take over: a placement member's replica
+    /// with no up node outside the placement group, or fewer up nodes left than a shard has
+    /// replicas. Once a node can take over, it is allowed.
+    #[test]
+    fn decommission_is_refused_until_something_can_take_over() {
+        let mut map = cluster(3);
+        let set = |map: &mut ClusterMap, node, state| apply(map, &PlacementCommand::SetNodeState { node, state, force: false });
+        for id in 1..=3 {
+            set(&mut map, id, NodeState::Up).expect("up");
+        }
+        assert_eq!(replication(&map), 3);
+        let e = set(&mut map, 1, NodeState::Decommissioning).expect_err("no node can take node 1's placement replica");
+        assert!(e.to_string().contains("placement replica"), "{e}");
+        apply(&mut map, &PlacementCommand::RegisterNode { node: node(4) }).expect("register");
+        // Node 4 joined but is not up yet: still nothing can take over.
+        set(&mut map, 1, NodeState::Decommissioning).expect_err("a joining node cannot take over");
+        set(&mut map, 4, NodeState::Up).expect("up");
+        set(&mut map, 1, NodeState::Decommissioning).expect("node 4 can take over");
+        // Nodes 2, 3 and 4 stay up: taking node 4 away too would leave 2 for 3 replicas.
+        let e = set(&mut map, 4, NodeState::Decommissioning).expect_err("too few up nodes");
+        assert!(e.to_string().contains("only 2 nodes would stay up"), "{e}");
+        assert_eq!(map.node(4).map(|n| n.state), Some(NodeState::Up));
+    }
+
     #[test]
     fn nodes_register_once_and_removed_ids_stay_retired() {
         let mut map = cluster(3);

@@ -374,6 +374,32 @@ pub fn complete(map: &mut ClusterMap, obs: &mut Observed, ops: &[Operator]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The settings operators change reach the planner.
+    #[test]
+    fn the_planner_follows_the_settings() {
+        let s = ringkv_wire::PlacementSettings { down_after_ms: 1234, max_moves_per_node: 7, ..Default::default() };
+        let c = PlannerConfig::from_settings(&s);
+        assert_eq!((c.down_after_ms, c.max_moves_per_node), (1234, 7));
+    }
+
+    /// Leader balance through a node at its limit: node 1 leads too many, its shards' other
+    /// voters are on node 2, which leads as many; node 2's shard reaches node 3, which leads
+    /// none. The chain is both hops, from node 1 to node 3, in order.
+    #[test]
+    fn a_leader_chain_goes_through_a_busy_node_to_an_idle_one() {
+        let leaders: BTreeMap<NodeId, BTreeSet<GroupId>> =
+            BTreeMap::from([(1, BTreeSet::from([10, 11, 12])), (2, BTreeSet::from([20, 21, 22])), (3, BTreeSet::new())]);
+        let mut replicas: BTreeMap<GroupId, BTreeSet<NodeId>> = BTreeMap::new();
+        for s in [10, 11, 12, 21, 22] {
+            replicas.insert(s, BTreeSet::from([1, 2]));
+        }
+        replicas.insert(20, BTreeSet::from([2, 3]));
+        let chain = leader_chain(&leaders, &replicas, &BTreeSet::new(), 1, 3);
+        assert_eq!(chain, Some(vec![(10, 1, 2), (20, 2, 3)]));
+        // With shard 20 already moved this round, there is no way through.
+        assert_eq!(leader_chain(&leaders, &replicas, &BTreeSet::from([20]), 1, 3), None);
+    }
     use proptest::prelude::*;
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;

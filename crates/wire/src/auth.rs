@@ -122,4 +122,32 @@ mod tests {
         assert_eq!(put.required_role(), Role::Write);
         assert_eq!(ClientRequest::GetMap.required_role(), Role::Read);
     }
+
+    /// Only placement requests are forwarded to the placement leader; data requests and node
+    /// orders are served where they arrive.
+    #[test]
+    fn placement_requests_are_the_ones_forwarded() {
+        let placement = [
+            ClientRequest::PlacementStatus,
+            ClientRequest::SetNodeState { node: 4, state: crate::NodeState::Removed, force: true },
+            ClientRequest::SetPlacementSettings { settings: Default::default() },
+        ];
+        for r in &placement {
+            assert!(r.is_placement_admin(), "{}", r.kind());
+        }
+        let local = [
+            ClientRequest::GetMap,
+            ClientRequest::NodeStatus,
+            ClientRequest::TransferLeader { shard: 1, to: 2 },
+            ClientRequest::SetPartition { isolated_from: vec![] },
+        ];
+        for r in &local {
+            assert!(!r.is_placement_admin(), "{}", r.kind());
+        }
+        // Kinds name requests in refusals and metrics: distinct and readable.
+        let kinds: std::collections::BTreeSet<&str> = placement.iter().chain(&local).map(|r| r.kind()).collect();
+        assert_eq!(kinds.len(), placement.len() + local.len());
+        assert!(kinds.iter().all(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '-') && !k.is_empty()), "{kinds:?}");
+        assert_eq!(Role::Admin.to_string(), "admin");
+    }
 }

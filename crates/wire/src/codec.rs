@@ -79,6 +79,20 @@ mod tests {
         assert_eq!(used, buf.len() / 2);
     }
 
+    /// The limit is inclusive: a frame of exactly `max` bytes passes, one byte more does not.
+    #[test]
+    fn a_frame_of_exactly_the_limit_passes() {
+        let msg = vec![7u8; 100];
+        let len = postcard::to_allocvec(&msg).expect("encode").len();
+        let mut buf = Vec::new();
+        encode_frame(&msg, len, &mut buf).expect("exactly the limit");
+        assert!(matches!(encode_frame(&msg, len - 1, &mut Vec::new()), Err(CodecError::TooLarge { .. })));
+        let header = (len as u32).to_be_bytes();
+        assert_eq!(frame_len(header, len).expect("exactly the limit"), len);
+        assert!(matches!(frame_len(header, len - 1), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(decode_frame::<Vec<u8>>(&buf, len), Ok(Decoded::Frame(_, _))));
+    }
+
     #[test]
     fn oversize_and_garbage_are_errors() {
         let mut buf = Vec::new();

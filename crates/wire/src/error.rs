@@ -48,6 +48,39 @@ pub enum RequestError {
     DiskFull { node: NodeId, free_bytes: u64, reserve_bytes: u64 },
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the client retries (elsewhere, after a refresh, or later) and what it reports at
+    /// once: a refusal that retrying cannot fix must not be retried until the deadline.
+    #[test]
+    fn only_errors_a_retry_can_fix_are_retryable() {
+        let desc = ShardDesc { id: 1, start: 0, end: 1, replicas: vec![], epoch: Default::default() };
+        let retry = [
+            RequestError::NotLeader { shard: 1, leader: None, leader_addr: None },
+            RequestError::StaleEpoch { descriptor: desc.clone() },
+            RequestError::WrongShard { shard: 1, descriptor: Some(desc) },
+            RequestError::ShardNotFound { shard: 1, node: 2 },
+            RequestError::NotBootstrapped,
+            RequestError::Unavailable("no quorum".into()),
+            RequestError::Busy("too many".into()),
+        ];
+        let final_ = [
+            RequestError::KeyTooLarge { len: 5, max: 4 },
+            RequestError::ValueTooLarge { len: 5, max: 4 },
+            RequestError::Malformed("bad".into()),
+            RequestError::NotPermitted("no".into()),
+            RequestError::PermissionDenied { request: "put".into(), needed: crate::Role::Write, has: "read".into() },
+            RequestError::TooLarge("big".into()),
+            RequestError::Internal("bug".into()),
+            RequestError::DiskFull { node: 1, free_bytes: 1, reserve_bytes: 2 },
+        ];
+        assert!(retry.iter().all(|e| e.retryable()), "{retry:?}");
+        assert!(final_.iter().all(|e| !e.retryable()), "{final_:?}");
+    }
+}
+
 impl RequestError {
     /// Whether the same request may succeed if sent again (possibly elsewhere, after a refresh).
     pub fn retryable(&self) -> bool {

@@ -179,4 +179,51 @@ mod tests {
         assert_eq!(map.shard_for_hash(0).map(|s| s.id), Some(1));
         assert_eq!(map.shard_for_hash(u64::MAX).map(|s| s.id), Some(8));
     }
+
+    /// A shard owns exactly `[start, end)`, the last one also `u64::MAX`: a key on a boundary
+    /// belongs to exactly one shard.
+    #[test]
+    fn a_shard_owns_its_range_and_nothing_past_its_bounds() {
+        let mid = ShardDesc { id: 2, start: 100, end: 200, replicas: vec![], epoch: Epoch::default() };
+        assert!(mid.contains(100) && mid.contains(199));
+        assert!(!mid.contains(99) && !mid.contains(200) && !mid.contains(u64::MAX) && !mid.contains(0));
+        let last = ShardDesc { id: 3, start: 200, end: u64::MAX, replicas: vec![], epoch: Epoch::default() };
+        assert!(last.contains(200) && last.contains(u64::MAX - 1) && last.contains(u64::MAX));
+        assert!(!last.contains(199));
+        let first = ShardDesc { id: 1, start: 0, end: 100, replicas: vec![], epoch: Epoch::default() };
+        assert!(first.contains(0) && !first.contains(100) && !first.contains(u64::MAX));
+    }
+
+    #[test]
+    fn lookups_find_exactly_what_was_asked() {
+        let shard = |id, replicas: Vec<NodeId>| ShardDesc { id, start: 0, end: 0, replicas, epoch: Epoch::default() };
+        let node = |id| NodeInfo {
+            id,
+            peer_addr: String::new(),
+            client_addr: String::new(),
+            metrics_addr: String::new(),
+            state: NodeState::Up,
+            incarnation: 0,
+        };
+        let mut map = ClusterMap::default();
+        assert!(!map.is_bootstrapped());
+        map.shards = vec![shard(1, vec![1, 2, 3]), shard(2, vec![2, 3, 4]), shard(3, vec![3, 4, 5])];
+        map.nodes = vec![node(1), node(2), node(3)];
+        map.moves = vec![MoveRecord { shard: 2, from: 4, to: 1, epoch: Epoch::default(), reason: "repair".into() }];
+        assert!(map.is_bootstrapped());
+        assert_eq!(map.shard(2).map(|s| s.id), Some(2));
+        assert!(map.shard(9).is_none());
+        assert_eq!(map.node(3).map(|n| n.id), Some(3));
+        assert!(map.node(9).is_none());
+        assert_eq!(map.move_of(2).map(|m| (m.from, m.to)), Some((4, 1)));
+        assert!(map.move_of(1).is_none());
+        assert_eq!((map.replicas_on(1), map.replicas_on(3), map.replicas_on(4), map.replicas_on(9)), (1, 3, 2, 0));
+    }
+
+    #[test]
+    fn node_states_have_distinct_names() {
+        let all = [NodeState::Joining, NodeState::Up, NodeState::Down, NodeState::Decommissioning, NodeState::Removed];
+        let names: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["joining", "up", "down", "decommissioning", "removed"]);
+    }
 }

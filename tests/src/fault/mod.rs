@@ -160,24 +160,38 @@ pub fn run(cfg: FaultRun) -> anyhow::Result<Report> {
 const CHECK_DEADLINE: Duration = Duration::from_secs(120);
 
 async fn run_in(ns: &netns::Netns, cfg: FaultRun) -> anyhow::Result<Report> {
-    let dir = tempfile::Builder::new().prefix("ringkv-fault-").tempdir()?;
+    // Removed only after a clean run: a failure, an error or a panic keeps it.
+    let dir = tempfile::Builder::new().prefix("ringkv-fault-").tempdir()?.keep();
     let rec = Arc::new(history::Recorder::default());
+    /// Writes the history if the run panics, so the kept directory has it.
+    struct SaveOnPanic<'a>(&'a std::path::Path, &'a history::Recorder);
+    impl Drop for SaveOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.1.save(&self.0.join("history.jsonl"));
+                eprintln!("the fault run panicked; history and cluster kept in {}", self.0.display());
+            }
+        }
+    }
+    let _save = SaveOnPanic(&dir, &rec);
     let mut report = Report { seed: cfg.seed, ..Default::default() };
     // Whatever happens, the history is written and, on failure, kept with the cluster.
-    let result = run_checked(ns, &cfg, dir.path(), &rec, &mut report).await;
-    let history = dir.path().join("history.jsonl");
+    let result = run_checked(ns, &cfg, &dir, &rec, &mut report).await;
+    let history = dir.join("history.jsonl");
     rec.save(&history)?;
     if result.is_err() || !report.anomalies.is_empty() || cfg.keep_dir.is_some() {
         let kept = match &cfg.keep_dir {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
                 let to = d.join(format!("seed-{}", cfg.seed));
-                std::fs::rename(dir.path(), &to).or_else(|_| copy_dir(dir.path(), &to))?;
+                std::fs::rename(&dir, &to).or_else(|_| copy_dir(&dir, &to))?;
                 to
             }
-            None => dir.keep(),
+            None => dir.clone(),
         };
         report.history = Some(kept.join("history.jsonl"));
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
     }
     match result {
         Ok(()) => Ok(report),
