@@ -587,7 +587,8 @@ fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> 
 fn expire_sessions(sm: &StateMachine, below_index: u64, overlay: &mut Overlay, batch: &mut WriteBatch) -> Result<u64, io::Error> {
     let apply_cf = sm.db.cf(CF_APPLY_STATE);
     let prefix = group_tag_key(sm.group, TAG_SESSION);
-    let mut expired = 0;
+    let mut silent: Vec<(u64, SessionRow)> = Vec::new();
+    let mut stored = std::collections::HashSet::new();
     for kv in sm.db.raw().iterator_cf(apply_cf, IteratorMode::From(&prefix, Direction::Forward)) {
         let (k, v) = kv.map_err(io_err)?;
         if !k.starts_with(&prefix) {
@@ -597,24 +598,29 @@ fn expire_sessions(sm: &StateMachine, below_index: u64, overlay: &mut Overlay, b
         let Some(client) = k.get(9..17).filter(|_| k.len() == 17).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes) else {
             continue;
         };
-        // A write earlier in this batch may have renewed the row.
+        stored.insert(client);
+        // A write earlier in this batch may have renewed the row, or an expiry deleted it.
         let row: SessionRow = match overlay.rows.get(&client) {
             Some(r) => r.clone(),
+            None if overlay.expired.contains(&client) => continue,
             None => dec(&v)?,
         };
-        if row.last_index >= below_index {
-            continue;
-        }
-        for seq in &row.live {
-            batch.delete_cf(apply_cf, session_answer_key(sm.group, client, *seq));
-            overlay.answers.insert((client, *seq), None);
-        }
-        batch.delete_cf(apply_cf, session_key(sm.group, client));
-        overlay.rows.remove(&client);
-        overlay.expired.insert(client);
-        expired += 1;
+        silent.push((client, row));
     }
-    Ok(expired)
+    // Rows written earlier in this batch and not stored yet: a replica that applied those
+    // entries in an earlier batch has them stored, and must come to the same result.
+    silent.extend(overlay.rows.iter().filter(|(c, _)| !stored.contains(*c)).map(|(c, r)| (*c, r.clone())));
+    silent.retain(|(_, row)| row.last_index < below_index);
+    for (client, row) in &silent {
+        for seq in &row.live {
+            batch.delete_cf(apply_cf, session_answer_key(sm.group, *client, *seq));
+            overlay.answers.insert((*client, *seq), None);
+        }
+        batch.delete_cf(apply_cf, session_key(sm.group, *client));
+        overlay.rows.remove(client);
+        overlay.expired.insert(*client);
+    }
+    Ok(silent.len() as u64)
 }
 
 /// What a session keeps of an answer: only what the client cannot know. A compare-and-swap
@@ -1059,6 +1065,58 @@ mod tests {
         assert!(err.to_string().contains("deletions"), "{err}");
     }
 
+    /// A write of `client` that acknowledges nothing, so its answers stay until the session
+    /// expires.
+    fn put_keeping(client: u64, seq: u64, key: &[u8]) -> Command {
+        let session = ringkv_wire::Session { client, seq, acked_below: 0 };
+        Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: b"v".to_vec() }) }
+    }
+
+    /// Apply checks every key against the replica's own range (routing checked it before, this
+    /// is the last line): a write of a key outside the shard changes nothing, a batch with one
+    /// such key writes none of it, and a placement command does nothing in a shard group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_writes_only_keys_of_the_replicas_own_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let half = u64::MAX / 2;
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: half });
+        let keys = |low: bool| (0u32..).map(|i| format!("k{i}").into_bytes()).filter(move |k| (ringkv_wire::key_hash(k) < half) == low);
+        let mut inside = keys(true);
+        let mut outside = keys(false);
+        let (a, b, c) = (inside.next().expect("key"), inside.next().expect("key"), inside.next().expect("key"));
+        let (x, y, z) = (outside.next().expect("key"), outside.next().expect("key"), outside.next().expect("key"));
+        // A row outside the range, as a neighbour's leftover would be: deletes and swaps of it
+        // through this replica must not touch it.
+        let mut w = WriteBatch::default();
+        w.put_cf(db.cf(CF_DATA), data_key(&y), b"theirs");
+        db.write_sync(w).expect("write");
+        let put = |k: &[u8]| Command::Put { key: k.to_vec(), value: b"v".to_vec() };
+        apply(
+            &mut sm,
+            vec![
+                entry(1, put(&a)),
+                entry(2, put(&x)),
+                entry(3, Command::Delete { key: y.clone() }),
+                entry(4, Command::Cas { key: z.clone(), expect: None, new: b"v".to_vec() }),
+                entry(5, Command::PutMany { pairs: vec![(b.clone(), b"v".to_vec()), (z.clone(), b"v".to_vec())] }),
+                entry(6, Command::PutMany { pairs: vec![(c.clone(), b"v".to_vec())] }),
+                entry(7, Command::Cas { key: b.clone(), expect: None, new: b"swapped".to_vec() }),
+                entry(8, put(&c)),
+                entry(9, Command::Delete { key: c.clone() }),
+                entry(10, Command::Placement(ringkv_placement::PlacementCommand::SetSettings(Default::default()))),
+            ],
+        )
+        .await;
+        assert_eq!(sm.get(&a).expect("get"), Some(b"v".to_vec()), "in range: written");
+        assert_eq!(sm.get(&x).expect("get"), None, "outside: not written");
+        assert_eq!(db.get_cf(CF_DATA, &data_key(&y)).expect("get"), Some(b"theirs".to_vec()), "outside: not deleted");
+        assert_eq!(sm.get(&z).expect("get"), None, "outside: not swapped in, nor by a batch");
+        assert_eq!(sm.get(&b).expect("get"), Some(b"swapped".to_vec()), "a batch with an outside key wrote nothing");
+        assert_eq!(sm.get(&c).expect("get"), None, "in range: batch put, put and delete applied");
+        assert_eq!(sm.placement_map().expect("map"), None, "a shard group holds no placement map");
+    }
+
     fn put_by(client: u64, seq: u64, key: &[u8]) -> Command {
         let session = ringkv_wire::Session { client, seq, acked_below: seq };
         Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: b"v".to_vec() }) }
@@ -1069,16 +1127,17 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn expired_sessions_are_forgotten_the_same_way_on_every_replica() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // The clients acknowledge nothing, so only the expiry can forget their answers.
         let entries = || {
             vec![
-                entry(1, put_by(1, 1, b"a")),
-                entry(2, put_by(1, 2, b"a")),
-                entry(3, put_by(2, 1, b"b")),
-                entry(4, put_by(3, 1, b"c")),
-                entry(5, put_by(2, 2, b"b")),
-                entry(6, put_by(3, 2, b"c")),
+                entry(1, put_keeping(1, 1, b"a")),
+                entry(2, put_keeping(1, 2, b"a")),
+                entry(3, put_keeping(2, 1, b"b")),
+                entry(4, put_keeping(3, 1, b"c")),
+                entry(5, put_keeping(2, 2, b"b")),
+                entry(6, put_keeping(3, 2, b"c")),
                 entry(7, Command::ExpireSessions { below_index: 5 }),
-                entry(8, put_by(1, 3, b"a")),
+                entry(8, put_keeping(1, 3, b"a")),
             ]
         };
         let mut states = Vec::new();
@@ -1091,10 +1150,12 @@ mod tests {
             }
             // Client 1 (last write at 2 before the cut) was forgotten, then wrote again as new.
             assert_eq!(seqs(&db, 1), vec![3], "{name}");
+            assert_eq!(answer(&db, 1, 1), None, "{name}");
             assert_eq!(answer(&db, 1, 2), None, "{name}");
-            // Client 2 wrote at 5 and client 3 at 6: both are kept.
-            assert_eq!(seqs(&db, 2), vec![2], "{name}");
-            assert_eq!(seqs(&db, 3), vec![2], "{name}");
+            // Client 2 wrote at 5 and client 3 at 6: both are kept, with all their answers.
+            assert_eq!(seqs(&db, 2), vec![1, 2], "{name}");
+            assert_eq!(seqs(&db, 3), vec![1, 2], "{name}");
+            assert!(answer(&db, 2, 1).is_some(), "{name}");
             let rows: Vec<(Vec<u8>, Vec<u8>)> = {
                 let prefix = group_tag_key(1, TAG_SESSION);
                 db.raw()
