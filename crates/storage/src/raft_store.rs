@@ -1117,11 +1117,6 @@ mod tests {
         assert_eq!(sm.placement_map().expect("map"), None, "a shard group holds no placement map");
     }
 
-    fn put_by(client: u64, seq: u64, key: &[u8]) -> Command {
-        let session = ringkv_wire::Session { client, seq, acked_below: seq };
-        Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: b"v".to_vec() }) }
-    }
-
     /// Sessions silent since before the cut are forgotten, row and answers, whatever the apply
     /// batches were; newer ones (also one renewed earlier in the same batch) stay.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,22 @@ pub enum RequestError {
     DiskFull { node: NodeId, free_bytes: u64, reserve_bytes: u64 },
 }
 
+impl RequestError {
+    /// Whether the same request may succeed if sent again (possibly elsewhere, after a refresh).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            RequestError::NotLeader { .. }
+                | RequestError::StaleEpoch { .. }
+                | RequestError::WrongShard { .. }
+                | RequestError::ShardNotFound { .. }
+                | RequestError::NotBootstrapped
+                | RequestError::Unavailable(_)
+                | RequestError::Busy(_)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,21 +94,5 @@ mod tests {
         ];
         assert!(retry.iter().all(|e| e.retryable()), "{retry:?}");
         assert!(final_.iter().all(|e| !e.retryable()), "{final_:?}");
-    }
-}
-
-impl RequestError {
-    /// Whether the same request may succeed if sent again (possibly elsewhere, after a refresh).
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            RequestError::NotLeader { .. }
-                | RequestError::StaleEpoch { .. }
-                | RequestError::WrongShard { .. }
-                | RequestError::ShardNotFound { .. }
-                | RequestError::NotBootstrapped
-                | RequestError::Unavailable(_)
-                | RequestError::Busy(_)
-        )
     }
 }
