@@ -61,10 +61,9 @@ fn postcard_decode(b: &[u8]) -> anyhow::Result<Envelope<ClientResponse>> {
     }
 }
 
-/// How a node answered a QUIC connection made with `tls` to `addr`: the reason it closed the
+/// How a node answered a QUIC connection made with `quic` to `addr`: the reason it closed the
 /// connection within a few seconds, or `None` if it kept it open (it was accepted).
-async fn refusal(addr: &str, tls: rustls::ClientConfig) -> anyhow::Result<Option<String>> {
-    let quic = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+async fn refusal(addr: &str, quic: quinn::ClientConfig) -> anyhow::Result<Option<String>> {
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let conn = match ep.connect_with(quic, addr.parse()?, ringkv_transport::NODE_SERVER_NAME)?.await {
         Ok(c) => c,
@@ -77,25 +76,26 @@ async fn refusal(addr: &str, tls: rustls::ClientConfig) -> anyhow::Result<Option
     Ok(closed.ok().map(|e| e.to_string()))
 }
 
-/// A TLS configuration trusting the cluster CA and offering `ALPN`, with `cert` or none.
-fn tls_with(ca: &std::path::Path, cert: Option<(&std::path::Path, &std::path::Path)>, alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+/// The transport's own client configuration (trusting the cluster CA) with `cert` and `key`.
+fn quic_with(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path, alpn: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
+    let paths = CertPaths { ca: ca.to_path_buf(), cert: cert.to_path_buf(), key: key.to_path_buf() };
+    Ok(ringkv_transport::tls::client_config(&paths, alpn)?)
+}
+
+/// A client configuration trusting the cluster CA that offers no certificate at all (the
+/// transport always sends one, so this one is built by hand).
+fn quic_without_cert(ca: &std::path::Path, alpn: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
         roots.add(c?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots);
-    let mut tls = match cert {
-        Some((cert, key)) => {
-            let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-            builder.with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::from_pem_file(key)?)?
-        }
-        None => builder.with_no_client_auth(),
-    };
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
-    Ok(tls)
+    Ok(quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?)))
 }
 
 fn handshake_failures(tc: &TestCluster, id: u64) -> anyhow::Result<f64> {
@@ -129,30 +129,25 @@ async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() -> anyh
 
     // rustls refuses a certificate of another CA whose name matches the cluster CA's as a bad
     // signature (decrypt_error, alert 51), one of a differently named CA as unknown (48).
-    let cases: [(&str, &str, rustls::ClientConfig, &str); 4] = [
-        (
-            "client port, foreign CA",
-            &seeds[0],
-            tls_with(&ca, Some((&foreign.cert, &foreign.key)), ALPN_CLIENT)?,
-            "invalid peer certificate",
-        ),
-        ("client port, no certificate", &seeds[0], tls_with(&ca, None, ALPN_CLIENT)?, "handshake failed: error 116"),
+    let cases: [(&str, &str, quinn::ClientConfig, &str); 4] = [
+        ("client port, foreign CA", &seeds[0], quic_with(&ca, &foreign.cert, &foreign.key, ALPN_CLIENT)?, "invalid peer certificate"),
+        ("client port, no certificate", &seeds[0], quic_without_cert(&ca, ALPN_CLIENT)?, "handshake failed: error 116"),
         (
             "peer port, client certificate",
             &peer_port,
-            tls_with(&ca, Some((&own.client_cert, &own.client_key)), ringkv_wire::ALPN_PEER)?,
+            quic_with(&ca, &own.client_cert, &own.client_key, ringkv_wire::ALPN_PEER)?,
             "peer port needs a node certificate",
         ),
         (
             "peer port, foreign node",
             &peer_port,
-            tls_with(&ca, Some((&foreign_node.cert, &foreign_node.key)), ringkv_wire::ALPN_PEER)?,
+            quic_with(&ca, &foreign_node.cert, &foreign_node.key, ringkv_wire::ALPN_PEER)?,
             "invalid peer certificate",
         ),
     ];
     let mut wrong = Vec::new();
-    for (what, addr, tls, expect) in cases {
-        let r = refusal(addr, tls).await?;
+    for (what, addr, quic, expect) in cases {
+        let r = refusal(addr, quic).await?;
         eprintln!("{what}: {r:?}");
         if !r.as_deref().is_some_and(|r| r.contains(expect)) {
             wrong.push(format!("{what}: expected a refusal with {expect:?}, got {r:?}"));
@@ -160,7 +155,7 @@ async fn clients_without_a_certificate_from_the_cluster_ca_are_refused() -> anyh
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
     // The control: the same dial with the cluster's own client certificate is kept open.
-    let r = refusal(&seeds[0], tls_with(&ca, Some((&own.client_cert, &own.client_key)), ALPN_CLIENT)?).await?;
+    let r = refusal(&seeds[0], quic_with(&ca, &own.client_cert, &own.client_key, ALPN_CLIENT)?).await?;
     assert!(r.is_none(), "a proper client was refused: {r:?}");
     let after = handshake_failures(&tc, 1)?;
     assert!(after >= before + 4.0, "refusals not counted: {before} -> {after} handshake failures");

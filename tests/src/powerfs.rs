@@ -77,6 +77,14 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from(e)
 }
 
+/// Answers an operation that returns nothing but success or an error.
+fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 const TTL: Duration = Duration::ZERO;
 
 impl PowerFs {
@@ -117,13 +125,9 @@ impl PowerFs {
     pub fn settle(&self) -> std::io::Result<()> {
         let inos: Vec<u64> = lock(&self.state).inodes.keys().copied().collect();
         for ino in inos {
-            self.fs_sync(ino)?;
+            sync_inode(&self.backing, &self.state, ino).map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
         }
         Ok(())
-    }
-
-    fn fs_sync(&self, ino: u64) -> std::io::Result<()> {
-        sync_inode(&self.backing, &self.state, ino).map_err(|e| std::io::Error::from_raw_os_error(e.code()))
     }
 
     /// File syncs served so far.
@@ -323,10 +327,7 @@ impl Filesystem for Fs {
             self.forget_path(&rel);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, r)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -336,10 +337,7 @@ impl Filesystem for Fs {
             self.forget_path(&rel);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, r)
     }
 
     fn rename(
@@ -373,10 +371,7 @@ impl Filesystem for Fs {
             }
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, r)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -434,14 +429,13 @@ impl Filesystem for Fs {
         reply: ReplyData,
     ) {
         let r = (|| {
-            let (rel, pending) = {
-                let s = lock(&self.state);
-                let i = s.inodes.get(&ino.0).ok_or(Errno::ENOENT)?;
-                (i.path.clone(), i.pending.clone())
-            };
-            let f = File::open(self.full(&rel)).map_err(errno)?;
+            // Under the lock, so no write slips in between and the changes need no copy.
+            let s = lock(&self.state);
+            let i = s.inodes.get(&ino.0).ok_or(Errno::ENOENT)?;
+            let (rel, pending) = (&i.path, &i.pending);
+            let f = File::open(self.full(rel)).map_err(errno)?;
             let backing_len = f.metadata().map_err(errno)?.len();
-            let len = logical_len(backing_len, &pending);
+            let len = logical_len(backing_len, pending);
             let end = len.min(offset + size as u64);
             if offset >= end {
                 return Ok(Vec::new());
@@ -453,7 +447,7 @@ impl Filesystem for Fs {
                 f.read_exact_at(&mut buf[..have], offset).map_err(errno)?;
             }
             let mut cur_len = backing_len;
-            for op in &pending {
+            for op in pending {
                 match op {
                     Op::Write(off, d) => {
                         let (lo, hi) = ((*off).max(offset), (off + d.len() as u64).min(end));
@@ -525,10 +519,7 @@ impl Filesystem for Fs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.sync(ino) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.sync(ino))
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

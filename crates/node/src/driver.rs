@@ -100,6 +100,11 @@ impl Default for Driver {
     }
 }
 
+/// How far a leader has replicated to `n` (0: not yet known).
+fn replicated_to(m: &crate::node::RaftMetrics, n: NodeId) -> u64 {
+    m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -240,7 +245,7 @@ impl Node {
         }
         let last = m.last_log_index.unwrap_or(0);
         // How far the leader has replicated to `n` (0: not yet known).
-        let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        let progress = |n: NodeId| replicated_to(&m, n);
         let matched = progress(to);
         // Decide only on a committed membership: an appended but uncommitted change may still
         // be lost with this leader, and a move recorded as finished on it could leave the shard
@@ -347,7 +352,7 @@ impl Node {
             .collect();
         for r in led {
             let m = r.raft.metrics().borrow_watched().clone();
-            let progress = |n: NodeId| m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+            let progress = |n: NodeId| replicated_to(&m, n);
             let voters = m.membership_config.membership().voter_ids().filter(|n| *n != self.id());
             if let Some(to) = voters.max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
                 tracing::warn!("shard {}: no placement contact for over {MAP_STALE_AFTER:?}, handing leadership to node {to}", r.group);

@@ -126,7 +126,6 @@ impl PeerPool {
                 old.close();
             });
         }
-        metrics::gauge!("ringkv_transport_peer_connections").set(self.connections() as f64);
         Ok(kept)
     }
 
