@@ -1085,6 +1085,7 @@ mod tests {
         let mut inside = keys(true);
         let mut outside = keys(false);
         let (a, b, c) = (inside.next().expect("key"), inside.next().expect("key"), inside.next().expect("key"));
+        let d = inside.next().expect("key");
         let (x, y, z) = (outside.next().expect("key"), outside.next().expect("key"), outside.next().expect("key"));
         // A row outside the range, as a neighbour's leftover would be: deletes and swaps of it
         // through this replica must not touch it.
@@ -1100,7 +1101,7 @@ mod tests {
                 entry(3, Command::Delete { key: y.clone() }),
                 entry(4, Command::Cas { key: z.clone(), expect: None, new: b"v".to_vec() }),
                 entry(5, Command::PutMany { pairs: vec![(b.clone(), b"v".to_vec()), (z.clone(), b"v".to_vec())] }),
-                entry(6, Command::PutMany { pairs: vec![(c.clone(), b"v".to_vec())] }),
+                entry(6, Command::PutMany { pairs: vec![(c.clone(), b"v".to_vec()), (d.clone(), b"many".to_vec())] }),
                 entry(7, Command::Cas { key: b.clone(), expect: None, new: b"swapped".to_vec() }),
                 entry(8, put(&c)),
                 entry(9, Command::Delete { key: c.clone() }),
@@ -1114,7 +1115,70 @@ mod tests {
         assert_eq!(sm.get(&z).expect("get"), None, "outside: not swapped in, nor by a batch");
         assert_eq!(sm.get(&b).expect("get"), Some(b"swapped".to_vec()), "a batch with an outside key wrote nothing");
         assert_eq!(sm.get(&c).expect("get"), None, "in range: batch put, put and delete applied");
+        assert_eq!(sm.get(&d).expect("get"), Some(b"many".to_vec()), "in range: a whole batch put applied");
         assert_eq!(sm.placement_map().expect("map"), None, "a shard group holds no placement map");
+    }
+
+    /// A placement command (here a valid bootstrap) changes the map of the placement group only;
+    /// a shard group refuses it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn placement_commands_apply_in_the_placement_group_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let nodes = (1..=3)
+            .map(|id| ringkv_wire::NodeInfo {
+                id,
+                peer_addr: format!("127.0.0.1:{}", 7000 + id),
+                client_addr: format!("127.0.0.1:{}", 8000 + id),
+                metrics_addr: String::new(),
+                state: ringkv_wire::NodeState::Joining,
+                incarnation: 0,
+            })
+            .collect();
+        let bootstrap = ringkv_placement::PlacementCommand::Bootstrap { cluster_id: "c".into(), nodes, shards: 4, replication: 3 };
+        let run = |sm: &StateMachine| {
+            let (mut b, mut map) = (WriteBatch::default(), None);
+            let r = exec(sm, 1, Command::Placement(bootstrap.clone()), &mut Overlay::default(), &mut b, &mut map).expect("exec");
+            db.write(b).expect("write");
+            r
+        };
+        let shard = StateMachine::new(db.clone(), 2, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        assert!(matches!(run(&shard), CommandResult::Refused(_)), "a shard group refuses placement commands");
+        assert_eq!(shard.placement_map().expect("map"), None);
+        let placement = StateMachine::new(db.clone(), 0, ReplicaKind::Placement);
+        assert_eq!(run(&placement), CommandResult::Placement(Ok(())));
+        let map = placement.placement_map().expect("map").expect("the placement group stored its map");
+        assert_eq!((map.cluster_id.as_str(), map.shards.len()), ("c", 4));
+        assert_eq!(shard.placement_map().expect("map"), None, "still none in the shard group");
+    }
+
+    /// The session floor's boundaries: `acked_below = n` forgets the answers below `n` and keeps
+    /// `n`'s (the client may still retry it), and a write with seq `n` that arrives after the
+    /// floor moved to `n` still applies, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_session_floor_keeps_the_sequence_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        let put = |seq, acked_below, key: &[u8], v: &[u8]| {
+            let session = ringkv_wire::Session { client: 9, seq, acked_below };
+            Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: v.to_vec() }) }
+        };
+        apply(&mut sm, vec![entry(1, put(4, 0, b"a", b"4")), entry(2, put(5, 0, b"b", b"5"))]).await;
+        // Seq 7 acknowledges everything below 5: 4 is forgotten, 5 kept.
+        apply(&mut sm, vec![entry(3, put(7, 5, b"c", b"7"))]).await;
+        assert_eq!(seqs(&db, 9), vec![5, 7]);
+        // A retry of 5 is answered from its kept answer and not applied again.
+        apply(&mut sm, vec![entry(4, put(5, 5, b"b", b"retried"))]).await;
+        assert_eq!(sm.get(b"b").expect("get"), Some(b"5".to_vec()));
+        assert_eq!(answer(&db, 9, 4), None);
+        // Seq 8 moves the floor to 6; seq 6 was never applied (sent before 8, ordered after it):
+        // it is at the floor, not below, so it applies, once.
+        apply(&mut sm, vec![entry(5, put(8, 6, b"e", b"8")), entry(6, put(6, 6, b"d", b"6"))]).await;
+        assert_eq!(sm.get(b"d").expect("get"), Some(b"6".to_vec()));
+        apply(&mut sm, vec![entry(7, put(6, 6, b"d", b"again"))]).await;
+        assert_eq!(sm.get(b"d").expect("get"), Some(b"6".to_vec()), "a retry of 6 is answered, not applied");
+        assert_eq!(seqs(&db, 9), vec![7, 8, 6]);
     }
 
     /// Sessions silent since before the cut are forgotten, row and answers, whatever the apply
