@@ -60,7 +60,7 @@ async fn handle(config: &ClientConfig, job: Job) -> anyhow::Result<Reply> {
         Job::Run(mut spec) => {
             spec.preload = false;
             let clients = connect_clients(config, &spec).await?;
-            let r = execute(&clients, &spec).await;
+            let r = execute(&clients, &spec, &[]).await;
             close(&clients);
             Ok(Reply::Result(Box::new(r?)))
         }

@@ -112,6 +112,13 @@ pub struct RunResult {
     pub histogram: HistData,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_op_hist: BTreeMap<String, HistData>,
+    /// CPU time (user + system) of the node processes over the measured phase, per completed
+    /// operation; absent when the nodes are not processes of this host.
+    #[serde(default)]
+    pub cpu_us_per_op_nodes: Option<f64>,
+    /// CPU time of the load generator over the measured phase, per completed operation.
+    #[serde(default)]
+    pub cpu_us_per_op_bench: Option<f64>,
 }
 
 /// Latencies and errors of the workers sharing one client.
@@ -347,7 +354,9 @@ impl Second {
 }
 
 /// Runs the warm-up and measured phases with `clients` (preloading first if the spec asks).
-pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<RunResult> {
+/// `node_pids` are the cluster's node processes on this host, whose CPU time the result
+/// reports per operation (empty: not reported).
+pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec, node_pids: &[u32]) -> anyhow::Result<RunResult> {
     spec.validate()?;
     anyhow::ensure!(!clients.is_empty(), "no clients");
     if spec.preload {
@@ -375,6 +384,7 @@ pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<
     let mut series = Vec::new();
     let mut tick = tokio::time::interval_at(measure_start.into(), Duration::from_secs(1));
     tick.tick().await;
+    let cpu_start = CpuSample::take(node_pids);
     pb.set_position(spec.warmup_ms / 1000);
     pb.set_prefix("measure");
     loop {
@@ -387,6 +397,7 @@ pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<
             break;
         }
     }
+    let cpu_end = CpuSample::take(node_pids);
     while let Some(r) = set.join_next().await {
         r?;
     }
@@ -426,7 +437,27 @@ pub async fn execute(clients: &[Arc<Client>], spec: &RunSpec) -> anyhow::Result<
     let mut r =
         assemble(spec.clone(), 1, spec.duration_ms as f64 / 1000.0, None, per_op_hist, errors_by_kind, cas_conflicts, read_misses, series)?;
     r.not_issued = not_issued;
+    if r.ops > 0 {
+        let per_op = |us: Option<f64>| us.map(|us| us / r.ops as f64);
+        r.cpu_us_per_op_nodes = per_op(cpu_end.nodes_us.zip(cpu_start.nodes_us).map(|(e, s)| e - s));
+        r.cpu_us_per_op_bench = per_op(cpu_end.bench_us.zip(cpu_start.bench_us).map(|(e, s)| e - s));
+    }
     Ok(r)
+}
+
+/// CPU time used so far by the node processes (summed) and by this process, in µs; `None`
+/// where /proc cannot tell (no pids, a node gone, not Linux).
+struct CpuSample {
+    nodes_us: Option<f64>,
+    bench_us: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(node_pids: &[u32]) -> CpuSample {
+        let us = |pid: u32| crate::sweep::cpu_us(pid).ok();
+        let nodes_us = if node_pids.is_empty() { None } else { node_pids.iter().map(|p| us(*p)).sum::<Option<f64>>() };
+        CpuSample { nodes_us, bench_us: us(std::process::id()) }
+    }
 }
 
 /// Builds a result from its histograms and counters; `rate` overrides ops/elapsed (merging).
@@ -471,6 +502,8 @@ fn assemble(
         spec,
         histogram: HistData::of(&all),
         per_op_hist,
+        cpu_us_per_op_nodes: None,
+        cpu_us_per_op_bench: None,
     })
 }
 
@@ -588,6 +621,10 @@ impl RunResult {
             out.push_str(&format!("; reads of missing keys {}", self.read_misses));
         }
         out.push('\n');
+        if let Some(nodes) = self.cpu_us_per_op_nodes {
+            let bench = self.cpu_us_per_op_bench.map(|b| format!(", load generator {b:.0} µs")).unwrap_or_default();
+            out.push_str(&format!("cpu per op: nodes {nodes:.0} µs{bench}\n"));
+        }
         if let Some(rate) = s.rate {
             let done = self.ops_per_sec + self.errors as f64 / self.elapsed_s.max(1e-9);
             if done < rate * 0.95 || self.not_issued > 0 {

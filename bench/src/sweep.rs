@@ -25,20 +25,34 @@ pub async fn run(target: &Target, spec: &RunSpec) -> anyhow::Result<RunResult> {
     match target {
         Target::Local(l) => {
             let local = Local::start(l).await?;
-            let result = run_with(&local.client_config(), spec).await;
+            let pids: Vec<u32> = node_pids(&local).into_iter().map(|(_, p)| p).collect();
+            let result = run_with(&local.client_config(), spec, &pids).await;
             if let Some(kept) = local.finish(result.is_ok()).await {
                 eprintln!("the run failed; the cluster's data and node logs are kept in {}", kept.display());
             }
             result
         }
-        Target::Cluster(path) => run_with(&cluster_file(path)?, spec).await,
+        Target::Cluster(path) => run_with(&cluster_file(path)?, spec, &local_node_pids(path)).await,
         Target::Hosts(hosts) => crate::agent::run_on_hosts(hosts, spec).await,
     }
 }
 
-async fn run_with(config: &ringkv_client::ClientConfig, spec: &RunSpec) -> anyhow::Result<RunResult> {
+/// The pids a cluster file lists for nodes running on this host (a cluster started elsewhere
+/// lists none, or pids that are not its nodes here: only those whose command is `ringkv` count).
+fn local_node_pids(path: &std::path::Path) -> Vec<u32> {
+    let Ok(file) = ringkv_node::dev::ClusterFile::load(path) else { return vec![] };
+    let is_ringkv = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ringkv");
+    let pids: Vec<u32> = file.nodes.iter().filter_map(|n| n.pid).collect();
+    if pids.iter().all(|p| is_ringkv(*p)) {
+        pids
+    } else {
+        vec![]
+    }
+}
+
+async fn run_with(config: &ringkv_client::ClientConfig, spec: &RunSpec, node_pids: &[u32]) -> anyhow::Result<RunResult> {
     let clients = connect_clients(config, spec).await?;
-    let r = execute(&clients, spec).await;
+    let r = execute(&clients, spec, node_pids).await;
     for c in &clients {
         c.close();
     }
@@ -217,6 +231,11 @@ pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let utime: u64 = f.get(11).ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?.parse()?;
     let stime: u64 = f.get(12).ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?.parse()?;
     Ok(utime + stime)
+}
+
+/// CPU time (user + system) a process has used, in µs.
+pub fn cpu_us(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_ticks(pid)? as f64 * 1e6 / clock_ticks())
 }
 
 /// Resident memory of a process in MiB, from /proc/PID/status.

@@ -104,6 +104,15 @@ pub struct Node {
     pub disk_free: std::sync::atomic::AtomicU64,
 }
 
+/// How long after a follower's last acknowledged append its leader skips heartbeats to it:
+/// two heartbeat intervals, at most what openraft allows (heartbeat interval + this + one tick
+/// of `heartbeat_interval * 13 / 64` below the election timeout).
+pub fn heartbeat_suppression_ms(t: &crate::config::RaftTuning) -> u64 {
+    let tick = t.heartbeat_interval_ms * 13 / 64;
+    let room = t.election_timeout_min_ms.saturating_sub(t.heartbeat_interval_ms + tick + 1);
+    (2 * t.heartbeat_interval_ms).min(room)
+}
+
 impl Node {
     pub fn id(&self) -> NodeId {
         self.config.id
@@ -121,6 +130,10 @@ impl Node {
         let cfg = openraft::Config {
             cluster_name: "ringkv".into(),
             heartbeat_interval: t.heartbeat_interval_ms,
+            // Under load, appends prove what heartbeats would: a follower that acknowledged
+            // one within this time gets no heartbeat (openraft's suppression; it must leave a
+            // heartbeat interval and a tick before the election timeout).
+            heartbeat_min_interval: Some(heartbeat_suppression_ms(t)).filter(|ms| *ms > 0),
             election_timeout_min: t.election_timeout_min_ms,
             election_timeout_max: t.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs_since_last),
@@ -592,6 +605,25 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 mod tests {
     use super::*;
     use crate::config::{CertPathsOf, Limits, RaftTuning, TlsConfig};
+
+    /// Heartbeats are suppressed as long as openraft allows with the default and the test
+    /// timers, and the resulting configuration validates; timers too tight for it get none.
+    #[test]
+    fn heartbeat_suppression_fits_the_election_timeout() {
+        let tuning = |hb, min, max| RaftTuning {
+            heartbeat_interval_ms: hb,
+            election_timeout_min_ms: min,
+            election_timeout_max_ms: max,
+            ..Default::default()
+        };
+        for (t, want) in
+            [(RaftTuning::default(), 500), (tuning(100, 500, 1000), 200), (tuning(250, 600, 1200), 299), (tuning(100, 120, 240), 0)]
+        {
+            assert_eq!(heartbeat_suppression_ms(&t), want);
+            let cfg = Node::raft_config(&t).expect("valid");
+            assert_eq!(cfg.heartbeat_min_interval, Some(want).filter(|w| *w > 0));
+        }
+    }
 
     fn config(dir: &std::path::Path) -> NodeConfig {
         let certs = dir.join("certs");

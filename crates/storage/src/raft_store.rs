@@ -31,11 +31,28 @@ fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, io::Error> {
 pub struct LogStore {
     db: Arc<Db>,
     group: GroupId,
+    committed: Arc<Mutex<Committed>>,
+}
+
+/// How often a group writes its commit index on its own; in between, it rides along with the
+/// group's next append. A saved commit index only lets a restarted replica re-apply its log
+/// before it hears from a leader, so an older one costs nothing but that.
+pub const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The commit index not written yet, and when it was last written.
+struct Committed {
+    pending: Option<Option<LogId>>,
+    saved_at: std::time::Instant,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Db>, group: GroupId) -> Self {
-        LogStore { db, group }
+        let committed = Committed { pending: None, saved_at: std::time::Instant::now() };
+        LogStore { db, group, committed: Arc::new(Mutex::new(committed)) }
+    }
+
+    fn committed_state(&self) -> std::sync::MutexGuard<'_, Committed> {
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn state<T: DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, io::Error> {
@@ -112,12 +129,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        {
+            let mut c = self.committed_state();
+            if c.saved_at.elapsed() < COMMITTED_SAVE_INTERVAL {
+                c.pending = Some(committed);
+                return Ok(());
+            }
+            c.pending = None;
+            c.saved_at = std::time::Instant::now();
+        }
         let mut b = WriteBatch::default();
         b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_COMMITTED), enc(&committed)?);
         self.db.write(b)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        if let Some(pending) = self.committed_state().pending {
+            return Ok(pending);
+        }
         Ok(self.state::<Option<LogId>>(TAG_COMMITTED)?.flatten())
     }
 
@@ -132,6 +161,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             b.put_cf(cf, log_key(self.group, e.log_id.index), enc(&e)?);
             n += 1;
+        }
+        if let Some(committed) = self.committed_state().pending.take() {
+            b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_COMMITTED), enc(&committed)?);
         }
         metrics::counter!("ringkv_raft_log_appended_entries_total").increment(n);
         fail::fail_point!("raft::append");
@@ -662,8 +694,11 @@ fn exec(
                 None if overlay.expired.contains(&client) => SessionRow::default(),
                 None => session_row(sm, client)?,
             };
+            // The row lists exactly the answers kept (a missing row was rebuilt from them), so
+            // a new write, not in it, costs no lookup.
             let answer = match overlay.answers.get(&(client, seq)) {
                 Some(a) => a.clone(),
+                None if !row.live.contains(&seq) => None,
                 None => sm.db.get_cf(CF_APPLY_STATE, &session_answer_key(sm.group, client, seq))?.map(|b| dec(&b)).transpose()?,
             };
             if let Some(r) = answer {
