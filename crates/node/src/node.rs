@@ -218,7 +218,7 @@ impl Node {
         }
         register_replica(&self.db, group, kind)?;
         let log = LogStore::new(self.db.clone(), group);
-        let sm = StateMachine::new(self.db.clone(), group, kind);
+        let sm = StateMachine::new(self.db.clone(), group, kind).with_log_cache(log.cache());
         let append_floor = Duration::from_millis(self.raft_config.election_timeout_min);
         let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone(), append_floor, throttle: self.snapshot_throttle.clone() };
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())

@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod keys;
+pub mod log_cache;
 pub mod raft_store;
 pub mod types;
 

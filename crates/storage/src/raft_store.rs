@@ -16,6 +16,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::db::{io_err, Db};
 use crate::keys::*;
+use crate::log_cache::LogCache;
 use crate::types::*;
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, io::Error> {
@@ -32,6 +33,7 @@ pub struct LogStore {
     db: Arc<Db>,
     group: GroupId,
     committed: Arc<Mutex<Committed>>,
+    cache: LogCache,
 }
 
 /// How often a group writes its commit index on its own; in between, it rides along with the
@@ -48,7 +50,12 @@ struct Committed {
 impl LogStore {
     pub fn new(db: Arc<Db>, group: GroupId) -> Self {
         let committed = Committed { pending: None, saved_at: std::time::Instant::now() };
-        LogStore { db, group, committed: Arc::new(Mutex::new(committed)) }
+        LogStore { db, group, committed: Arc::new(Mutex::new(committed)), cache: LogCache::default() }
+    }
+
+    /// The group's in-memory log tail, for its state machine to drop what it applied.
+    pub fn cache(&self) -> LogCache {
+        self.cache.clone()
     }
 
     fn committed_state(&self) -> std::sync::MutexGuard<'_, Committed> {
@@ -86,6 +93,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => Some(e),
             Bound::Unbounded => None,
         };
+        metrics::counter!("ringkv_raft_log_reads_total").increment(1);
+        if let Some(entries) = self.cache.get(start, end) {
+            return Ok(entries);
+        }
+        metrics::counter!("ringkv_raft_log_cache_misses_total").increment(1);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(match end {
             Some(e) => log_key(self.group, e).to_vec(),
@@ -157,11 +169,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.db.cf(CF_RAFT_LOG);
         let mut b = WriteBatch::default();
-        let mut n = 0u64;
+        let mut cached = Vec::new();
         for e in entries {
-            b.put_cf(cf, log_key(self.group, e.log_id.index), enc(&e)?);
-            n += 1;
+            let bytes = enc(&e)?;
+            b.put_cf(cf, log_key(self.group, e.log_id.index), &bytes);
+            cached.push((e, bytes.len()));
         }
+        let n = cached.len() as u64;
+        // Readable (from memory) as soon as this returns, like the write below.
+        self.cache.append(cached);
         if let Some(committed) = self.committed_state().pending.take() {
             b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_COMMITTED), enc(&committed)?);
         }
@@ -174,6 +190,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        self.cache.truncate_after(last_log_id.map(|l| l.index));
         let mut b = WriteBatch::default();
         b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, from), log_key(self.group + 1, 0));
         self.db.write_sync(b)
@@ -181,6 +198,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         fail::fail_point!("raft::purge");
+        self.cache.forget_through(log_id.index);
         let mut b = WriteBatch::default();
         b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_PURGED), enc(&log_id)?);
         b.delete_range_cf(self.db.cf(CF_RAFT_LOG), log_key(self.group, 0), log_key(self.group, log_id.index + 1));
@@ -435,6 +453,8 @@ pub struct StateMachine {
     installing: Arc<std::sync::atomic::AtomicBool>,
     /// Size at which a snapshot's SST file is closed and the next key range starts.
     pub file_bytes: u64,
+    /// The group's in-memory log tail: applied entries leave it.
+    log_cache: Option<LogCache>,
 }
 
 impl StateMachine {
@@ -446,7 +466,14 @@ impl StateMachine {
             current: Arc::new(Mutex::new(None)),
             installing: Default::default(),
             file_bytes: SNAPSHOT_FILE_BYTES,
+            log_cache: None,
         }
+    }
+
+    /// Lets applied entries leave the group's in-memory log tail (`LogStore::cache`).
+    pub fn with_log_cache(mut self, cache: LogCache) -> Self {
+        self.log_cache = Some(cache);
+        self
     }
 
     /// Whether a snapshot is being installed (its applied state must not be read).
@@ -846,6 +873,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db.write(batch)?;
         fail::fail_point!("raft::apply::after");
         metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
+        if let (Some(cache), Some(last)) = (&self.log_cache, last) {
+            cache.forget_through(last.index);
+        }
         for (r, result) in responders {
             r.send(result);
         }

@@ -1,0 +1,168 @@
+//! The tail of one group's Raft log, kept in memory so replication and apply read what was just
+//! appended without going back to RocksDB.
+//!
+//! The cache always holds a contiguous suffix of the log: every append goes into it, a
+//! truncation cuts it at the same index as the log, and it only loses entries from the front
+//! (applied here, purged, or over its bounds). A read it cannot serve whole goes to RocksDB.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::types::Entry;
+
+/// Most entries a group keeps in memory.
+pub const LOG_CACHE_ENTRIES_MAX: usize = 1024;
+/// Most bytes (encoded) of entries a group keeps in memory.
+pub const LOG_CACHE_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Default)]
+struct Tail {
+    /// Entries with their encoded size, in index order without gaps.
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, n)) = self.entries.pop_front() {
+            self.bytes -= n;
+        }
+    }
+
+    fn pop_back(&mut self) {
+        if let Some((_, n)) = self.entries.pop_back() {
+            self.bytes -= n;
+        }
+    }
+}
+
+/// One group's cached log tail, shared by its log store, readers and state machine.
+#[derive(Clone, Default)]
+pub struct LogCache {
+    tail: Arc<Mutex<Tail>>,
+}
+
+impl LogCache {
+    fn lock(&self) -> MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in entries just appended to the log (with their encoded sizes). Entries at or
+    /// after the first one's index are replaced; a gap before it starts the cache afresh.
+    pub fn append(&self, entries: impl IntoIterator<Item = (Entry, usize)>) {
+        let mut t = self.lock();
+        for (e, n) in entries {
+            let index = e.log_id.index;
+            while t.entries.back().is_some_and(|(last, _)| last.log_id.index >= index) {
+                t.pop_back();
+            }
+            if t.entries.back().is_some_and(|(last, _)| last.log_id.index + 1 != index) {
+                *t = Tail::default();
+            }
+            t.bytes += n;
+            t.entries.push_back((e, n));
+        }
+        while t.entries.len() > LOG_CACHE_ENTRIES_MAX || (t.bytes > LOG_CACHE_BYTES_MAX && t.entries.len() > 1) {
+            t.pop_front();
+        }
+    }
+
+    /// The log lost every entry after `index` (`None`: all of them).
+    pub fn truncate_after(&self, index: Option<u64>) {
+        let mut t = self.lock();
+        while t.entries.back().is_some_and(|(last, _)| Some(last.log_id.index) > index) {
+            t.pop_back();
+        }
+    }
+
+    /// Drops entries up to and including `index` (purged from the log, or applied and no
+    /// longer needed).
+    pub fn forget_through(&self, index: u64) {
+        let mut t = self.lock();
+        while t.first_index().is_some_and(|first| first <= index) {
+            t.pop_front();
+        }
+    }
+
+    /// The entries `[start, end)` (`end` `None`: to the end of the log), if the cache holds
+    /// all of them. As the cache is the log's tail, a range past its end is served as far as
+    /// the log goes.
+    pub fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let t = self.lock();
+        let first = t.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = usize::try_from(start - first).ok()?;
+        let take = match end {
+            Some(end) => usize::try_from(end.saturating_sub(start)).ok()?,
+            None => usize::MAX,
+        };
+        Some(t.entries.iter().skip(skip).take(take).map(|(e, _)| e.clone()).collect())
+    }
+
+    /// Entries and encoded bytes held.
+    pub fn size(&self) -> (usize, usize) {
+        let t = self.lock();
+        (t.entries.len(), t.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use openraft::EntryPayload;
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> (Entry, usize) {
+        let leader = openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 };
+        (Entry::new(openraft::LogId::new(leader, index), EntryPayload::Blank), 100)
+    }
+
+    fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        v.map(|v| v.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect())
+    }
+
+    #[test]
+    fn serves_only_ranges_it_holds_whole_and_follows_truncation_and_purge() {
+        let c = LogCache::default();
+        assert_eq!(indexes(c.get(1, None)), None, "empty: nothing served");
+        c.append((5..=9).map(|i| entry(1, i)));
+        assert_eq!(indexes(c.get(4, Some(6))), None, "starts before the cache");
+        assert_eq!(indexes(c.get(5, Some(7))), Some(vec![(1, 5), (1, 6)]));
+        assert_eq!(indexes(c.get(8, None)), Some(vec![(1, 8), (1, 9)]));
+        assert_eq!(indexes(c.get(9, Some(20))), Some(vec![(1, 9)]), "past the end: as far as the log goes");
+        assert_eq!(indexes(c.get(10, Some(12))), Some(vec![]));
+        // A new leader overwrites from 8 on: after truncation, and also without it.
+        c.truncate_after(Some(7));
+        c.append([entry(2, 8)]);
+        c.append([entry(3, 8), entry(3, 9)]);
+        assert_eq!(indexes(c.get(6, None)), Some(vec![(1, 6), (1, 7), (3, 8), (3, 9)]));
+        c.forget_through(6);
+        assert_eq!(indexes(c.get(6, None)), None);
+        assert_eq!(indexes(c.get(7, None)), Some(vec![(1, 7), (3, 8), (3, 9)]));
+        // A gap (e.g. after a snapshot) starts the cache afresh.
+        c.append([entry(3, 20)]);
+        assert_eq!(indexes(c.get(9, None)), None);
+        assert_eq!(indexes(c.get(20, None)), Some(vec![(3, 20)]));
+        c.truncate_after(None);
+        assert_eq!(c.size(), (0, 0));
+    }
+
+    #[test]
+    fn stays_within_its_bounds_keeping_the_newest() {
+        let c = LogCache::default();
+        c.append((1..=(LOG_CACHE_ENTRIES_MAX as u64 + 10)).map(|i| entry(1, i)));
+        assert_eq!(c.size().0, LOG_CACHE_ENTRIES_MAX);
+        assert_eq!(indexes(c.get(11, Some(12))), Some(vec![(1, 11)]));
+        assert_eq!(indexes(c.get(10, Some(12))), None);
+        let big = |i| (entry(1, i).0, LOG_CACHE_BYTES_MAX / 2 + 1);
+        c.append([big(LOG_CACHE_ENTRIES_MAX as u64 + 11), big(LOG_CACHE_ENTRIES_MAX as u64 + 12)]);
+        assert_eq!(c.size(), (1, LOG_CACHE_BYTES_MAX / 2 + 1), "bytes bound: only the newest stays");
+    }
+}
