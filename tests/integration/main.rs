@@ -14,5 +14,6 @@ mod faults;
 mod jepsen;
 mod placement;
 mod power_loss;
+mod quiesce;
 mod routing;
 mod security;

@@ -31,7 +31,7 @@ pub async fn bootstrap(node: &Arc<Node>, nodes: Vec<NodeInfo>, shards: u64, repl
     let cmd = Command::Placement(PlacementCommand::Bootstrap { cluster_id, nodes, shards, replication });
     let started = Instant::now();
     loop {
-        match r.raft.client_write(cmd.clone()).await {
+        match r.active().client_write(cmd.clone()).await {
             Ok(resp) => match resp.data {
                 CommandResult::Placement(Ok(())) => break,
                 CommandResult::Placement(Err(e)) => return Err(RequestError::NotPermitted(e.to_string())),

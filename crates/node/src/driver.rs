@@ -215,10 +215,10 @@ impl Node {
                 };
                 GroupStat {
                     group: r.group,
-                    is_leader: m.state.is_leader() && cut_off_from_quorum(&m, limit).is_none(),
+                    is_leader: m.state.is_leader() && r.cut_off(&m, limit).is_none(),
                     term: m.current_term,
                     applied,
-                    bytes: r.sm.approximate_bytes(),
+                    bytes: r.approximate_bytes(),
                     applied_per_sec: rate,
                 }
             })
@@ -263,7 +263,7 @@ impl Node {
         let is_learner = membership.learner_ids().any(|l| l == to);
         let raft_err = |e: String| RequestError::Unavailable(format!("shard {shard}: {e}"));
         let change = |members: ChangeMembers<NodeId, PeerNode>| async {
-            match tokio::time::timeout(STEP_TIMEOUT, r.raft.change_membership(members, false)).await {
+            match tokio::time::timeout(STEP_TIMEOUT, r.active().change_membership(members, false)).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(raft_err(e.to_string())),
                 Err(_) => Err(raft_err(format!("membership change not committed within {STEP_TIMEOUT:?}"))),
@@ -291,7 +291,7 @@ impl Node {
             return Ok(MoveStage::Cancelled);
         }
         if !is_learner {
-            tokio::time::timeout(STEP_TIMEOUT, r.raft.add_learner(to, PeerNode { peer_addr: to_addr }, false))
+            tokio::time::timeout(STEP_TIMEOUT, r.active().add_learner(to, PeerNode { peer_addr: to_addr }, false))
                 .await
                 .map_err(|_| raft_err("adding the learner timed out".into()))?
                 .map_err(|e| raft_err(e.to_string()))?;
@@ -305,7 +305,7 @@ impl Node {
             // that stays.
             // To the voter furthest along, so the shard is not left waiting for a laggard.
             if let Some(next) = old.iter().copied().filter(|n| *n != from).max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
-                r.raft.trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
+                r.active().trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
             }
             return Ok(MoveStage::Learner { matched, last });
         }
@@ -357,7 +357,7 @@ impl Node {
             if let Some(to) = voters.max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
                 tracing::warn!("shard {}: no placement contact for over {MAP_STALE_AFTER:?}, handing leadership to node {to}", r.group);
                 metrics::counter!("ringkv_leaderships_yielded_total").increment(1);
-                if let Err(e) = r.raft.trigger().transfer_leader(to).await {
+                if let Err(e) = r.active().trigger().transfer_leader(to).await {
                     tracing::warn!("shard {}: leader transfer to node {to} failed: {e}", r.group);
                 }
             }
@@ -418,7 +418,7 @@ impl Node {
             let leader = r.raft.metrics().borrow_watched().current_leader;
             return Err(self.not_leader(shard, leader));
         }
-        r.raft.trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))
+        r.active().trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))
     }
 }
 
@@ -445,7 +445,7 @@ pub async fn handle(node: &Arc<Node>, r: &Replica, req: PeerRequest) -> Result<P
 
 /// Commits a placement command through the placement group; answers the map after it.
 pub async fn propose(r: &Replica, cmd: PlacementCommand) -> Result<ClusterMap, RequestError> {
-    let res = tokio::time::timeout(FORWARD_TIMEOUT, r.raft.client_write(Command::Placement(cmd)))
+    let res = tokio::time::timeout(FORWARD_TIMEOUT, r.active().client_write(Command::Placement(cmd)))
         .await
         .map_err(|_| RequestError::Unavailable(format!("the placement group did not commit within {FORWARD_TIMEOUT:?}")))?;
     match res.map(|resp| resp.data) {
@@ -656,7 +656,7 @@ pub async fn session_expiry_loop(node: Arc<Node>) {
                 continue;
             }
             let cmd = Command::ExpireSessions { below_index };
-            match tokio::time::timeout(Duration::from_secs(5), r.raft.client_write(cmd)).await {
+            match tokio::time::timeout(Duration::from_secs(5), r.active().client_write(cmd)).await {
                 Ok(Ok(_)) => {
                     proposed.insert(r.group, below_index);
                 }

@@ -8,6 +8,7 @@ pub mod driver;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod quiesce;
 pub mod service;
 pub mod snapshot;
 
@@ -72,6 +73,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let executor_task = tokio::spawn(driver::executor_loop(node.clone()));
     let sessions_task = tokio::spawn(driver::session_expiry_loop(node.clone()));
     tokio::spawn(node.clone().disk_space_loop());
+    tokio::spawn(node.clone().quiesce_loop());
 
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
     tokio::pin!(shutdown);

@@ -56,13 +56,33 @@ pub struct Replica {
     pub retired: std::sync::atomic::AtomicBool,
     /// When this node started it.
     pub started: std::time::Instant,
+    /// Whether the group is quiet (see `quiesce`).
+    pub quiet: crate::quiesce::Quiet,
+    /// The state machine's approximate size and when it was measured.
+    size: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Replica {
     pub fn kind(&self) -> ReplicaKind {
         self.sm.kind()
     }
+
+    /// The state machine's approximate size, measured at most once per [`SIZE_REFRESH`].
+    pub fn approximate_bytes(&self) -> u64 {
+        let mut s = self.size.lock().unwrap_or_else(|p| p.into_inner());
+        match *s {
+            Some((at, bytes)) if at.elapsed() < SIZE_REFRESH => bytes,
+            _ => {
+                let bytes = self.sm.approximate_bytes();
+                *s = Some((std::time::Instant::now(), bytes));
+                bytes
+            }
+        }
+    }
 }
+
+/// How often a replica's size (for placement's balancing) is measured again.
+pub const SIZE_REFRESH: Duration = Duration::from_secs(30);
 
 /// For a leader that has heard from no quorum for longer than `limit`, how long it has been.
 /// Such a leader keeps its Raft role until a newer leader reaches it, but cannot commit or
@@ -102,6 +122,8 @@ pub struct Node {
     pub reassembly: crate::snapshot::Reassembly,
     /// Free bytes on the data dir's filesystem at the last check (`u64::MAX` before the first).
     pub disk_free: std::sync::atomic::AtomicU64,
+    /// When each peer node was last heard from.
+    pub liveness: crate::quiesce::Liveness,
 }
 
 /// How long after a follower's last acknowledged append its leader skips heartbeats to it:
@@ -178,6 +200,7 @@ impl Node {
             snapshot_throttle: Default::default(),
             reassembly: crate::snapshot::Reassembly::new(snapshots_in),
             disk_free: std::sync::atomic::AtomicU64::new(u64::MAX),
+            liveness: Default::default(),
         }))
     }
 
@@ -224,7 +247,15 @@ impl Node {
         let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
-        let r = Arc::new(Replica { group, raft, sm, retired: Default::default(), started: std::time::Instant::now() });
+        let r = Arc::new(Replica {
+            group,
+            raft,
+            sm,
+            retired: Default::default(),
+            started: std::time::Instant::now(),
+            quiet: Default::default(),
+            size: Default::default(),
+        });
         self.replicas.insert(group, r.clone());
         tracing::info!(group, ?kind, "replica started");
         Ok(r)
@@ -447,7 +478,12 @@ impl Node {
         let Some((_, r)) = self.replicas.remove(&group) else { return Ok(()) };
         r.retired.store(true, std::sync::atomic::Ordering::Release);
         // Its state is deleted only once the group has stopped writing it.
-        match tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await {
+        match tokio::time::timeout(Duration::from_secs(5), {
+            r.wake();
+            r.raft.shutdown()
+        })
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(group, "replica stopped with an error: {e}"),
             Err(_) => {
@@ -522,7 +558,11 @@ impl Node {
         let _ = self.shutdown.send(true);
         let replicas: Vec<Arc<Replica>> = self.replicas.iter().map(|r| r.clone()).collect();
         for r in replicas {
-            let _ = tokio::time::timeout(Duration::from_secs(5), r.raft.shutdown()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), {
+                r.wake();
+                r.raft.shutdown()
+            })
+            .await;
         }
         let _ = self.db.raw().flush_wal(true);
     }
@@ -581,6 +621,10 @@ impl Node {
     /// How long a leader may go without hearing from a quorum before it is treated as cut off.
     pub fn quorum_silence_limit(&self) -> Duration {
         Duration::from_millis(self.config.raft.election_timeout_max_ms)
+    }
+
+    pub fn peer_addr_of(&self, id: NodeId) -> Option<String> {
+        self.map().node(id).map(|n| n.peer_addr.clone())
     }
 
     pub fn client_addr_of(&self, id: NodeId) -> Option<String> {

@@ -12,7 +12,7 @@ use ringkv_transport::Service;
 use ringkv_wire::*;
 
 use crate::network::RaftReply;
-use crate::node::{cut_off_from_quorum, Node, Replica};
+use crate::node::{Node, Replica};
 
 /// How long a write or linearizable read may wait for its group before the node gives up.
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +47,11 @@ impl PeerService {
             }
             None => return Err(RequestError::ShardNotFound { shard: group, node: self.node.id() }),
         };
+        let was_quiet = replica.wake();
+        if rpc == RaftRpc::PreVote && self.node.refuse_pre_vote(&replica, was_quiet, from) {
+            metrics::counter!("ringkv_raft_pre_votes_refused_total").increment(1);
+            return Err(RequestError::Unavailable(format!("group {group} is quiet and its leader's node is alive")));
+        }
         let raft = &replica.raft;
         match rpc {
             RaftRpc::AppendEntries => {
@@ -95,6 +100,10 @@ impl PeerService {
                 node.check_placement_order(sender, fence, Some((shard, from, to)))?;
                 node.move_step(shard, from, to, to_peer_addr, cancel).await.map(PeerReply::MoveStep)
             }
+            PeerRequest::Ping => Ok(PeerReply::Done),
+            PeerRequest::Quiesce { group, term, last_log_index } => {
+                node.quiesce_follower(sender, group, term, last_log_index).map(|()| PeerReply::Done).map_err(RequestError::Unavailable)
+            }
             PeerRequest::TransferLeader { shard, to, fence } => {
                 node.check_placement_order(sender, fence, None)?;
                 node.transfer_leader(shard, to).await.map(|()| PeerReply::Done)
@@ -130,6 +139,9 @@ impl Service<PeerRequest, PeerResponse> for PeerService {
     fn call(self: Arc<Self>, caller: Caller, req: PeerRequest) -> BoxFuture<PeerResponse> {
         Box::pin(async move {
             let sender = check_peer_claim(caller, &req)?;
+            if !self.node.pool.is_isolated_from(sender) {
+                self.node.liveness.heard(sender);
+            }
             match req {
                 PeerRequest::Raft { from, group, rpc, payload } => self.raft(from, group, rpc, payload).await,
                 other => Self::from_peer(&self.node, sender, other).await,
@@ -264,7 +276,7 @@ impl ClientService {
     fn check_quorum_contact(&self, r: &Replica) -> Result<(), RequestError> {
         use openraft::async_runtime::WatchReceiver;
         let m = r.raft.metrics();
-        let cut_off = cut_off_from_quorum(&m.borrow_watched(), self.node.quorum_silence_limit());
+        let cut_off = r.cut_off(&m.borrow_watched(), self.node.quorum_silence_limit());
         match cut_off {
             Some(since) => Err(RequestError::Unavailable(format!("leader of shard {} has not heard from a quorum for {since:?}", r.group))),
             None => Ok(()),
@@ -275,7 +287,7 @@ impl ClientService {
         self.node.check_disk_space()?;
         self.check_quorum_contact(r)?;
         metrics::counter!("ringkv_raft_proposals_total").increment(1);
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.client_write(cmd)).await.map_err(|_| {
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().client_write(cmd)).await.map_err(|_| {
             RequestError::Unavailable(format!(
                 "shard {} did not commit within {PROPOSAL_TIMEOUT:?}; the write may or may not apply",
                 r.group
@@ -320,7 +332,7 @@ impl ClientService {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("read::skip_barrier", |_| Ok(()));
         self.check_quorum_contact(r)?;
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.ensure_linearizable(ReadPolicy::ReadIndex))
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().ensure_linearizable(ReadPolicy::ReadIndex))
             .await
             .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
         match res {
@@ -451,7 +463,7 @@ impl ClientService {
             .iter()
             .map(|r| {
                 let m = r.raft.metrics().borrow_watched().clone();
-                let cut_off = cut_off_from_quorum(&m, limit).is_some();
+                let cut_off = r.cut_off(&m, limit).is_some();
                 GroupStatus {
                     group: r.group,
                     leader: if cut_off { None } else { m.current_leader },

@@ -314,6 +314,13 @@ pub enum PeerRequest {
     MoveStep { shard: GroupId, from: NodeId, to: NodeId, to_peer_addr: String, cancel: bool, fence: PlacementFence },
     /// From the placement leader to a shard's leader: hand leadership to `to`.
     TransferLeader { shard: GroupId, to: NodeId, fence: PlacementFence },
+    /// Node liveness, once per pair of nodes for all their groups: a node that stops answering
+    /// these wakes the quiet groups it led.
+    Ping,
+    /// From the leader of an idle `group` (term `term`, log at `last_log_index`, every follower
+    /// caught up): stop ticking until the next message of the group. Refused by a follower that
+    /// sees another leader or log.
+    Quiesce { group: GroupId, term: u64, last_log_index: u64 },
 }
 
 /// What an order of the placement leader carries so a node can refuse one from a deposed leader:

@@ -1,0 +1,297 @@
+//! Idle groups go quiet: no ticks, no heartbeats, no wake-ups.
+//!
+//! - **Leader.** A shard leader whose group saw no proposal, read or admin step for
+//!   [`QUIESCE_AFTER`], whose log is committed and applied, and whose every voter has matched
+//!   its last entry (no learner, no joint membership) asks each follower to go quiet
+//!   (`PeerRequest::Quiesce`). Once all agreed, and nothing happened meanwhile, it stops its
+//!   ticker (openraft's `runtime_config().tick(false)`): no heartbeats leave it.
+//! - **Follower.** It agrees only if it follows that leader in that term with the same last log
+//!   entry, applied; then it stops its ticker: no election timeout runs.
+//! - **Wake.** Any activity on the leader ([`Replica::active`]) and any Raft message for the
+//!   group ([`Replica::wake`]) starts the ticker again; the leader's next append or heartbeat
+//!   wakes the followers.
+//! - **Liveness once per node pair.** A node pings the nodes that lead its quiet followers
+//!   every [`CHECK_EVERY`] (any peer request counts as well). When one has been silent for the
+//!   election timeout, the quiet followers of the groups it led wake, their election timers
+//!   find the leader long silent, and they elect. A quiet follower whose leader's node is alive
+//!   refuses the first pre-vote that wakes it, so a restarted or partitioned peer cannot depose
+//!   a healthy quiet leader (CockroachDB's liveness-aware pre-vote).
+//!
+//! Safety does not depend on any of this: a wrong liveness verdict only causes an election.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
+
+use ringkv_storage::Raft;
+
+use crate::node::{Node, RaftMetrics, Replica};
+
+/// How long a leader's group must see no activity before it goes quiet.
+pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
+/// How often a node checks its groups and pings the leaders of its quiet followers.
+pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long a quiesce request or ping may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Milliseconds on a clock of this process (never 0).
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// A replica's quiescence state.
+#[derive(Debug)]
+pub struct Quiet {
+    quiet: AtomicBool,
+    /// Counts activity, so a leader goes quiet only if none came while it asked its followers.
+    activity: AtomicU64,
+    last_active_ms: AtomicU64,
+    woke_ms: AtomicU64,
+    /// A leader whose followers refused (or did not answer) waits until then to ask again.
+    next_try_ms: AtomicU64,
+}
+
+impl Default for Quiet {
+    fn default() -> Self {
+        let now = now_ms();
+        Quiet {
+            quiet: AtomicBool::new(false),
+            activity: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(now),
+            woke_ms: AtomicU64::new(now),
+            next_try_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Replica {
+    /// The group's Raft, for a proposal, read or admin step: counts as activity and wakes the
+    /// group if it was quiet.
+    pub fn active(&self) -> &Raft {
+        self.quiet.activity.fetch_add(1, Ordering::SeqCst);
+        self.quiet.last_active_ms.store(now_ms(), Ordering::Relaxed);
+        self.wake();
+        &self.raft
+    }
+
+    /// Starts the group's ticker if it was quiet; returns whether it was.
+    pub fn wake(&self) -> bool {
+        if !self.quiet.quiet.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        self.quiet.woke_ms.store(now_ms(), Ordering::Relaxed);
+        self.raft.runtime_config().tick(true);
+        metrics::counter!("ringkv_raft_group_wakes_total").increment(1);
+        metrics::gauge!("ringkv_raft_groups_quiet").decrement(1.0);
+        true
+    }
+
+    fn go_quiet(&self) {
+        if !self.quiet.quiet.swap(true, Ordering::SeqCst) {
+            self.raft.runtime_config().tick(false);
+            metrics::counter!("ringkv_raft_group_quiesces_total").increment(1);
+            metrics::gauge!("ringkv_raft_groups_quiet").increment(1.0);
+        }
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.quiet.load(Ordering::SeqCst)
+    }
+
+    /// How long this replica, as leader, has not heard from a quorum, if longer than `limit`.
+    /// A quiet group, or one that just woke, has not by design: that is not being cut off.
+    pub fn cut_off(&self, m: &RaftMetrics, limit: Duration) -> Option<Duration> {
+        if self.is_quiet() || self.woke_within(limit) {
+            return None;
+        }
+        crate::node::cut_off_from_quorum(m, limit)
+    }
+
+    /// Whether the group woke from quiet within `d` (a leader that just woke has not heard its
+    /// quorum for a while, and that is no reason to refuse a write).
+    pub fn woke_within(&self, d: Duration) -> bool {
+        now_ms().saturating_sub(self.quiet.woke_ms.load(Ordering::Relaxed)) < d.as_millis() as u64
+    }
+}
+
+/// When each peer node was last heard from (any peer request, or an answered ping).
+#[derive(Default)]
+pub struct Liveness {
+    heard_ms: dashmap::DashMap<NodeId, AtomicU64>,
+}
+
+impl Liveness {
+    pub fn heard(&self, peer: NodeId) {
+        let now = now_ms();
+        match self.heard_ms.get(&peer) {
+            Some(t) => t.store(now, Ordering::Relaxed),
+            None => {
+                self.heard_ms.insert(peer, AtomicU64::new(now));
+            }
+        }
+    }
+
+    pub fn heard_within(&self, peer: NodeId, d: Duration) -> bool {
+        self.heard_ms.get(&peer).is_some_and(|t| now_ms().saturating_sub(t.load(Ordering::Relaxed)) < d.as_millis() as u64)
+    }
+}
+
+/// Whether a leader's group is idle and fully replicated, so it may ask its followers to go
+/// quiet: its last entry committed and applied, every voter matched at it, no learners, no
+/// joint membership. Returns the followers.
+pub fn ready_to_quiesce(m: &RaftMetrics, me: NodeId) -> Option<Vec<NodeId>> {
+    if !m.state.is_leader() {
+        return None;
+    }
+    let last = m.last_log_index?;
+    if m.last_applied.as_ref().map(|l| l.index) != Some(last) {
+        return None;
+    }
+    let membership = m.membership_config.membership();
+    if membership.get_joint_config().len() != 1 {
+        return None;
+    }
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if membership.nodes().count() != voters.len() {
+        return None;
+    }
+    let replication = m.replication.as_ref()?;
+    let followers: Vec<NodeId> = voters.into_iter().filter(|n| *n != me).collect();
+    let matched = |n: &NodeId| replication.get(n).cloned().flatten().map(|l| l.index) == Some(last);
+    followers.iter().all(matched).then_some(followers)
+}
+
+impl Node {
+    /// A follower's answer to its leader's `Quiesce`: goes quiet if it follows `leader` in
+    /// `term` with the same last entry, applied.
+    pub fn quiesce_follower(&self, leader: NodeId, group: GroupId, term: u64, last_log_index: u64) -> Result<(), String> {
+        use openraft::async_runtime::WatchReceiver;
+        let r = self.replica(group).ok_or_else(|| format!("no replica of group {group} here"))?;
+        let m = r.raft.metrics().borrow_watched().clone();
+        let agrees = m.state.is_follower()
+            && m.current_leader == Some(leader)
+            && m.current_term == term
+            && m.last_log_index == Some(last_log_index)
+            && m.last_applied.as_ref().map(|l| l.index) == Some(last_log_index);
+        if !agrees || group == PLACEMENT_GROUP {
+            return Err(format!("group {group} here is not caught up with leader {leader} at {term}/{last_log_index}"));
+        }
+        self.liveness.heard(leader);
+        r.go_quiet();
+        Ok(())
+    }
+
+    /// Whether a pre-vote for `group` from `from` should be refused because it woke a quiet
+    /// follower whose leader's node is alive.
+    pub fn refuse_pre_vote(&self, r: &Replica, was_quiet: bool, from: NodeId) -> bool {
+        use openraft::async_runtime::WatchReceiver;
+        if !was_quiet {
+            return false;
+        }
+        let leader = r.raft.metrics().borrow_watched().current_leader;
+        leader.is_some_and(|l| l != from && l != self.id() && self.liveness.heard_within(l, self.election_timeout_min()))
+    }
+
+    fn election_timeout_min(&self) -> Duration {
+        Duration::from_millis(self.config.raft.election_timeout_min_ms)
+    }
+
+    /// Every node: quiets idle groups it leads, pings the nodes leading its quiet followers,
+    /// and wakes the quiet followers whose leader's node went silent.
+    pub async fn quiesce_loop(self: Arc<Self>) {
+        use openraft::async_runtime::WatchReceiver;
+        let mut shutdown = self.shutdown.subscribe();
+        let silence = self.election_timeout_min();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = now_ms();
+            let mut leaders_of_quiet = BTreeSet::new();
+            let mut ask: Vec<(Arc<Replica>, u64, u64, Vec<NodeId>)> = Vec::new();
+            let replicas: Vec<Arc<Replica>> = self.replicas.iter().map(|r| r.clone()).collect();
+            for r in replicas {
+                if r.group == PLACEMENT_GROUP || r.retired.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let m = r.raft.metrics().borrow_watched().clone();
+                if r.is_quiet() {
+                    if m.state.is_leader() {
+                        continue;
+                    }
+                    match m.current_leader.filter(|_| m.state.is_follower()) {
+                        Some(l) if self.liveness.heard_within(l, silence) => {
+                            leaders_of_quiet.insert(l);
+                        }
+                        _ => {
+                            tracing::info!(group = r.group, leader = ?m.current_leader, "waking a quiet follower: its leader's node went silent");
+                            metrics::counter!("ringkv_raft_group_liveness_wakes_total").increment(1);
+                            r.wake();
+                        }
+                    }
+                    continue;
+                }
+                let q = &r.quiet;
+                if now.saturating_sub(q.last_active_ms.load(Ordering::Relaxed)) < QUIESCE_AFTER.as_millis() as u64
+                    || q.next_try_ms.load(Ordering::Relaxed) > now
+                {
+                    continue;
+                }
+                if let (Some(followers), Some(last)) = (ready_to_quiesce(&m, self.id()), m.last_log_index) {
+                    ask.push((r.clone(), m.current_term, last, followers));
+                }
+            }
+            for l in leaders_of_quiet.into_iter().filter(|l| *l != self.id()) {
+                let node = self.clone();
+                tokio::spawn(async move { node.ping(l).await });
+            }
+            if !ask.is_empty() {
+                self.ask_to_quiesce(ask).await;
+            }
+        }
+    }
+
+    async fn ping(&self, peer: NodeId) {
+        let Some(addr) = self.peer_addr_of(peer) else { return };
+        if let Ok(Ok(PeerReply::Done)) = self.pool.call(peer, &addr, &PeerRequest::Ping, ASK_TIMEOUT, false).await {
+            self.liveness.heard(peer);
+        }
+    }
+
+    /// Asks the followers of each group to go quiet, all groups at once; a group goes quiet
+    /// when all its followers agreed and it saw no activity meanwhile.
+    async fn ask_to_quiesce(&self, groups: Vec<(Arc<Replica>, u64, u64, Vec<NodeId>)>) {
+        let addrs: HashMap<NodeId, String> = self.map().nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
+        let asks = groups.into_iter().map(|(r, term, last, followers)| {
+            let addrs = &addrs;
+            async move {
+                let activity = r.quiet.activity.load(Ordering::SeqCst);
+                let req = PeerRequest::Quiesce { group: r.group, term, last_log_index: last };
+                let answers = join_all(followers.iter().map(|f| {
+                    let req = &req;
+                    async move {
+                        let Some(addr) = addrs.get(f) else { return false };
+                        matches!(self.pool.call(*f, addr, req, ASK_TIMEOUT, false).await, Ok(Ok(PeerReply::Done)))
+                    }
+                }))
+                .await;
+                if answers.iter().all(|ok| *ok) && r.quiet.activity.load(Ordering::SeqCst) == activity {
+                    r.go_quiet();
+                    // Activity that raced with going quiet wakes the group again.
+                    if r.quiet.activity.load(Ordering::SeqCst) != activity {
+                        r.wake();
+                    }
+                } else {
+                    r.quiet.next_try_ms.store(now_ms() + QUIESCE_AFTER.as_millis() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        join_all(asks).await;
+    }
+}

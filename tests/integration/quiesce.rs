@@ -1,0 +1,136 @@
+//! Idle groups go quiet, wake on traffic, and still fail over when the node of a quiet leader
+//! dies or is cut off.
+
+use std::time::{Duration, Instant};
+
+use ringkv_client::Client;
+use ringkv_tests::{eventually, keys_for_every_shard, metric, scrape, TestCluster};
+use ringkv_wire::NodeId;
+
+/// The quiet groups node `id` reports.
+fn quiet_on(tc: &TestCluster, id: NodeId) -> anyhow::Result<f64> {
+    Ok(metric(&scrape(&tc.cluster.entry(id)?.metrics_addr)?, "ringkv_raft_groups_quiet").unwrap_or(0.0))
+}
+
+/// Waits until every shard replica of every node in `nodes` is quiet (`shards` each: with 3
+/// nodes, every node holds every shard).
+async fn wait_all_quiet(tc: &TestCluster, nodes: &[NodeId], shards: u64) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(30), "every group goes quiet", || async {
+        for id in nodes {
+            let q = quiet_on(tc, *id)?;
+            anyhow::ensure!(q == shards as f64, "node {id}: {q} of {shards} groups quiet");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The node leading the most shards.
+async fn busiest_leader(tc: &TestCluster, client: &Client) -> anyhow::Result<(NodeId, usize)> {
+    let mut best = (1, 0);
+    for n in 1..=3 {
+        let l = tc.leaders_on(client, n).await?.len();
+        if l > best.1 {
+            best = (n, l);
+        }
+    }
+    Ok(best)
+}
+
+/// Waits (polling every 50 ms, up to 10 s) until the nodes `by` lead all `shards` shards.
+async fn wait_led_by(tc: &TestCluster, client: &Client, by: &[NodeId], shards: u64) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(10), "the other nodes lead every shard", || async {
+        let mut leaders = Vec::new();
+        for n in by {
+            leaders.extend(tc.leaders_on(client, *n).await?);
+        }
+        leaders.sort_unstable();
+        leaders.dedup();
+        anyhow::ensure!(leaders.len() as u64 == shards, "{} of {shards} shards led by nodes {by:?}", leaders.len());
+        Ok(())
+    })
+    .await
+}
+
+/// Writes every key until each succeeded once; returns how long that took.
+async fn write_all(client: &Client, keys: &[(u64, Vec<u8>)], value: &[u8]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for (shard, k) in keys {
+        client.put(k, value).await.map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Idle groups stop ticking on every node (no CPU for them), a write wakes its group and is
+/// served, and a kill -9 of the node leading most quiet groups hands every shard to a new
+/// leader within the election timeout plus the liveness check (3 s with the test timers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_groups_wake_on_writes_and_fail_over_when_their_leaders_node_dies() -> anyhow::Result<()> {
+    let shards = 16;
+    let mut tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    let keys = keys_for_every_shard(&client.map(), "quiet");
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    // Quiet means quiet: over a second, no group wakes and no heartbeat is sent.
+    let sent = |id| -> anyhow::Result<f64> {
+        Ok(metric(&scrape(&tc.cluster.entry(id)?.metrics_addr)?, "ringkv_transport_sent_bytes_total").unwrap_or(0.0))
+    };
+    let before: Vec<f64> = (1..=3).map(sent).collect::<anyhow::Result<_>>()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in 1..=3u64 {
+        assert_eq!(quiet_on(&tc, id)?, shards as f64, "node {id} woke a group with no traffic");
+        let bytes = sent(id)? - before[id as usize - 1];
+        // Pings and placement heartbeats only: well under what 16 groups' heartbeats cost.
+        assert!(bytes < 20_000.0, "node {id} sent {bytes} bytes in a quiet second");
+    }
+    // A write wakes its group and is served as usual.
+    let (shard, key) = &keys[0];
+    client.put(key, b"woken").await.map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))?;
+    assert_eq!(client.get(key).await?, Some(b"woken".to_vec()));
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+
+    let (victim, led) = busiest_leader(&tc, &client).await?;
+    tc.cluster.kill(victim).await?;
+    let killed_at = Instant::now();
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
+    wait_led_by(&tc, &client, &others, shards).await?;
+    let failover = killed_at.elapsed();
+    eprintln!("all {shards} quiet shards had a new leader {failover:?} after kill -9 of node {victim} (it led {led})");
+    assert!(failover < Duration::from_secs(3), "quiet shards took {failover:?} to elect after their leader's node died");
+    write_all(&client, &keys, b"after").await?;
+    for (_, k) in &keys {
+        assert_eq!(client.get(k).await?, Some(b"after".to_vec()));
+    }
+    tc.cluster.restart(victim)?;
+    for (_, k) in &keys {
+        tc.wait_caught_up(&client, victim, k, b"after").await?;
+    }
+    tc.stop().await;
+    Ok(())
+}
+
+/// The node of a quiet leader is cut off from the others (its process lives on): its quiet
+/// followers stop hearing from it, wake, elect among themselves and serve; after the heal the
+/// old leader follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_quiet_leader_is_replaced_by_its_followers() -> anyhow::Result<()> {
+    let shards = 8;
+    let tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    let keys = keys_for_every_shard(&client.map(), "qpart");
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    let (victim, led) = busiest_leader(&tc, &client).await?;
+    assert!(led > 0, "node {victim} leads no shard");
+    tc.isolate(&client, victim).await?;
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
+    wait_led_by(&tc, &client, &others, shards).await?;
+    write_all(&client, &keys, b"during").await?;
+    tc.heal(&client).await?;
+    for (_, k) in &keys {
+        tc.wait_caught_up(&client, victim, k, b"during").await?;
+    }
+    tc.stop().await;
+    Ok(())
+}
