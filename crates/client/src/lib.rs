@@ -155,6 +155,9 @@ pub struct Client {
     quic: quinn::ClientConfig,
     config: ClientConfig,
     conns: DashMap<String, Arc<tokio::sync::Mutex<Slot>>>,
+    /// The open connections by address: a call finds its connection here without a lock to
+    /// wait for or an allocation; `conns` is only for dialing.
+    live: DashMap<String, Arc<Conn>>,
     map: RwLock<Arc<ClusterMap>>,
     leaders: DashMap<GroupId, NodeId>,
     /// Nodes that recently failed at the transport level, and when.
@@ -220,6 +223,7 @@ impl Client {
             quic,
             config,
             conns: DashMap::new(),
+            live: DashMap::new(),
             map: RwLock::new(Arc::default()),
             leaders: DashMap::new(),
             suspects: DashMap::new(),
@@ -263,6 +267,7 @@ impl Client {
             Ok(c) => {
                 let c = Arc::new(c);
                 *g = Slot { conn: Some(c.clone()), failed_at: None };
+                self.live.insert(addr.to_string(), c.clone());
                 Ok(c)
             }
             Err(e) => {
@@ -275,13 +280,19 @@ impl Client {
     /// Sends one request to the node at `addr`, without routing or retries. `timeout` bounds
     /// everything, connecting included.
     pub async fn call_node(&self, addr: &str, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, RpcError> {
-        let r = tokio::time::timeout(timeout, async {
-            let c = self.conn(addr).await?;
-            c.call(req, timeout).await
-        })
-        .await
-        .unwrap_or(Err(RpcError::Timeout(timeout)));
+        let open = self.live.get(addr).map(|c| c.clone()).filter(|c| !c.is_closed());
+        let r = match open {
+            // The call's own deadline is the only timer.
+            Some(c) => c.call(req, timeout).await,
+            None => tokio::time::timeout(timeout, async {
+                let c = self.conn(addr).await?;
+                c.call(req, timeout).await
+            })
+            .await
+            .unwrap_or(Err(RpcError::Timeout(timeout))),
+        };
         if matches!(r, Err(RpcError::ConnectionLost(_))) {
+            self.live.remove(addr);
             self.conns.remove(addr);
         }
         r

@@ -111,6 +111,22 @@ pub struct RaftTuning {
     /// the log) has its session there forgotten: a retry of its writes from before then is no
     /// longer recognized.
     pub session_expiry_secs: u64,
+    /// How a leader confirms it still leads before a linearizable read.
+    pub read_policy: ReadPolicy,
+}
+
+/// How a leader confirms it still leads before a linearizable read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadPolicy {
+    /// Serve at once while the leader's lease holds (a quorum acknowledged it within the lease,
+    /// which followers honour by refusing votes), else fall back to `read_index`. Assumes the
+    /// nodes' clocks run at nearly the same rate: a clock that runs fast on a follower by more
+    /// than the lease margin could let it elect while the old leader still serves.
+    #[default]
+    Lease,
+    /// Confirm leadership with a heartbeat round to a quorum before every read.
+    ReadIndex,
 }
 
 impl Default for RaftTuning {
@@ -122,6 +138,7 @@ impl Default for RaftTuning {
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1000,
             session_expiry_secs: 3600,
+            read_policy: ReadPolicy::Lease,
         }
     }
 }

@@ -332,7 +332,21 @@ impl ClientService {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("read::skip_barrier", |_| Ok(()));
         self.check_quorum_contact(r)?;
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().ensure_linearizable(ReadPolicy::ReadIndex))
+        let raft = r.active();
+        let confirm = async {
+            if self.node.config.raft.read_policy == ringkv_config::ReadPolicy::Lease {
+                // Served at once while the lease holds; a stale lease (e.g. a group that just
+                // woke) falls back to a heartbeat round.
+                match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
+                        metrics::counter!("ringkv_raft_lease_read_fallbacks_total").increment(1);
+                    }
+                    done => return done,
+                }
+            }
+            raft.ensure_linearizable(ReadPolicy::ReadIndex).await
+        };
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, confirm)
             .await
             .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
         match res {

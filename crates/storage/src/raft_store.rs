@@ -287,9 +287,12 @@ pub fn check_snapshot_files(db: &Db, files: &[PathBuf], start: u64, end: u64) ->
     let links = scratch.join("files");
     std::fs::create_dir_all(&links)?;
     let mut linked = Vec::with_capacity(files.len());
+    // Filesystems without hard links (e.g. FUSE ones) get copies, and RocksDB must copy too.
+    let mut links_work = true;
     for (i, f) in files.iter().enumerate() {
         let to = links.join(format!("{i:05}.sst"));
         if std::fs::hard_link(f, &to).is_err() {
+            links_work = false;
             std::fs::copy(f, &to)?;
         }
         linked.push(to);
@@ -298,7 +301,7 @@ pub fn check_snapshot_files(db: &Db, files: &[PathBuf], start: u64, end: u64) ->
     opts.create_if_missing(true);
     let check = rocksdb::DB::open(&opts, scratch.join("db")).map_err(io_err)?;
     let mut ingest = rocksdb::IngestExternalFileOptions::default();
-    ingest.set_move_files(true);
+    ingest.set_move_files(links_work);
     check
         .ingest_external_file_opts(&ingest, linked)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot files are not valid SST files: {e}")))?;

@@ -22,15 +22,20 @@ impl std::fmt::Display for PeerNode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
         key: Vec<u8>,
     },
     Cas {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expect: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Vec<u8>,
     },
     /// Several puts applied together.

@@ -37,7 +37,9 @@ pub enum ClientRequest {
     Put {
         shard: GroupId,
         epoch: Epoch,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         session: Option<Session>,
     },
@@ -51,8 +53,11 @@ pub enum ClientRequest {
     Cas {
         shard: GroupId,
         epoch: Epoch,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expect: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Vec<u8>,
         session: Option<Session>,
     },
@@ -153,7 +158,7 @@ impl ClientRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientReply {
     Map(ClusterMap),
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// One value per requested key, in request order.
     Values(Vec<Option<Vec<u8>>>),
     Done,
@@ -300,7 +305,13 @@ pub enum RaftRpc {
 pub enum PeerRequest {
     /// An openraft message for `group`, postcard-encoded by the node; the wire does not know
     /// openraft's types so that an openraft upgrade touches only the node.
-    Raft { from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8> },
+    Raft {
+        from: NodeId,
+        group: GroupId,
+        rpc: RaftRpc,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     /// The cluster map as the placement member that answers knows it.
     GetMap,
     /// A node's periodic report to the placement leader.
@@ -333,7 +344,7 @@ pub struct PlacementFence {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     Map(ClusterMap),
     Done,
     Admin(ClientResponse),
@@ -341,3 +352,46 @@ pub enum PeerReply {
 }
 
 pub type PeerResponse = Result<PeerReply, RequestError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields marked `serde_bytes` (copied whole instead of byte by byte) encode exactly as
+    /// plain vectors do, so logs, sessions and peers from before read the same.
+    #[test]
+    fn byte_fields_keep_the_encoding_of_plain_vectors() {
+        #[derive(Serialize)]
+        enum PlainRequest {
+            Raft { from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8> },
+        }
+        #[derive(Serialize)]
+        enum PlainClient {
+            _GetMap,
+            _Get,
+            Put { shard: GroupId, epoch: Epoch, key: Vec<u8>, value: Vec<u8>, session: Option<Session> },
+        }
+        #[derive(Serialize)]
+        enum PlainReply {
+            _Map,
+            Value(Option<Vec<u8>>),
+        }
+        let payload: Vec<u8> = (0..=255).collect();
+        let ours = PeerRequest::Raft { from: 3, group: 9, rpc: RaftRpc::PreVote, payload: payload.clone() };
+        let plain = PlainRequest::Raft { from: 3, group: 9, rpc: RaftRpc::PreVote, payload: payload.clone() };
+        assert_eq!(postcard::to_allocvec(&ours).expect("enc"), postcard::to_allocvec(&plain).expect("enc"));
+        let session = Some(Session { client: 1, seq: 2, acked_below: 1 });
+        let ours =
+            ClientRequest::Put { shard: 1, epoch: Epoch { conf_ver: 2, version: 3 }, key: b"k".to_vec(), value: payload.clone(), session };
+        let plain =
+            PlainClient::Put { shard: 1, epoch: Epoch { conf_ver: 2, version: 3 }, key: b"k".to_vec(), value: payload.clone(), session };
+        let bytes = postcard::to_allocvec(&ours).expect("enc");
+        assert_eq!(bytes, postcard::to_allocvec(&plain).expect("enc"));
+        assert_eq!(postcard::from_bytes::<ClientRequest>(&bytes).expect("dec"), ours);
+        for v in [None, Some(vec![]), Some(payload)] {
+            let ours = postcard::to_allocvec(&ClientReply::Value(v.clone())).expect("enc");
+            assert_eq!(ours, postcard::to_allocvec(&PlainReply::Value(v.clone())).expect("enc"));
+            assert_eq!(postcard::from_bytes::<ClientReply>(&ours).expect("dec"), ClientReply::Value(v));
+        }
+    }
+}
