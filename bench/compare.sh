@@ -59,7 +59,13 @@ single() {
 
 idle() {
   "$BENCH" idle --shards 1024 --nodes 3 --settle 10s --window 15s --json "$OUT/ringkv-idle-1024.json" >/dev/null
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); [print(f"idle, {p[\"shards\"]} shards: {p[\"cpu_percent_mean\"]:.1f} % of a core per node (max {p[\"cpu_percent_max\"]:.1f}), {p[\"rss_mib_mean\"]/p[\"replicas_per_node\"]:.3f} MiB per replica") for p in d["points"]]' "$OUT/ringkv-idle-1024.json"
+  python3 - "$OUT/ringkv-idle-1024.json" <<'PY'
+import json, sys
+for p in json.load(open(sys.argv[1]))["points"]:
+    per_replica = p["rss_mib_mean"] / p["replicas_per_node"]
+    print(f"idle, {p['shards']} shards: {p['cpu_percent_mean']:.1f} % of a core per node (max {p['cpu_percent_max']:.1f}), "
+          f"{per_replica:.3f} MiB per replica")
+PY
 }
 
 rm -f "$OUT/etcd-write-256.json"
