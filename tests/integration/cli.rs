@@ -73,6 +73,28 @@ async fn ringctl_put_get_delete_cas_and_status() -> anyhow::Result<()> {
         }
         let out = ringctl(&file, &["status"], None)?;
         assert!(String::from_utf8_lossy(&out.stdout).contains("REPLICAS"));
+        let out = ringctl(&file, &["version"], None)?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("ringctl {}", env!("CARGO_PKG_VERSION")));
+        // `-o` is `--output`, and so is RINGCTL_OUTPUT.
+        let short: serde_json::Value = serde_json::from_slice(&ringctl(&file, &["status", "-o", "json"], None)?.stdout)?;
+        assert_eq!(short["nodes"].as_array().map(|n| n.len()), Some(3));
+        let mut cmd = std::process::Command::new(ringkv_binary().with_file_name("ringctl"));
+        let out = cmd.env("RINGCTL_OUTPUT", "json").arg("--cluster").arg(&file).arg("status").output()?;
+        assert!(serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok(), "{}", String::from_utf8_lossy(&out.stdout));
+        // A reader that goes away early (`ringctl status | head -0`) ends ringctl quietly, as
+        // SIGPIPE ends other tools, instead of a panic.
+        let mut child = std::process::Command::new(ringkv_binary().with_file_name("ringctl"))
+            .arg("--cluster")
+            .arg(&file)
+            .arg("status")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        let out = child.wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
 
         // node list / shard list / shard show, as tables and JSON.
         let v: serde_json::Value = serde_json::from_slice(&ringctl(&file, &["node", "list", "--output", "json"], None)?.stdout)?;
@@ -138,6 +160,11 @@ async fn ringctl_placement_commands_confirm_refuse_clearly_and_add_a_node() -> a
         let out = ringctl(&f, &["settings", "set", "--balance", "false", "--output", "json"], None)?;
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout)?["balance"], false);
+        // As a table: one setting per line, not Rust's debug output.
+        let out = ringctl(&f, &["settings", "show"], None)?;
+        let shown = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(shown.lines().any(|l| l.split_whitespace().eq(["balance", "off"])), "{shown}");
+        assert!(!shown.contains('{') && !shown.contains("PlacementSettings"), "{shown}");
 
         let out = ringctl(&f, &["node", "add", &addr, "--output", "json"], None)?;
         assert!(out.status.success(), "{}", text(&out));

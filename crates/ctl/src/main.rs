@@ -16,6 +16,28 @@ const EXIT_NOT_FOUND: u8 = 3;
 const EXIT_CAS_MISMATCH: u8 = 4;
 /// Exit code when the cluster refused the command for the certificate's role.
 const EXIT_PERMISSION_DENIED: u8 = 5;
+/// Exit code when stdout was closed early (`ringctl status | head`): as a tool killed by SIGPIPE.
+const EXIT_CLOSED_PIPE: i32 = 141;
+
+/// `println!` that ends the program quietly when stdout has been closed by the reader (Rust's
+/// `println!` panics there).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+/// Ends the program after a failed write to stdout: quietly if the reader went away.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(EXIT_CLOSED_PIPE);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
 
 #[derive(Parser)]
 #[command(name = "ringctl", version, about = "Administer and use a ringkv cluster")]
@@ -23,7 +45,7 @@ struct Cli {
     #[command(flatten)]
     target: Target,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true, env = "RINGCTL_OUTPUT")]
     output: Output,
     /// Deadline for each command, in seconds.
     #[arg(long, default_value_t = 10.0, global = true)]
@@ -81,6 +103,8 @@ enum Cmd {
     Leader(LeaderCmd),
     /// Balance replicas and leaders: show the plan, start it, watch it.
     Rebalance(RebalanceArgs),
+    /// The version of ringctl (also `--version`); needs no cluster.
+    Version,
     /// Placement settings (balance, down time, move and snapshot limits).
     #[command(subcommand)]
     Settings(SettingsCmd),
@@ -276,31 +300,28 @@ async fn status(client: &Client) -> anyhow::Result<Status> {
 
 fn print_status(s: &Status) {
     print_nodes(&s.nodes);
-    println!();
+    out!();
     print_shards(&s.shards);
     for (node, shard, why) in &s.quarantined {
-        println!("QUARANTINED: node {node}'s replica of shard {shard} cannot start: {why}");
+        out!("QUARANTINED: node {node}'s replica of shard {shard} cannot start: {why}");
     }
 }
 
 fn print_nodes(nodes: &[NodeRow]) {
-    println!("{:<6} {:<16} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
+    out!("{:<6} {:<16} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
     for n in nodes {
-        println!("{:<6} {:<16} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
+        out!("{:<6} {:<16} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
     }
 }
 
 fn print_shards(shards: &[ShardRow]) {
     let leaderless = shards.iter().filter(|x| x.leader.is_none()).count();
-    println!("{} shards, {} without a leader", shards.len(), leaderless);
-    println!("{:<6} {:<18} {:<18} {:<12} {:<8} {:<8}", "SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH");
+    out!("{} shards, {} without a leader", shards.len(), leaderless);
+    out!("{:<6} {:<18} {:<18} {:<12} {:<8} {:<8}", "SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH");
     for x in shards {
         let reps = x.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
         let leader = x.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<6} {:016x}   {:016x}   {:<12} {:<8} {}.{}",
-            x.id, x.range[0], x.range[1], reps, leader, x.epoch.conf_ver, x.epoch.version
-        );
+        out!("{:<6} {:016x}   {:016x}   {:<12} {:<8} {}.{}", x.id, x.range[0], x.range[1], reps, leader, x.epoch.conf_ver, x.epoch.version);
     }
 }
 
@@ -352,12 +373,12 @@ async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
 }
 
 fn print_shard(s: &ShardDetail) {
-    println!("shard {}  range {:016x}..{:016x}  epoch {}.{}", s.id, s.range[0], s.range[1], s.epoch.conf_ver, s.epoch.version);
-    println!("{:<6} {:<12} {:>8} {:>10}  VOTERS", "NODE", "ROLE", "TERM", "APPLIED");
+    out!("shard {}  range {:016x}..{:016x}  epoch {}.{}", s.id, s.range[0], s.range[1], s.epoch.conf_ver, s.epoch.version);
+    out!("{:<6} {:<12} {:>8} {:>10}  VOTERS", "NODE", "ROLE", "TERM", "APPLIED");
     for r in &s.replicas {
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         let voters = r.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
-        println!("{:<6} {:<12} {:>8} {:>10}  {}", r.node, r.role, opt(r.term), opt(r.applied), voters);
+        out!("{:<6} {:<12} {:>8} {:>10}  {}", r.node, r.role, opt(r.term), opt(r.applied), voters);
     }
 }
 
@@ -389,7 +410,7 @@ async fn leader_transfer(client: &Client, shard: u64, node: u64) -> anyhow::Resu
 /// Prints `v` as pretty JSON or, for people, with `table`.
 fn emit<T: Serialize>(json: bool, v: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        out!("{}", serde_json::to_string_pretty(v)?);
     } else {
         table(v);
     }
@@ -437,7 +458,7 @@ fn print_plan(r: &PlacementReport) {
     let moves: Vec<_> = r.plan.iter().filter(|p| p.kind == "move").collect();
     let transfers = r.plan.len() - moves.len();
     let bytes: u64 = moves.iter().map(|p| p.bytes).sum::<u64>() + r.moves.iter().map(|m| m.bytes).sum::<u64>();
-    println!(
+    out!(
         "placement leader: node {}   balance: {}   {} moves running, {} planned, {} leader transfers planned, ~{} to copy",
         r.leader,
         if r.settings.balance { "on" } else { "off" },
@@ -447,12 +468,12 @@ fn print_plan(r: &PlacementReport) {
         human_bytes(bytes)
     );
     if !r.moves.is_empty() || !r.plan.is_empty() {
-        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  STAGE", "OPERATION", "SHARD", "FROM", "TO", "REASON", "BYTES");
+        out!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  STAGE", "OPERATION", "SHARD", "FROM", "TO", "REASON", "BYTES");
     }
     for m in &r.moves {
         let stage = if m.last > 0 { format!("{} ({}/{})", m.stage, m.matched, m.last) } else { m.stage.clone() };
         let rec = &m.record;
-        println!(
+        out!(
             "{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  {stage}",
             "move (running)",
             rec.shard,
@@ -463,13 +484,13 @@ fn print_plan(r: &PlacementReport) {
         );
     }
     for p in &r.plan {
-        println!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  planned", p.kind, p.shard, p.from, p.to, p.reason, human_bytes(p.bytes));
+        out!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  planned", p.kind, p.shard, p.from, p.to, p.reason, human_bytes(p.bytes));
     }
     for (shard, why) in &r.stuck {
-        println!("stuck: shard {shard}: {why}");
+        out!("stuck: shard {shard}: {why}");
     }
     if r.balanced {
-        println!("balanced: every up node is within ±1 of the mean in replicas and leaders");
+        out!("balanced: every up node is within ±1 of the mean in replicas and leaders");
     }
 }
 
@@ -528,11 +549,16 @@ async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Resul
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Cmd::Version = &cli.cmd {
+        let v = env!("CARGO_PKG_VERSION");
+        emit(cli.output == Output::Json, &serde_json::json!({ "ringctl": v }), |_| out!("ringctl {v}"))?;
+        return Ok(0);
+    }
     if let Cmd::Cert(c) = &cli.cmd {
         match c {
             CertCmd::Init { dir } => {
                 ringkv_transport::certs::init_ca(dir)?;
-                println!("created {}", dir.join("ca.pem").display());
+                out!("created {}", dir.join("ca.pem").display());
             }
             CertCmd::Issue { dir, node, client, role, sans } => {
                 let out = match (node, client) {
@@ -540,7 +566,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     (None, Some(name)) => ringkv_transport::certs::issue_client(dir, dir, name, role.unwrap_or(ringkv_wire::ROLE_DEFAULT))?,
                     _ => anyhow::bail!("say --node ID or --client NAME"),
                 };
-                println!("created {} and {}", out.cert.display(), out.key.display());
+                out!("created {} and {}", out.cert.display(), out.key.display());
             }
         }
         return Ok(0);
@@ -559,23 +585,25 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             client.put(key.as_bytes(), &value).await?;
             if json {
-                println!("{}", serde_json::json!({"ok": true}));
+                out!("{}", serde_json::json!({"ok": true}));
             }
             0
         }
         Cmd::Get { key } => match client.get(key.as_bytes()).await? {
             Some(v) => {
                 if json {
-                    println!("{}", serde_json::json!({"key": key, "value": String::from_utf8_lossy(&v)}));
+                    out!("{}", serde_json::json!({"key": key, "value": String::from_utf8_lossy(&v)}));
                 } else {
-                    std::io::stdout().write_all(&v)?;
-                    println!();
+                    if let Err(e) = std::io::stdout().write_all(&v) {
+                        stdout_failed(e);
+                    }
+                    out!();
                 }
                 0
             }
             None => {
                 if json {
-                    println!("{}", serde_json::json!({"key": key, "value": null}));
+                    out!("{}", serde_json::json!({"key": key, "value": null}));
                 }
                 eprintln!("key not found");
                 EXIT_NOT_FOUND
@@ -584,7 +612,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Delete { key } => {
             client.delete(key.as_bytes()).await?;
             if json {
-                println!("{}", serde_json::json!({"ok": true}));
+                out!("{}", serde_json::json!({"ok": true}));
             }
             0
         }
@@ -592,7 +620,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let out = client.compare_and_swap(key.as_bytes(), expect.as_deref().map(str::as_bytes), new.as_bytes()).await?;
             let current = out.current.as_ref().map(|c| String::from_utf8_lossy(c).into_owned());
             if json {
-                println!("{}", serde_json::json!({"swapped": out.swapped, "current": current}));
+                out!("{}", serde_json::json!({"swapped": out.swapped, "current": current}));
             }
             if out.swapped {
                 0
@@ -620,9 +648,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Leader(LeaderCmd::Transfer { shard, node }) => {
             leader_transfer(&client, *shard, *node).await?;
             if json {
-                println!("{}", serde_json::json!({"shard": shard, "leader": node}));
+                out!("{}", serde_json::json!({"shard": shard, "leader": node}));
             } else {
-                println!("shard {shard}: node {node} is the leader");
+                out!("shard {shard}: node {node} is the leader");
             }
             0
         }
@@ -640,9 +668,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(e) => return Err(anyhow::Error::new(e).context(format!("node {id} at {addr} did not join"))),
             }
             if json {
-                println!("{}", serde_json::json!({"node": id, "state": "joining"}));
+                out!("{}", serde_json::json!({"node": id, "state": "joining"}));
             } else {
-                println!("node {id} joined; it comes up with its first heartbeat and rebalancing fills it (`ringctl rebalance --watch`)");
+                out!("node {id} joined; it comes up with its first heartbeat and rebalancing fills it (`ringctl rebalance --watch`)");
             }
             0
         }
@@ -652,9 +680,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             confirm(&format!("Decommission node {id}? Its {held} replicas move to other nodes."), *yes)?;
             placement_done(&client, ClientRequest::SetNodeState { node: *id, state: NodeState::Decommissioning, force: false }).await?;
             if json {
-                println!("{}", serde_json::json!({"node": id, "state": "decommissioning", "replicas": held}));
+                out!("{}", serde_json::json!({"node": id, "state": "decommissioning", "replicas": held}));
             } else {
-                println!(
+                out!(
                     "node {id} is decommissioning: {held} replicas to move (`ringctl rebalance --watch`; then `ringctl node remove {id}`)"
                 );
             }
@@ -671,9 +699,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             confirm(&format!("Remove node {id} from the cluster for good?{what}"), *yes)?;
             placement_done(&client, ClientRequest::SetNodeState { node: *id, state: NodeState::Removed, force: *force }).await?;
             if json {
-                println!("{}", serde_json::json!({"node": id, "state": "removed"}));
+                out!("{}", serde_json::json!({"node": id, "state": "removed"}));
             } else {
-                println!("node {id} removed; stop its process and keep its id retired");
+                out!("node {id} removed; stop its process and keep its id retired");
             }
             0
         }
@@ -690,18 +718,24 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 r = watch(&client, Duration::from_secs(a.max_wait), json).await?;
                 if !json {
-                    println!("balanced: every up node is within ±1 of the mean in replicas and leaders");
+                    out!("balanced: every up node is within ±1 of the mean in replicas and leaders");
                 }
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                out!("{}", serde_json::to_string_pretty(&r)?);
             } else if !a.watch || a.dry_run {
                 print_plan(&r);
             }
             0
         }
         Cmd::Settings(SettingsCmd::Show) => {
-            emit(json, &placement_report(&client).await?.settings, |s| println!("{s:#?}"))?;
+            emit(json, &placement_report(&client).await?.settings, |s| {
+                out!("balance                 {}", if s.balance { "on" } else { "off" });
+                out!("down_after_ms           {}", s.down_after_ms);
+                out!("max_moves_per_node      {}", s.max_moves_per_node);
+                out!("snapshot_bytes_per_sec  {}", s.snapshot_bytes_per_sec);
+                out!("snapshot_concurrency    {}", s.snapshot_concurrency);
+            })?;
             0
         }
         Cmd::Settings(SettingsCmd::Set { balance, down_after_ms, max_moves_per_node, snapshot_bytes_per_sec, snapshot_concurrency }) => {
@@ -712,10 +746,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             s.snapshot_bytes_per_sec = snapshot_bytes_per_sec.unwrap_or(s.snapshot_bytes_per_sec);
             s.snapshot_concurrency = snapshot_concurrency.unwrap_or(s.snapshot_concurrency);
             placement_done(&client, ClientRequest::SetPlacementSettings { settings: s.clone() }).await?;
-            emit(json, &s, |s| println!("{s:#?}"))?;
+            emit(json, &s, |s| out!("{s:#?}"))?;
             0
         }
-        Cmd::Cert(_) => 0,
+        Cmd::Cert(_) | Cmd::Version => 0,
     };
     client.close();
     Ok(code)

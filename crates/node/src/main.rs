@@ -159,7 +159,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let file = a.data_dir.join(ringkv_node::dev::CLUSTER_FILE);
     eprintln!("cluster ready: {} nodes", cluster.file.nodes.len());
     for n in &cluster.file.nodes {
-        eprintln!("  node {}: client {} metrics http://{}/metrics pid {:?}", n.id, n.client_addr, n.metrics_addr, n.pid);
+        let pid = n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        eprintln!("  node {}: client {} metrics http://{}/metrics pid {pid}", n.id, n.client_addr, n.metrics_addr);
     }
     eprintln!("try:  ringctl --cluster {} put hello world && ringctl --cluster {} get hello", file.display(), file.display());
     eprintln!("Ctrl-C stops the cluster; running `ringkv dev` again restarts it with its data.");
