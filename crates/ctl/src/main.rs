@@ -30,6 +30,19 @@ macro_rules! out {
     }};
 }
 
+/// A positive duration: `10s`, `5m`, `250ms`, `1h30m` (humantime), or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err("must be a positive duration".into()),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{e} (say e.g. 10s, 5m, 250ms)"))?,
+    };
+    if d.is_zero() {
+        return Err("must be a positive duration".into());
+    }
+    Ok(d)
+}
+
 /// Ends the program after a failed write to stdout: quietly if the reader went away.
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -47,9 +60,9 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true, env = "RINGCTL_OUTPUT")]
     output: Output,
-    /// Deadline for each command, in seconds.
-    #[arg(long, default_value_t = 10.0, global = true)]
-    timeout: f64,
+    /// Deadline for each command: `10s`, `5m`, `250ms`, or a number of seconds.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true, env = "RINGCTL_TIMEOUT")]
+    timeout: Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -105,6 +118,8 @@ enum Cmd {
     Rebalance(RebalanceArgs),
     /// The version of ringctl (also `--version`); needs no cluster.
     Version,
+    /// Print a shell completion script: `ringctl completion bash > /etc/bash_completion.d/ringctl`.
+    Completion { shell: clap_complete::Shell },
     /// Placement settings (balance, down time, move and snapshot limits).
     #[command(subcommand)]
     Settings(SettingsCmd),
@@ -147,9 +162,9 @@ struct RebalanceArgs {
     /// Show progress until the cluster is balanced.
     #[arg(long)]
     watch: bool,
-    /// Give up watching after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    max_wait: u64,
+    /// Give up watching after this long: `30m`, `90s`, or a number of seconds.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    max_wait: Duration,
 }
 
 #[derive(Subcommand)]
@@ -230,8 +245,7 @@ fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
     } else {
         anyhow::bail!("say which cluster: --cluster DIR/cluster.json, or --endpoints A,B --certs DIR");
     };
-    anyhow::ensure!(cli.timeout > 0.0 && cli.timeout.is_finite(), "--timeout must be a positive number of seconds");
-    cfg.timeout = Duration::from_secs_f64(cli.timeout);
+    cfg.timeout = cli.timeout;
     cfg.attempt_timeout = cfg.timeout.min(cfg.attempt_timeout);
     Ok(cfg)
 }
@@ -549,6 +563,14 @@ async fn watch(client: &Client, max_wait: Duration, json: bool) -> anyhow::Resul
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Cmd::Completion { shell } = &cli.cmd {
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "ringctl", &mut script);
+        if let Err(e) = std::io::stdout().write_all(&script) {
+            stdout_failed(e);
+        }
+        return Ok(0);
+    }
     if let Cmd::Version = &cli.cmd {
         let v = env!("CARGO_PKG_VERSION");
         emit(cli.output == Output::Json, &serde_json::json!({ "ringctl": v }), |_| out!("ringctl {v}"))?;
@@ -657,7 +679,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Node(NodeCmd::Add { addr }) => {
             let map = client.refresh_map().await?;
             let through: Vec<String> = map.nodes.iter().filter(|n| n.state == NodeState::Up).map(|n| n.client_addr.clone()).collect();
-            let wait = Duration::from_secs_f64(cli.timeout).max(Duration::from_secs(30));
+            let wait = cli.timeout.max(Duration::from_secs(30));
             let id = match client.call_node(addr, &ClientRequest::Identify, wait).await? {
                 Ok(ClientReply::Identity(n)) => n.id,
                 Ok(other) => anyhow::bail!("{addr}: unexpected reply {other:?}"),
@@ -716,7 +738,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 if !json {
                     print_plan(&r);
                 }
-                r = watch(&client, Duration::from_secs(a.max_wait), json).await?;
+                r = watch(&client, a.max_wait, json).await?;
                 if !json {
                     out!("balanced: every up node is within ±1 of the mean in replicas and leaders");
                 }
@@ -749,7 +771,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             emit(json, &s, |s| out!("{s:#?}"))?;
             0
         }
-        Cmd::Cert(_) | Cmd::Version => 0,
+        Cmd::Cert(_) | Cmd::Version | Cmd::Completion { .. } => 0,
     };
     client.close();
     Ok(code)
@@ -778,6 +800,33 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_PERMISSION_DENIED);
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_or_plain_seconds_and_must_be_positive() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "0s", "-1", "NaN", "inf", "ten", "10 parsecs", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn completion_scripts_name_the_commands() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "ringctl", &mut script);
+            let text = String::from_utf8_lossy(&script);
+            assert!(text.contains("rebalance") && text.contains("decommission"), "{shell}: {text}");
         }
     }
 }
