@@ -73,6 +73,11 @@ async fn ringctl_put_get_delete_cas_and_status() -> anyhow::Result<()> {
         }
         let out = ringctl(&file, &["status"], None)?;
         assert!(String::from_utf8_lossy(&out.stdout).contains("REPLICAS"));
+        // Nothing answers at this address: exit 6 (retrying may help), not a generic 1.
+        let mut cmd = std::process::Command::new(ringkv_binary().with_file_name("ringctl"));
+        let certs = file.parent().map(|d| d.join("certs")).unwrap_or_default();
+        let out = cmd.args(["--endpoints", "127.0.0.1:1", "--timeout", "1s", "--certs"]).arg(&certs).args(["get", "x"]).output()?;
+        assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
         let out = ringctl(&file, &["version"], None)?;
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("ringctl {}", env!("CARGO_PKG_VERSION")));
         // `-o` is `--output`, and so is RINGCTL_OUTPUT.

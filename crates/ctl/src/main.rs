@@ -16,6 +16,14 @@ const EXIT_NOT_FOUND: u8 = 3;
 const EXIT_CAS_MISMATCH: u8 = 4;
 /// Exit code when the cluster refused the command for the certificate's role.
 const EXIT_PERMISSION_DENIED: u8 = 5;
+/// Exit code when the cluster could not be reached or did not answer in time: retrying may help.
+const EXIT_UNREACHABLE: u8 = 6;
+/// Exit code when the cluster refused the command: retrying as it is will not help.
+const EXIT_REFUSED: u8 = 7;
+const EXIT_CODES_HELP: &str = "Exit codes: 0 done; 1 error before anything reached the cluster (arguments of a command, \
+configuration, certificate files); 2 usage; 3 `get` of a missing key; 4 `cas` whose expected value did not match; 5 the \
+certificate's role may not do this; 6 the cluster could not be reached or did not answer in time (retrying may help); 7 \
+the cluster refused the command; 141 stdout was closed by its reader.";
 /// Exit code when stdout was closed early (`ringctl status | head`): as a tool killed by SIGPIPE.
 const EXIT_CLOSED_PIPE: i32 = 141;
 
@@ -53,7 +61,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
 }
 
 #[derive(Parser)]
-#[command(name = "ringctl", version, about = "Administer and use a ringkv cluster")]
+#[command(name = "ringctl", version, about = "Administer and use a ringkv cluster", after_help = EXIT_CODES_HELP)]
 struct Cli {
     #[command(flatten)]
     target: Target,
@@ -790,23 +798,52 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            let denied = e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<ringkv_client::Error>(),
-                    Some(ringkv_client::Error::Request(ringkv_wire::RequestError::PermissionDenied { .. }))
-                ) || matches!(c.downcast_ref::<ringkv_wire::RequestError>(), Some(ringkv_wire::RequestError::PermissionDenied { .. }))
-            });
-            if denied {
-                return ExitCode::from(EXIT_PERMISSION_DENIED);
-            }
-            ExitCode::FAILURE
+            ExitCode::from(exit_code_of(&e))
         }
     }
+}
+
+/// The exit code of a failed command (see `EXIT_CODES_HELP`).
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    use ringkv_wire::RequestError;
+    let of_request = |r: &RequestError| match r {
+        RequestError::PermissionDenied { .. } => EXIT_PERMISSION_DENIED,
+        r if r.retryable() => EXIT_UNREACHABLE,
+        _ => EXIT_REFUSED,
+    };
+    for c in e.chain() {
+        match c.downcast_ref::<ringkv_client::Error>() {
+            Some(ringkv_client::Error::Request(r)) => return of_request(r),
+            Some(ringkv_client::Error::Tls(_) | ringkv_client::Error::Config(_)) => return 1,
+            Some(_) => return EXIT_UNREACHABLE,
+            None => {}
+        }
+        if let Some(r) = c.downcast_ref::<RequestError>() {
+            return of_request(r);
+        }
+        if c.downcast_ref::<ringkv_transport::rpc::RpcError>().is_some() {
+            return EXIT_UNREACHABLE;
+        }
+    }
+    1
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_map_to_their_exit_codes() {
+        use ringkv_wire::RequestError;
+        let client = |e: ringkv_client::Error| exit_code_of(&anyhow::Error::new(e).context("while doing it"));
+        assert_eq!(client(ringkv_client::Error::Deadline { deadline: Duration::from_secs(1), last: "x".into() }), EXIT_UNREACHABLE);
+        assert_eq!(client(ringkv_client::Error::Request(RequestError::Unavailable("x".into()))), EXIT_UNREACHABLE);
+        assert_eq!(client(ringkv_client::Error::Request(RequestError::NotPermitted("x".into()))), EXIT_REFUSED);
+        assert_eq!(client(ringkv_client::Error::Config("x".into())), 1);
+        let denied = RequestError::PermissionDenied { request: "x".into(), needed: ringkv_wire::Role::Admin, has: "y".into() };
+        assert_eq!(exit_code_of(&anyhow::Error::new(denied)), EXIT_PERMISSION_DENIED);
+        assert_eq!(exit_code_of(&anyhow::anyhow!("no shard 99")), 1);
+    }
 
     #[test]
     fn durations_take_units_or_plain_seconds_and_must_be_positive() {
