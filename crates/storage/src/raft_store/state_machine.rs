@@ -609,6 +609,17 @@ mod tests {
         assert_eq!(seqs(&db2, 9), vec![3]);
     }
 
+    /// Group 1 on a new database under `dir/a`, replica of the whole ring, with rows `k1..=kN`
+    /// holding `value`; its snapshot files close at `file_bytes`.
+    async fn whole_ring_replica_with_rows(dir: &std::path::Path, file_bytes: u64, n: u64, value: &[u8]) -> StateMachine {
+        let db = Db::open(&dir.join("a")).expect("db");
+        let mut sm = StateMachine::new(db, 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        sm.file_bytes = file_bytes;
+        let puts = (1..=n).map(|i| entry(i, Command::Put { key: format!("k{i}").into_bytes(), value: value.to_vec() })).collect();
+        apply(&mut sm, puts).await;
+        sm
+    }
+
     /// A shard snapshot is SST files, one per key range, built without holding the shard in
     /// memory; installing replaces the old rows atomically, and an install interrupted after the
     /// old state was cleared finishes when the replica starts again.
@@ -616,11 +627,7 @@ mod tests {
     async fn shard_snapshots_are_sst_files_by_key_range_and_an_interrupted_install_finishes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kind = ReplicaKind::Shard { start: 0, end: u64::MAX };
-        let db = Db::open(&dir.path().join("a")).expect("db");
-        let mut sm = StateMachine::new(db.clone(), 1, kind);
-        sm.file_bytes = 4096;
-        let puts = (1..=200u64).map(|i| entry(i, Command::Put { key: format!("k{i}").into_bytes(), value: vec![b'v'; 100] })).collect();
-        apply(&mut sm, puts).await;
+        let mut sm = whole_ring_replica_with_rows(dir.path(), 4096, 200, &[b'v'; 100]).await;
         let snap = sm.build_snapshot().await.expect("snapshot");
         let SnapshotData::Files(files) = &snap.snapshot else { panic!("a shard snapshot is files") };
         assert!(files.files.len() >= 4, "about 4 KiB per key range: {} files", files.files.len());
@@ -687,10 +694,7 @@ mod tests {
     async fn snapshot_files_outside_the_shard_range_are_refused_and_nothing_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let whole = ReplicaKind::Shard { start: 0, end: u64::MAX };
-        let db = Db::open(&dir.path().join("a")).expect("db");
-        let mut sm = StateMachine::new(db.clone(), 1, whole);
-        let puts = (1..=100u64).map(|i| entry(i, Command::Put { key: format!("k{i}").into_bytes(), value: b"v".to_vec() })).collect();
-        apply(&mut sm, puts).await;
+        let mut sm = whole_ring_replica_with_rows(dir.path(), SNAPSHOT_FILE_BYTES, 100, b"v").await;
         let snap = sm.build_snapshot().await.expect("snapshot");
 
         // The receiver owns only the upper half of the ring; some of the 100 keys hash below it.
