@@ -70,6 +70,7 @@ impl Local {
             extra_config: Some(format!("[storage]\nfsync = {}\n", spec.fsync)),
             netns: None,
             hold_back: vec![],
+            bootstrap: true,
         };
         tracing::info!(nodes = spec.nodes, shards = spec.shards, fsync = spec.fsync, dir = %dir.path().display(), "starting a local cluster");
         match DevCluster::start(opts).await {

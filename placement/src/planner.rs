@@ -98,6 +98,9 @@ pub struct Observed {
     pub leader_since_ms: u64,
     /// Replicas `(shard, node)` their node reports it could not start: rebuilt elsewhere.
     pub quarantined: BTreeSet<(GroupId, NodeId)>,
+    /// Nodes draining: they hand their leaderships away and are given none.
+    #[serde(default)]
+    pub draining: BTreeSet<NodeId>,
 }
 
 /// Whether node `id` counts as down at `now_ms`: marked down, or silent for `down_after_ms`.
@@ -261,7 +264,9 @@ pub fn plan(map: &ClusterMap, obs: &Observed, in_flight: &[InFlight], cfg: &Plan
     }
 
     // 4. Balance leaders among up nodes, by transfers to another voter of the shard.
-    let mut leaders: BTreeMap<NodeId, BTreeSet<GroupId>> = st.targets.iter().map(|n| (*n, BTreeSet::new())).collect();
+    // A draining node gives its leaderships away itself and takes none.
+    let mut leaders: BTreeMap<NodeId, BTreeSet<GroupId>> =
+        st.targets.iter().filter(|n| !obs.draining.contains(n)).map(|n| (*n, BTreeSet::new())).collect();
     for (shard, leader) in &obs.leaders {
         if let Some(set) = leaders.get_mut(leader) {
             set.insert(*shard);
@@ -593,6 +598,29 @@ mod tests {
         // Node 2 is up: its other replicas are not repaired away (balance may still move some).
         let others = |o: &Operator| matches!(o, Operator::MoveReplica { from: 2, shard: s, reason: Reason::Repair, .. } if *s != shard.id);
         assert!(!ops.iter().any(others), "{ops:?}");
+    }
+
+    /// Leader balance leaves a draining node out: no transfer goes to it, even when it leads
+    /// nothing and the others lead many; without the drain it would be given leaderships.
+    #[test]
+    fn a_draining_node_is_given_no_leaderships() {
+        // Three nodes, every shard on all three (replicas balanced); nodes 1 and 2 lead all.
+        let mut map = ClusterMap { cluster_id: "c".into(), version: 1, ..Default::default() };
+        map.nodes = (1..=3).map(|id| node(id, NodeState::Up)).collect();
+        let mut obs = Observed::default();
+        for id in 1..=24 {
+            map.shards.push(ShardDesc { id, start: 0, end: 0, replicas: vec![1, 2, 3], epoch: Epoch { conf_ver: 1, version: 1 } });
+            obs.leaders.insert(id, 1 + id % 2);
+        }
+        for id in 1..=3 {
+            obs.last_heartbeat_ms.insert(id, 1_000);
+        }
+        let cfg = PlannerConfig::default();
+        let to_3 = |ops: &[Operator]| ops.iter().filter(|op| matches!(op, Operator::TransferLeader { to: 3, .. })).count();
+        assert!(to_3(&plan(&map, &obs, &[], &cfg, 1_000)) > 0, "not draining, node 3 is given leaderships");
+        obs.draining.insert(3);
+        let ops = plan(&map, &obs, &[], &cfg, 1_000);
+        assert_eq!(to_3(&ops), 0, "{ops:?}");
     }
 
     #[test]

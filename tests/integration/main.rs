@@ -12,6 +12,7 @@ mod crash_points;
 mod data_path;
 mod faults;
 mod jepsen;
+mod lifecycle;
 mod placement;
 mod power_loss;
 mod quiesce;

@@ -163,7 +163,14 @@ async fn peers_speak_only_for_themselves_and_orders_come_only_from_the_placement
     let impostor = peer_as(&tc, 1, 9).await?;
     let vote = PeerRequest::Raft { from: 2, group: 1, rpc: RaftRpc::Vote, payload: vec![] };
     not_permitted(impostor.call(&vote, t).await?, "a Raft message claiming another node");
-    let hb = PeerRequest::Heartbeat(NodeHeartbeat { node: 2, incarnation: 0, map_version: 1, groups: vec![], quarantined: vec![] });
+    let hb = PeerRequest::Heartbeat(NodeHeartbeat {
+        node: 2,
+        incarnation: 0,
+        map_version: 1,
+        groups: vec![],
+        quarantined: vec![],
+        draining: false,
+    });
     not_permitted(impostor.call(&hb, t).await?, "a heartbeat claiming another node");
     let map = client.refresh_map().await?;
     let shard = &map.shards[0];

@@ -83,6 +83,13 @@ impl TestCluster {
         Self::launch(dir, None, nodes, shards, extra, hold_back).await
     }
 
+    /// `nodes` nodes started as on real hosts, the first three as each other's seeds, and no
+    /// cluster yet: `ringctl init` creates it.
+    pub async fn start_uninitialized(nodes: usize) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
+        Self::launch_with(dir, None, nodes, 0, "", vec![], false).await
+    }
+
     /// As [`TestCluster::start_with`], with the cluster's directory on a tmpfs of `bytes`
     /// (a small disk the test can fill). Needs root.
     pub async fn start_on_tmpfs(nodes: usize, shards: u64, bytes: u64, extra: &str) -> anyhow::Result<TestCluster> {
@@ -111,6 +118,18 @@ impl TestCluster {
         extra: &str,
         hold_back: Vec<NodeId>,
     ) -> anyhow::Result<TestCluster> {
+        Self::launch_with(dir, mounted, nodes, shards, extra, hold_back, true).await
+    }
+
+    async fn launch_with(
+        dir: tempfile::TempDir,
+        mounted: Option<Mounted>,
+        nodes: usize,
+        shards: u64,
+        extra: &str,
+        hold_back: Vec<NodeId>,
+        bootstrap: bool,
+    ) -> anyhow::Result<TestCluster> {
         let opts = DevOptions {
             nodes,
             shards,
@@ -121,6 +140,7 @@ impl TestCluster {
             extra_config: Some(format!("{TEST_RAFT}\n{extra}")),
             netns: None,
             hold_back,
+            bootstrap,
         };
         match DevCluster::start(opts).await {
             Ok(cluster) => Ok(TestCluster { cluster, mounted, dir: Some(dir), stopped: false }),
@@ -340,13 +360,20 @@ where
 
 /// The Prometheus text a node serves at `addr`.
 pub fn scrape(addr: &str) -> anyhow::Result<String> {
+    Ok(http_get(addr, "/metrics")?.1)
+}
+
+/// `GET path` from the HTTP endpoint at `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out)
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {out:?}"))?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
 }
 
 /// The value of an unlabelled metric in Prometheus text, if present.

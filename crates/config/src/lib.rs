@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
     /// Lets `SetPartition` requests (from an admin) cut this node off from chosen peers. Tests
     /// only. Never written to the identity file: it holds for the run that asked for it.
     #[serde(default, skip_serializing)]
@@ -93,6 +95,21 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig { fsync: true, reserve_bytes: 512 << 20 }
+    }
+}
+
+/// Starting and stopping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lifecycle {
+    /// On SIGTERM the node hands its leaderships to other replicas before it stops, for at most
+    /// this long (a service manager's stop timeout must be longer).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle { drain_timeout_ms: 10_000 }
     }
 }
 
@@ -191,6 +208,7 @@ struct PartialConfig {
     limits: Option<Limits>,
     raft: Option<RaftTuning>,
     storage: Option<StorageConfig>,
+    lifecycle: Option<Lifecycle>,
     fault_injection: Option<bool>,
 }
 
@@ -277,6 +295,7 @@ impl NodeConfig {
             limits: p.limits.unwrap_or_default(),
             raft: p.raft.unwrap_or_default(),
             storage: p.storage.unwrap_or_default(),
+            lifecycle: p.lifecycle.unwrap_or_default(),
             fault_injection: p.fault_injection.unwrap_or(false),
         };
         cfg.validate()?;

@@ -20,10 +20,13 @@ const EXIT_PERMISSION_DENIED: u8 = 5;
 const EXIT_UNREACHABLE: u8 = 6;
 /// Exit code when the cluster refused the command: retrying as it is will not help.
 const EXIT_REFUSED: u8 = 7;
+/// Exit code of `health` when the cluster is not healthy, and of `node drain` when leaderships
+/// remain after `--max-wait`.
+const EXIT_UNHEALTHY: u8 = 8;
 const EXIT_CODES_HELP: &str = "Exit codes: 0 done; 1 error before anything reached the cluster (arguments of a command, \
 configuration, certificate files); 2 usage; 3 `get` of a missing key; 4 `cas` whose expected value did not match; 5 the \
 certificate's role may not do this; 6 the cluster could not be reached or did not answer in time (retrying may help); 7 \
-the cluster refused the command; 141 stdout was closed by its reader.";
+the cluster refused the command; 8 `health` found a problem, or `node drain` ran out of time; 141 stdout was closed by its reader.";
 /// Exit code when stdout was closed early (`ringctl status | head`): as a tool killed by SIGPIPE.
 const EXIT_CLOSED_PIPE: i32 = 141;
 
@@ -111,8 +114,18 @@ enum Cmd {
         #[arg(long)]
         expect_absent: bool,
     },
+    /// Create the cluster from nodes started with `ringkv node --seeds` (send it to any of
+    /// them; a cluster already created with this shape is left as it is).
+    Init {
+        #[arg(long)]
+        shards: u64,
+        #[arg(long, default_value_t = 3)]
+        replication: usize,
+    },
     /// Nodes, shards, leaders and replicas per node.
     Status,
+    /// Every node reachable, ready and on the newest map, every shard led: exit 0 only then.
+    Health,
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -150,6 +163,19 @@ enum NodeCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Move every leadership off node ID (before restarting it) and keep new ones away until
+    /// `node undrain ID` or its restart; waits until it leads nothing.
+    Drain {
+        id: u64,
+        /// Give up waiting after this long (exit 8 if it still leads some groups).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        max_wait: Duration,
+        /// Return once the node is draining, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End a drain: node ID takes leaderships again.
+    Undrain { id: u64 },
     /// Forget node ID. Refused while it holds replicas, unless --force (its replicas are then
     /// rebuilt from the other replicas of each shard).
     Remove {
@@ -318,6 +344,177 @@ async fn status(client: &Client) -> anyhow::Result<Status> {
         .collect();
     let quarantined = reports.iter().flat_map(|r| r.quarantined.iter().map(|(g, why)| (r.node, *g, why.clone()))).collect();
     Ok(Status { nodes, shards, quarantined })
+}
+
+/// `ringctl init`: to the first endpoint that answers.
+async fn init(cfg: ClientConfig, shards: u64, replication: usize, timeout: Duration, json: bool) -> anyhow::Result<u8> {
+    let endpoints = cfg.seeds.clone();
+    let client = Client::unrouted(cfg)?;
+    // Creating the cluster waits for the placement group's election.
+    let wait = timeout.max(Duration::from_secs(40));
+    let mut last = None;
+    for addr in &endpoints {
+        match client.call_node(addr, &ClientRequest::Init { shards, replication }, wait).await {
+            Ok(Ok(ClientReply::Initialized { cluster_id, already })) => {
+                if json {
+                    out!(
+                        "{}",
+                        serde_json::json!({"cluster_id": cluster_id, "created": !already, "shards": shards, "replication": replication})
+                    );
+                } else if already {
+                    out!("cluster {cluster_id} already exists with {shards} shards and replication {replication}; nothing to do");
+                } else {
+                    out!("cluster {cluster_id} created: {shards} shards, replication {replication}");
+                }
+                return Ok(0);
+            }
+            Ok(Ok(other)) => anyhow::bail!("{addr}: unexpected reply {other:?}"),
+            Ok(Err(e)) => return Err(anyhow::Error::new(e).context(format!("init through {addr}"))),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("init through {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoints given")))
+}
+
+/// The client address of node `id`, from the map.
+async fn node_addr(client: &Client, id: u64) -> anyhow::Result<String> {
+    let map = client.refresh_map().await?;
+    match map.node(id) {
+        Some(n) if n.state != NodeState::Removed => Ok(n.client_addr.clone()),
+        _ => Err(anyhow::Error::new(ringkv_wire::RequestError::NotPermitted(format!("node {id} is not in the cluster")))),
+    }
+}
+
+/// Sends `req` to node `id` at `addr`, which answers `Done`.
+async fn node_done(client: &Client, addr: &str, id: u64, req: ClientRequest, timeout: Duration) -> anyhow::Result<()> {
+    match client.call_node(addr, &req, timeout).await.map_err(|e| anyhow::Error::new(e).context(format!("node {id} at {addr}")))? {
+        Ok(ClientReply::Done) => Ok(()),
+        Ok(other) => anyhow::bail!("node {id}: unexpected reply {other:?}"),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("node {id}"))),
+    }
+}
+
+/// Waits until node `id` leads no group, showing how many it still leads; returns that count.
+async fn wait_drained(client: &Client, addr: &str, id: u64, max_wait: Duration, json: bool) -> anyhow::Result<usize> {
+    let started = std::time::Instant::now();
+    let pb = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+    let mut left = usize::MAX;
+    loop {
+        match client.call_node(addr, &ClientRequest::NodeStatus, Duration::from_secs(2)).await {
+            Ok(Ok(ClientReply::NodeStatus(s))) => {
+                left = s.groups.iter().filter(|g| g.is_leader).count();
+                pb.set_message(format!("node {id}: {left} leaderships left"));
+            }
+            Ok(Ok(other)) => anyhow::bail!("node {id}: unexpected reply {other:?}"),
+            Ok(Err(e)) => pb.set_message(format!("node {id}: {e}")),
+            Err(e) => pb.set_message(format!("node {id} does not answer: {e}")),
+        }
+        pb.tick();
+        if left == 0 || started.elapsed() >= max_wait {
+            pb.finish_and_clear();
+            return Ok(left);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[derive(Serialize)]
+struct HealthRow {
+    id: u64,
+    state: String,
+    reachable: bool,
+    map_version: Option<u64>,
+    leaders: usize,
+    /// Replicas over the readiness lag behind their group's commit.
+    replicas_behind: usize,
+    draining: bool,
+    ready: bool,
+}
+
+#[derive(Serialize)]
+struct Health {
+    healthy: bool,
+    map_version: u64,
+    nodes: Vec<HealthRow>,
+    shards_without_leader: Vec<u64>,
+    problems: Vec<String>,
+}
+
+async fn health(client: &Client) -> anyhow::Result<Health> {
+    let map = client.refresh_map().await?;
+    let listed: Vec<&ringkv_wire::NodeInfo> = map.nodes.iter().filter(|n| n.state != NodeState::Removed).collect();
+    // node_reports asks the same nodes in the same order.
+    let reports = client.node_reports().await;
+    let newest = reports.iter().flatten().map(|r| r.map_version).chain([map.version]).max().unwrap_or(0);
+    let mut problems = Vec::new();
+    let mut nodes = Vec::new();
+    for (n, r) in listed.iter().zip(&reports) {
+        let row = match r {
+            Ok(s) => {
+                if s.map_version < newest {
+                    problems.push(format!("node {}: map version {}, the newest is {newest}", n.id, s.map_version));
+                }
+                problems.extend(s.not_ready.iter().map(|w| format!("node {}: not ready: {w}", n.id)));
+                HealthRow {
+                    id: n.id,
+                    state: n.state.as_str().into(),
+                    reachable: true,
+                    map_version: Some(s.map_version),
+                    leaders: s.groups.iter().filter(|g| g.is_leader && g.group != ringkv_wire::PLACEMENT_GROUP).count(),
+                    replicas_behind: s.groups.iter().filter(|g| g.behind > 64).count(),
+                    draining: s.draining,
+                    ready: s.not_ready.is_empty(),
+                }
+            }
+            Err(e) => {
+                problems.push(format!("node {} unreachable: {e}", n.id));
+                HealthRow {
+                    id: n.id,
+                    state: n.state.as_str().into(),
+                    reachable: false,
+                    map_version: None,
+                    leaders: 0,
+                    replicas_behind: 0,
+                    draining: false,
+                    ready: false,
+                }
+            }
+        };
+        nodes.push(row);
+    }
+    let ok: Vec<_> = reports.into_iter().flatten().collect();
+    let led = ringkv_client::leaders_of(&ok);
+    let shards_without_leader: Vec<u64> = map.shards.iter().map(|s| s.id).filter(|id| !led.contains_key(id)).collect();
+    if !shards_without_leader.is_empty() {
+        problems.push(format!("{} shards without a leader", shards_without_leader.len()));
+    }
+    if !ok.iter().any(|r| r.groups.iter().any(|g| g.group == ringkv_wire::PLACEMENT_GROUP && g.is_leader)) {
+        problems.push("the placement group has no leader".into());
+    }
+    Ok(Health { healthy: problems.is_empty(), map_version: newest, nodes, shards_without_leader, problems })
+}
+
+fn print_health(h: &Health) {
+    out!("{:<6} {:<16} {:<10} {:>6} {:>8} {:>7} {:<6}", "NODE", "STATE", "REACHABLE", "MAP", "LEADERS", "BEHIND", "READY");
+    for n in &h.nodes {
+        let map = n.map_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let ready = if n.draining {
+            "drain"
+        } else if n.ready {
+            "yes"
+        } else {
+            "no"
+        };
+        let reachable = if n.reachable { "yes" } else { "no" };
+        out!("{:<6} {:<16} {:<10} {:>6} {:>8} {:>7} {:<6}", n.id, n.state, reachable, map, n.leaders, n.replicas_behind, ready);
+    }
+    if h.healthy {
+        out!("healthy: every node reachable and ready on map version {}, every shard led", h.map_version);
+    } else {
+        for p in &h.problems {
+            out!("PROBLEM: {p}");
+        }
+    }
 }
 
 fn print_status(s: &Status) {
@@ -602,8 +799,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let cfg = client_config(&cli)?;
-    let client = Client::connect(cfg).await?;
     let json = cli.output == Output::Json;
+    if let Cmd::Init { shards, replication } = &cli.cmd {
+        return init(cfg, *shards, *replication, cli.timeout, json).await;
+    }
+    let client = Client::connect(cfg).await?;
     let code = match &cli.cmd {
         Cmd::Put { key, value } => {
             let value = if value == "-" {
@@ -661,6 +861,51 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Status => {
             emit(json, &status(&client).await?, print_status)?;
+            0
+        }
+        Cmd::Health => {
+            let h = health(&client).await?;
+            emit(json, &h, print_health)?;
+            if h.healthy {
+                0
+            } else {
+                EXIT_UNHEALTHY
+            }
+        }
+        Cmd::Node(NodeCmd::Drain { id, max_wait, no_wait }) => {
+            let addr = node_addr(&client, *id).await?;
+            node_done(&client, &addr, *id, ClientRequest::Drain { on: true }, cli.timeout).await?;
+            let left = if *no_wait { None } else { Some(wait_drained(&client, &addr, *id, *max_wait, json).await?) };
+            if json {
+                out!("{}", serde_json::json!({"node": id, "draining": true, "leaders": left}));
+            }
+            match left {
+                Some(0) => {
+                    if !json {
+                        out!("node {id} is drained: it leads nothing and takes no leadership until `ringctl node undrain {id}` or its restart");
+                    }
+                    0
+                }
+                Some(n) => {
+                    eprintln!("node {id} still leads {n} groups after {max_wait:?}; it stays draining");
+                    EXIT_UNHEALTHY
+                }
+                None => {
+                    if !json {
+                        out!("node {id} is draining");
+                    }
+                    0
+                }
+            }
+        }
+        Cmd::Node(NodeCmd::Undrain { id }) => {
+            let addr = node_addr(&client, *id).await?;
+            node_done(&client, &addr, *id, ClientRequest::Drain { on: false }, cli.timeout).await?;
+            if json {
+                out!("{}", serde_json::json!({"node": id, "draining": false}));
+            } else {
+                out!("node {id} takes leaderships again");
+            }
             0
         }
         Cmd::Node(NodeCmd::List) => {
@@ -779,7 +1024,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             emit(json, &s, |s| out!("{s:#?}"))?;
             0
         }
-        Cmd::Cert(_) | Cmd::Version | Cmd::Completion { .. } => 0,
+        Cmd::Cert(_) | Cmd::Version | Cmd::Completion { .. } | Cmd::Init { .. } => 0,
     };
     client.close();
     Ok(code)

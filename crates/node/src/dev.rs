@@ -106,6 +106,9 @@ pub struct DevOptions {
     /// Nodes of a new cluster not started at bootstrap (tests of a node that is down or slow
     /// then); `restart` starts them later.
     pub hold_back: Vec<NodeId>,
+    /// Create the cluster once the nodes are up. Without it the nodes wait, each with the
+    /// first `replication` nodes as seeds, for `ringctl init`.
+    pub bootstrap: bool,
 }
 
 pub struct DevCluster {
@@ -200,8 +203,10 @@ impl DevCluster {
             c.start_node(*id)?;
         }
         c.write_file()?;
-        c.bootstrap(opts.shards, opts.replication).await?;
-        c.wait_ready(Duration::from_secs(90)).await?;
+        if opts.bootstrap {
+            c.bootstrap(opts.shards, opts.replication).await?;
+            c.wait_ready(Duration::from_secs(90)).await?;
+        }
         Ok(c)
     }
 
@@ -451,14 +456,20 @@ impl DevCluster {
         self.write_file()
     }
 
-    /// Stops every node (SIGTERM, SIGKILL after 10 s). Returns the nodes that did not exit
-    /// cleanly: with an error status, or only after SIGKILL.
+    /// Stops every node (SIGTERM, and again after a moment: no node waits to hand its
+    /// leaderships to the others, which are stopping too; SIGKILL after 10 s). Returns the nodes
+    /// that did not exit cleanly: with an error status, or only after SIGKILL.
     pub async fn stop_all(&mut self) -> Vec<(NodeId, String)> {
         let mut unclean = Vec::new();
         let ids: Vec<NodeId> = self.children.keys().copied().collect();
-        for id in &ids {
-            if let Some(pid) = self.children.get(id).and_then(|c| c.id()) {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        for round in 0..2 {
+            if round == 1 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            for id in &ids {
+                if let Some(pid) = self.children.get(id).and_then(|c| c.id()) {
+                    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+                }
             }
         }
         for id in ids {

@@ -81,7 +81,7 @@ pub struct Driver {
     /// from a deposed leader and are refused.
     placement_term_seen: std::sync::atomic::AtomicU64,
     /// When this node's heartbeat last reached the placement leader.
-    placement_contact: Mutex<Option<Instant>>,
+    pub(crate) placement_contact: Mutex<Option<Instant>>,
     /// When this node last handed its shard leaderships away for want of placement contact.
     last_yield: Mutex<Option<Instant>>,
 }
@@ -101,11 +101,11 @@ impl Default for Driver {
 }
 
 /// How far a leader has replicated to `n` (0: not yet known).
-fn replicated_to(m: &crate::node::RaftMetrics, n: NodeId) -> u64 {
+pub(crate) fn replicated_to(m: &crate::node::RaftMetrics, n: NodeId) -> u64 {
     m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -130,6 +130,7 @@ impl Driver {
             leaders: leaders.into_iter().map(|(g, (_, n))| (g, n)).collect(),
             leader_since_ms: st.since.map(|t| self.ms(t)).unwrap_or(0),
             quarantined: st.heartbeats.iter().flat_map(|(n, (_, hb))| hb.quarantined.iter().map(move |g| (*g, *n))).collect(),
+            draining: st.heartbeats.iter().filter(|(_, (_, hb))| hb.draining).map(|(n, _)| *n).collect(),
         }
     }
 
@@ -226,7 +227,14 @@ impl Node {
         prev.retain(|g, _| self.replicas.contains_key(g));
         groups.sort_by_key(|g| g.group);
         let quarantined = self.quarantined().into_iter().map(|(g, _)| g).collect();
-        NodeHeartbeat { node: self.id(), incarnation: self.incarnation, map_version: self.map().version, groups, quarantined }
+        NodeHeartbeat {
+            node: self.id(),
+            incarnation: self.incarnation,
+            map_version: self.map().version,
+            groups,
+            quarantined,
+            draining: self.is_draining(),
+        }
     }
 
     /// One step of a move, run on the shard's leader. See the module documentation.

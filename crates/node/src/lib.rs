@@ -5,12 +5,14 @@ pub mod bootstrap;
 pub mod config;
 pub mod dev;
 pub mod driver;
+pub mod lifecycle;
 pub mod network;
 pub mod node;
 pub mod peer;
 pub mod quiesce;
 pub mod service;
 pub mod snapshot;
+pub mod status_http;
 
 use std::sync::Arc;
 
@@ -25,17 +27,6 @@ pub use node::{Node, NodeError};
 /// Slack above the largest key plus value for the rest of a client frame.
 pub const CLIENT_FRAME_SLACK_BYTES: usize = 64 * 1024;
 
-/// Installs the Prometheus exporter on `addr`.
-pub fn install_metrics(addr: &str) -> Result<(), NodeError> {
-    let sock: std::net::SocketAddr = addr.parse().map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(format!("{e}"))))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(sock)
-        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-        .map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(e.to_string())))?
-        .install()
-        .map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(e.to_string())))
-}
-
 /// Runs a node until `shutdown` resolves, then stops it cleanly.
 pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     config.persist()?;
@@ -47,9 +38,12 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let client_server = ringkv_transport::tls::server_config(&certs, ALPN_CLIENT)?;
     let peer_ep = node::bind(&config.peer_addr, peer_server)?;
     let client_ep = node::bind(&config.client_addr, client_server)?;
-    install_metrics(&config.metrics_addr)?;
+    let recorder = status_http::install_recorder().map_err(|e| NodeError::Bind(config.metrics_addr.clone(), std::io::Error::other(e)))?;
+    let ops_node = Arc::new(std::sync::OnceLock::new());
+    status_http::serve(&config.metrics_addr, recorder, ops_node.clone()).await?;
     let pool = Arc::new(peer::PeerPool::new(config.id, peer_ep.clone(), peer_client));
     let node = Node::new(config.clone(), db.clone(), pool.clone())?;
+    let _ = ops_node.set(node.clone());
     let peer_svc = Arc::new(service::PeerService { node: node.clone() });
     pool.set_server(Box::new(move |conn| {
         tokio::spawn(serve_connection::<PeerRequest, PeerResponse, _>(conn, peer_svc.clone(), peer::PEER_FRAME_BYTES_MAX));
@@ -74,6 +68,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let sessions_task = tokio::spawn(driver::session_expiry_loop(node.clone()));
     tokio::spawn(node.clone().disk_space_loop());
     tokio::spawn(node.clone().quiesce_loop());
+    tokio::spawn(node.clone().drain_loop());
 
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
     tokio::pin!(shutdown);
@@ -85,22 +80,33 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     };
     tokio::pin!(stopped_on_its_own);
     let mut failure = None;
+    // Whether the node was asked to stop (rather than stopping on its own or failing to join).
+    let mut asked = false;
     match config.join.clone().filter(|_| !node.map().is_bootstrapped()) {
         Some(addr) => tokio::select! {
-            _ = &mut shutdown => {}
+            _ = &mut shutdown => asked = true,
             _ = &mut stopped_on_its_own => {}
             r = join(node.clone(), vec![addr]) => match r {
                 Ok(()) => tokio::select! {
-                    _ = &mut shutdown => {}
+                    _ = &mut shutdown => asked = true,
                     _ = &mut stopped_on_its_own => {}
                 },
                 Err(e) => failure = Some(e),
             },
         },
         None => tokio::select! {
-            _ = &mut shutdown => {}
+            _ = &mut shutdown => asked = true,
             _ = &mut stopped_on_its_own => {}
         },
+    }
+    if asked {
+        // Leaderships go to other replicas first, so a rolling restart fails no request. A
+        // second SIGTERM or Ctrl-C cuts the drain short (as when a whole cluster stops).
+        let drain = node.drain_before_stop(std::time::Duration::from_millis(config.lifecycle.drain_timeout_ms));
+        tokio::select! {
+            _ = drain => {}
+            _ = stop_signal() => tracing::warn!("asked again to stop: not waiting for the drain"),
+        }
     }
     tracing::info!("node stopping");
     node.stop().await;
@@ -115,6 +121,19 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     match failure {
         Some(e) => Err(NodeError::Join(e)),
         None => Ok(()),
+    }
+}
+
+/// The next SIGTERM or Ctrl-C.
+pub async fn stop_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -74,6 +74,10 @@ struct NodeArgs {
     /// Accept fault-injection requests (tests only).
     #[arg(long)]
     fault_injection: bool,
+    /// Print the resolved configuration (stored identity, then --config, then flags, then
+    /// defaults) as TOML and exit without starting or writing anything.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args)]
@@ -101,20 +105,6 @@ fn init_tracing() {
         .init();
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let o = Overrides {
         id: a.id,
@@ -130,7 +120,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         fault_injection: a.fault_injection.then_some(true),
     };
     let cfg = NodeConfig::resolve(&a.data_dir, a.config.as_deref(), o)?;
-    ringkv_node::run(cfg, shutdown_signal()).await?;
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    ringkv_node::run(cfg, ringkv_node::stop_signal()).await?;
     Ok(())
 }
 
@@ -153,6 +147,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         extra_config: None,
         netns: None,
         hold_back: vec![],
+        bootstrap: true,
     };
     let mut cluster = DevCluster::start(opts).await?;
     cluster.set_supervisor(Some(std::process::id()))?;
@@ -177,7 +172,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = shutdown_signal() => {}
+        _ = ringkv_node::stop_signal() => {}
         _ = watch => {}
     }
     eprintln!("stopping the cluster ...");

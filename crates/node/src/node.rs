@@ -124,6 +124,8 @@ pub struct Node {
     pub disk_free: std::sync::atomic::AtomicU64,
     /// When each peer node was last heard from.
     pub liveness: crate::quiesce::Liveness,
+    /// Whether the node is draining (see `lifecycle`).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// How long after a follower's last acknowledged append its leader skips heartbeats to it:
@@ -201,6 +203,7 @@ impl Node {
             reassembly: crate::snapshot::Reassembly::new(snapshots_in),
             disk_free: std::sync::atomic::AtomicU64::new(u64::MAX),
             liveness: Default::default(),
+            draining: Default::default(),
         }))
     }
 
@@ -686,6 +689,7 @@ mod tests {
             limits: Limits::default(),
             raft: RaftTuning::default(),
             storage: Default::default(),
+            lifecycle: Default::default(),
             fault_injection: false,
         }
     }

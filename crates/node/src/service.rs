@@ -60,6 +60,10 @@ impl PeerService {
             }
             RaftRpc::Vote => enc::<RaftReply<_>>(&raft.vote(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
+            // A draining node takes no leadership handed to it.
+            RaftRpc::TransferLeader if self.node.is_draining() => {
+                Err(RequestError::Unavailable(format!("node {} is draining and takes no leadership", self.node.id())))
+            }
             RaftRpc::TransferLeader => enc::<RaftReply<_>>(&raft.handle_transfer_leader(dec(&payload)?).await.map_err(|e| e.to_string())),
             RaftRpc::SnapshotChunk => {
                 type Msg = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, crate::snapshot::Part<Vec<u8>>);
@@ -101,6 +105,8 @@ impl PeerService {
                 node.move_step(shard, from, to, to_peer_addr, cancel).await.map(PeerReply::MoveStep)
             }
             PeerRequest::Ping => Ok(PeerReply::Done),
+            PeerRequest::Identify => Ok(PeerReply::Identity(node.info())),
+            req @ PeerRequest::Bootstrap { .. } => crate::lifecycle::bootstrap_here(node, req).await,
             PeerRequest::Quiesce { group, term, last_log_index } => {
                 node.quiesce_follower(sender, group, term, last_log_index).map(|()| PeerReply::Done).map_err(RequestError::Unavailable)
             }
@@ -433,18 +439,15 @@ impl ClientService {
                 self.node.pool.set_isolated_from(isolated_from);
                 Ok(ClientReply::Done)
             }
-            ClientRequest::Identify => {
-                let c = &self.node.config;
-                let state = self.node.map().node(c.id).map(|n| n.state).unwrap_or(NodeState::Joining);
-                Ok(ClientReply::Identity(NodeInfo {
-                    incarnation: self.node.incarnation,
-                    id: c.id,
-                    peer_addr: c.advertised_peer_addr().to_string(),
-                    client_addr: c.client_addr.clone(),
-                    metrics_addr: c.metrics_addr.clone(),
-                    state,
-                }))
+            ClientRequest::Identify => Ok(ClientReply::Identity(self.node.info())),
+            ClientRequest::Drain { on } => {
+                if !self.node.map().is_bootstrapped() {
+                    return Err(RequestError::NotPermitted(format!("node {} belongs to no cluster yet", self.node.id())));
+                }
+                self.node.set_draining(on).await;
+                Ok(ClientReply::Done)
             }
+            ClientRequest::Init { shards, replication } => self.node.init(shards, replication).await,
             ClientRequest::JoinCluster { through } => {
                 let map = self.node.map();
                 if map.is_bootstrapped() {
@@ -485,11 +488,19 @@ impl ClientService {
                     term: m.current_term,
                     applied: m.last_applied.map(|l| l.index).unwrap_or(0),
                     voters: m.membership_config.membership().voter_ids().collect(),
+                    behind: crate::lifecycle::entries_behind(&m),
                 }
             })
             .collect();
         groups.sort_by_key(|g| g.group);
-        NodeStatus { node: self.node.id(), map_version: self.node.map().version, groups, quarantined: self.node.quarantined() }
+        NodeStatus {
+            node: self.node.id(),
+            map_version: self.node.map().version,
+            groups,
+            quarantined: self.node.quarantined(),
+            draining: self.node.is_draining(),
+            not_ready: self.node.not_ready(),
+        }
     }
 }
 

@@ -85,7 +85,9 @@ impl ClientRequest {
             | ClientRequest::JoinCluster { .. }
             | ClientRequest::Join { .. }
             | ClientRequest::SetNodeState { .. }
-            | ClientRequest::SetPlacementSettings { .. } => Role::Admin,
+            | ClientRequest::SetPlacementSettings { .. }
+            | ClientRequest::Drain { .. }
+            | ClientRequest::Init { .. } => Role::Admin,
         }
     }
 }
@@ -114,6 +116,8 @@ mod tests {
             ClientRequest::JoinCluster { through: vec![] },
             ClientRequest::SetNodeState { node: 4, state: crate::NodeState::Removed, force: true },
             ClientRequest::SetPlacementSettings { settings: Default::default() },
+            ClientRequest::Drain { on: true },
+            ClientRequest::Init { shards: 4, replication: 3 },
         ];
         for r in admin {
             assert_eq!(r.required_role(), Role::Admin, "{}", r.kind());
@@ -140,6 +144,8 @@ mod tests {
             ClientRequest::NodeStatus,
             ClientRequest::TransferLeader { shard: 1, to: 2 },
             ClientRequest::SetPartition { isolated_from: vec![] },
+            ClientRequest::Drain { on: false },
+            ClientRequest::Init { shards: 4, replication: 3 },
         ];
         for r in &local {
             assert!(!r.is_placement_admin(), "{}", r.kind());

@@ -117,6 +117,19 @@ pub enum ClientRequest {
     SetPlacementSettings {
         settings: PlacementSettings,
     },
+    /// To the node to drain: `on` hands every leadership it holds to other voters and keeps new
+    /// ones away (until `on: false` or its next start); answered at once, progress shows in
+    /// `NodeStatus`.
+    Drain {
+        on: bool,
+    },
+    /// Creates the cluster from the nodes in the receiving node's `seeds` (sent to any of
+    /// them). On a cluster already created with this shape it answers `Initialized` with
+    /// `already: true`; on another shape it refuses.
+    Init {
+        shards: u64,
+        replication: usize,
+    },
 }
 
 impl ClientRequest {
@@ -139,6 +152,8 @@ impl ClientRequest {
             ClientRequest::SetNodeState { .. } => "set_node_state",
             ClientRequest::PlacementStatus => "placement_status",
             ClientRequest::SetPlacementSettings { .. } => "set_placement_settings",
+            ClientRequest::Drain { .. } => "drain",
+            ClientRequest::Init { .. } => "init",
         }
     }
 
@@ -169,6 +184,11 @@ pub enum ClientReply {
     NodeStatus(NodeStatus),
     Identity(NodeInfo),
     Placement(Box<PlacementReport>),
+    /// The answer to `Init`: the cluster's id, and whether it existed before this request.
+    Initialized {
+        cluster_id: String,
+        already: bool,
+    },
 }
 
 /// The placement leader's report, for `ringctl node list` and `ringctl rebalance`.
@@ -237,6 +257,8 @@ pub struct NodeHeartbeat {
     /// Replicas this node could not start (quarantined): the placement leader rebuilds them
     /// elsewhere.
     pub quarantined: Vec<GroupId>,
+    /// Draining: the placement leader moves no leadership to it.
+    pub draining: bool,
 }
 
 /// One replica's statistics in a heartbeat.
@@ -276,6 +298,10 @@ pub struct NodeStatus {
     /// Replicas this node could not start (state it cannot recover), with the reason. They are
     /// left alone on disk; the other replicas of those shards serve.
     pub quarantined: Vec<(GroupId, String)>,
+    /// Whether the node is draining (handing its leaderships away, taking none).
+    pub draining: bool,
+    /// Why the node is not ready to serve (its `/readyz`); empty when it is.
+    pub not_ready: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +312,8 @@ pub struct GroupStatus {
     pub term: u64,
     pub applied: u64,
     pub voters: Vec<NodeId>,
+    /// Entries the group committed (as this replica last heard) that its log does not hold yet.
+    pub behind: u64,
 }
 
 /// Which openraft RPC a peer frame carries.
@@ -332,6 +360,11 @@ pub enum PeerRequest {
     /// caught up): stop ticking until the next message of the group. Refused by a follower that
     /// sees another leader or log.
     Quiesce { group: GroupId, term: u64, last_log_index: u64 },
+    /// Who the receiving node is (`ringctl init` asks each seed).
+    Identify,
+    /// From the node `ringctl init` reached, to the first placement member: create the
+    /// cluster of `nodes`. Answered with `Admin` holding the answer to `init`.
+    Bootstrap { nodes: Vec<NodeInfo>, shards: u64, replication: usize },
 }
 
 /// What an order of the placement leader carries so a node can refuse one from a deposed leader:
@@ -349,6 +382,7 @@ pub enum PeerReply {
     Done,
     Admin(ClientResponse),
     MoveStep(MoveStage),
+    Identity(NodeInfo),
 }
 
 pub type PeerResponse = Result<PeerReply, RequestError>;

@@ -222,6 +222,7 @@ async fn run_checked(
         extra_config: Some(crate::TEST_RAFT.into()),
         netns: Some(NetnsLayout { name: ns.name().into(), proxied: true }),
         hold_back: vec![],
+        bootstrap: true,
     };
     let mut cluster = DevCluster::start(opts).await?;
     if !cfg.node_env.is_empty() {

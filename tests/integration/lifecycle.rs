@@ -1,0 +1,202 @@
+//! A cluster's life on real hosts: `ringctl init` creates it from nodes started on their own,
+//! `/livez` and `/readyz` tell a service manager how a node is, `ringctl health` checks the
+//! whole cluster, and draining (`ringctl node drain`, SIGTERM) moves leaderships off a node
+//! before it stops.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use ringkv_tests::{eventually, http_get, ringkv_binary, TestCluster, Writer};
+use ringkv_wire::{ClientReply, ClientRequest, NodeId};
+
+/// Runs ringctl with `target` (e.g. `--cluster FILE`) and `args`.
+fn ringctl(target: &[&str], args: &[&str]) -> anyhow::Result<Output> {
+    let bin = ringkv_binary().with_file_name("ringctl");
+    Ok(std::process::Command::new(bin).args(target).args(args).output()?)
+}
+
+fn text(o: &Output) -> String {
+    format!("exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn metrics_addr(tc: &TestCluster, id: NodeId) -> String {
+    tc.cluster.entry(id).map(|e| e.metrics_addr.clone()).unwrap_or_default()
+}
+
+/// Runs ringctl off the test's runtime (it blocks until the command ends).
+async fn ringctl_async(target: Vec<String>, args: &[&str]) -> anyhow::Result<Output> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let t: Vec<&str> = target.iter().map(String::as_str).collect();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ringctl(&t, &a)
+    })
+    .await?
+}
+
+fn cluster_target(dir: &Path) -> Vec<String> {
+    vec!["--cluster".into(), dir.join("cluster.json").display().to_string()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_creates_the_cluster_once_from_seed_nodes_and_readiness_follows() -> anyhow::Result<()> {
+    let tc = TestCluster::start_uninitialized(3).await?;
+    // Live at once, not ready: no cluster yet.
+    eventually(Duration::from_secs(20), "node 2 serves /livez", || async { Ok(http_get(&metrics_addr(&tc, 2), "/livez")?) }).await?;
+    let (code, body) = http_get(&metrics_addr(&tc, 2), "/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not initialized"), "{body}");
+    let target = cluster_target(&tc.path());
+    let health = ringctl_async(target.clone(), &["health"]).await?;
+    assert_ne!(health.status.code(), Some(0), "health of a cluster that does not exist: {}", text(&health));
+
+    // Sent to node 3, which is not the first placement member: it gathers the seeds and has
+    // node 1 create the cluster.
+    let certs = tc.path().join("certs");
+    let via_3 = vec!["--endpoints".to_string(), tc.client_addr(3), "--certs".into(), certs.display().to_string()];
+    let out = ringctl_async(via_3.clone(), &["init", "--shards", "8"]).await?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created"), "{}", text(&out));
+    // Again: nothing to do, and it says so.
+    let again = ringctl_async(target.clone(), &["init", "--shards", "8", "-o", "json"]).await?;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    let v: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    assert_eq!(v["created"], false, "{v}");
+    // Another shape is refused (exit 7), and the cluster keeps its own.
+    let other = ringctl_async(via_3, &["init", "--shards", "16"]).await?;
+    assert_eq!(other.status.code(), Some(7), "{}", text(&other));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("already exists with 8 shards"), "{}", text(&other));
+
+    // Every node becomes ready, and health says the whole cluster is.
+    for id in 1..=3 {
+        eventually(Duration::from_secs(60), &format!("node {id} is ready"), || async {
+            let (code, body) = http_get(&metrics_addr(&tc, id), "/readyz")?;
+            anyhow::ensure!(code == 200, "{code} {body}");
+            Ok(())
+        })
+        .await?;
+    }
+    let h = eventually(Duration::from_secs(30), "health passes", || async {
+        let out = ringctl_async(target.clone(), &["health", "-o", "json"]).await?;
+        anyhow::ensure!(out.status.code() == Some(0), "{}", text(&out));
+        Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
+    })
+    .await?;
+    assert_eq!(h["healthy"], true);
+    assert_eq!(h["nodes"].as_array().map(|n| n.len()), Some(3), "{h}");
+    let client = tc.client().await?;
+    assert_eq!(client.refresh_map().await?.shards.len(), 8);
+    client.put(b"born", b"by init").await?;
+    assert_eq!(client.get(b"born").await?.as_deref(), Some(&b"by init"[..]));
+    tc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_leads_nothing_until_undrained_and_sigterm_drains_before_exit() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 8).await?;
+    let client = tc.client().await?;
+    let target = cluster_target(&tc.path());
+    let addrs: Vec<String> = (0..=3).map(|id| tc.client_addr(id)).collect();
+    ringkv_tests::wait_balanced(&client, Duration::from_secs(60)).await?;
+    let led = |s: &ringkv_wire::NodeStatus| s.groups.iter().filter(|g| g.is_leader).count();
+    let status = |id: NodeId| {
+        let (client, addr) = (&client, addrs[id as usize].clone());
+        async move {
+            match client.call_node(&addr, &ClientRequest::NodeStatus, Duration::from_secs(5)).await? {
+                Ok(ClientReply::NodeStatus(s)) => Ok(s),
+                other => anyhow::bail!("node {id} status: {other:?}"),
+            }
+        }
+    };
+    anyhow::ensure!(led(&status(1).await?) > 0, "balanced, node 1 leads some groups");
+
+    let out = ringctl_async(target.clone(), &["node", "drain", "1", "--max-wait", "30s"]).await?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let s = status(1).await?;
+    assert_eq!(led(&s), 0, "{s:?}");
+    assert!(s.draining);
+    let (code, body) = http_get(&metrics_addr(&tc, 1), "/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    let h = ringctl_async(target.clone(), &["health"]).await?;
+    assert_eq!(h.status.code(), Some(8), "a draining node is not healthy: {}", text(&h));
+    // Leader balancing runs (the others lead 4 each, node 1 none) and gives it nothing.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let s = status(1).await?;
+        anyhow::ensure!(led(&s) == 0, "a draining node was given leaderships: {s:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let out = ringctl_async(target.clone(), &["node", "undrain", "1"]).await?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    eventually(Duration::from_secs(60), "node 1 leads again", || async {
+        let s = status(1).await?;
+        anyhow::ensure!(!s.draining && led(&s) > 0, "{s:?}");
+        Ok(())
+    })
+    .await?;
+
+    // SIGTERM: the node hands its leaderships away before it exits, while writes go on.
+    let busy = eventually(Duration::from_secs(60), "a node leads shards", || async {
+        for id in 1..=3 {
+            if led(&status(id).await?) > 0 {
+                return Ok(id);
+            }
+        }
+        anyhow::bail!("no node leads")
+    })
+    .await?;
+    let writer = Writer::start(tc.client().await?, "rolling", 100_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tc.cluster.stop_node(busy, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked, failed) = writer.stop().await?;
+    assert_eq!(failed, 0, "writes failed while node {busy} stopped");
+    let log = std::fs::read_to_string(tc.cluster.entry(busy)?.data_dir.join("node.log"))?;
+    assert!(
+        log.contains("drained in"),
+        "node {busy} stopped without draining:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    ringkv_tests::check_acked(&client, &acked).await?;
+    tc.stop().await;
+    Ok(())
+}
+
+/// `ringkv node --print-config` shows the resolved configuration (a partial `--config` section
+/// changes only its keys), starts nothing and writes nothing.
+#[test]
+fn print_config_shows_the_resolved_configuration_and_writes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("ringkv.toml");
+    std::fs::write(&conf, "[raft]\nheartbeat_interval_ms = 150\n\n[lifecycle]\ndrain_timeout_ms = 25000\n")?;
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(ringkv_binary())
+        .args(["node", "--print-config", "--id", "7", "--peer-addr", "127.0.0.1:7001", "--client-addr", "127.0.0.1:7002"])
+        .args(["--metrics-addr", "127.0.0.1:7003", "--ca", "ca.pem", "--cert", "n.pem", "--key", "n.key"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--config")
+        .arg(&conf)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let printed: toml::Table = String::from_utf8(out.stdout.clone())?.parse()?;
+    assert_eq!(printed["id"].as_integer(), Some(7));
+    assert_eq!(printed["raft"]["heartbeat_interval_ms"].as_integer(), Some(150));
+    assert_eq!(printed["raft"]["election_timeout_min_ms"].as_integer(), Some(1000), "a key the file does not name keeps its default");
+    assert_eq!(printed["lifecycle"]["drain_timeout_ms"].as_integer(), Some(25000));
+    assert!(!data.exists(), "--print-config wrote the data dir");
+    // An unknown key is an error that names it.
+    std::fs::write(&conf, "[raft]\nheartbeat_ms = 150\n")?;
+    let bad = std::process::Command::new(ringkv_binary())
+        .args(["node", "--print-config", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&conf)
+        .output()?;
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("heartbeat_ms"), "{}", text(&bad));
+    Ok(())
+}
