@@ -41,7 +41,7 @@ fn cluster_target(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_creates_the_cluster_once_from_seed_nodes_and_readiness_follows() -> anyhow::Result<()> {
-    let tc = TestCluster::start_uninitialized(3).await?;
+    let mut tc = TestCluster::start_uninitialized(3).await?;
     // Live at once, not ready: no cluster yet.
     eventually(Duration::from_secs(20), "node 2 serves /livez", || async { Ok(http_get(&metrics_addr(&tc, 2), "/livez")?) }).await?;
     let (code, body) = http_get(&metrics_addr(&tc, 2), "/readyz")?;
@@ -89,6 +89,27 @@ async fn init_creates_the_cluster_once_from_seed_nodes_and_readiness_follows() -
     assert_eq!(client.refresh_map().await?.shards.len(), 8);
     client.put(b"born", b"by init").await?;
     assert_eq!(client.get(b"born").await?.as_deref(), Some(&b"by init"[..]));
+
+    // Under systemd (`Type=notify`) a restarted node says READY=1 only once it is ready.
+    let sock_path = tc.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    tc.cluster.stop_node(3, Duration::from_secs(20)).await?;
+    tc.cluster.set_env(3, vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())]);
+    tc.cluster.restart(3)?;
+    let msg = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = sock.recv(&mut buf)?;
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if m.contains("READY=1") {
+                return Ok(m);
+            }
+        }
+    })
+    .await??;
+    let (code, body) = http_get(&metrics_addr(&tc, 3), "/readyz")?;
+    assert_eq!(code, 200, "READY=1 ({msg}) came before the node was ready: {body}");
     tc.stop().await;
     Ok(())
 }

@@ -69,6 +69,7 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     tokio::spawn(node.clone().disk_space_loop());
     tokio::spawn(node.clone().quiesce_loop());
     tokio::spawn(node.clone().drain_loop());
+    tokio::spawn(node.clone().notify_service_manager());
 
     tracing::info!(id = config.id, peer = %config.peer_addr, client = %config.client_addr, "node up");
     tokio::pin!(shutdown);
@@ -100,12 +101,19 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
         },
     }
     if asked {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         // Leaderships go to other replicas first, so a rolling restart fails no request. A
         // second SIGTERM or Ctrl-C cuts the drain short (as when a whole cluster stops).
         let drain = node.drain_before_stop(std::time::Duration::from_millis(config.lifecycle.drain_timeout_ms));
+        let again = async {
+            match stop_signals() {
+                Ok(signal) => signal.await,
+                Err(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = drain => {}
-            _ = stop_signal() => tracing::warn!("asked again to stop: not waiting for the drain"),
+            _ = again => tracing::warn!("asked again to stop: not waiting for the drain"),
         }
     }
     tracing::info!("node stopping");
@@ -124,17 +132,18 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     }
 }
 
-/// The next SIGTERM or Ctrl-C.
-pub async fn stop_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+/// The next SIGTERM or SIGINT (Ctrl-C), caught from the moment this is called: a signal that
+/// arrives while the node is still starting stops it once started, instead of killing it.
+pub fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
             _ = term.recv() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ = int.recv() => {}
         }
-    }
+    })
 }
 
 /// Refuses to start with a certificate that is not this node's: peers would take this node

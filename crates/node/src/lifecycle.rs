@@ -21,6 +21,8 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
 /// A drain before stopping gives up when the number of leaderships held has not fallen for
 /// this long (every other voter is gone or draining too, as when a whole cluster stops).
 pub const DRAIN_STALL: Duration = Duration::from_secs(3);
+/// How often a starting node under systemd checks whether it is ready yet.
+pub const NOTIFY_INTERVAL: Duration = Duration::from_millis(500);
 /// How long `init` waits for each seed node to say who it is.
 pub const SEED_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -169,6 +171,33 @@ impl Node {
                 return held;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Tells systemd (`Type=notify`, `NOTIFY_SOCKET`) the node is started: once it is ready,
+    /// or at once when it has no cluster yet (it waits for `ringctl init` or a join then). Until
+    /// then the unit's status line says why it is not ready. Does nothing without systemd.
+    pub async fn notify_service_manager(self: Arc<Self>) {
+        use sd_notify::NotifyState;
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let why = self.not_ready();
+            let fresh = !self.map().is_bootstrapped();
+            if why.is_empty() || fresh {
+                let status = if fresh { "serving; no cluster yet: waiting for `ringctl init` or a join" } else { "ready" };
+                if let Err(e) = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)]) {
+                    tracing::warn!("cannot tell systemd the node is ready: {e}");
+                }
+                return;
+            }
+            let _ = sd_notify::notify(false, &[NotifyState::Status(&format!("not ready: {}", why.join("; ")))]);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(NOTIFY_INTERVAL) => {}
+            }
         }
     }
 

@@ -106,6 +106,8 @@ fn init_tracing() {
 }
 
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
+    // Caught from here on: SIGTERM during the start stops the node cleanly once it is up.
+    let stop = ringkv_node::stop_signals()?;
     let o = Overrides {
         id: a.id,
         peer_addr: a.peer_addr,
@@ -124,11 +126,12 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    ringkv_node::run(cfg, ringkv_node::stop_signal()).await?;
+    ringkv_node::run(cfg, stop).await?;
     Ok(())
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let stop = ringkv_node::stop_signals()?;
     if let Some(DevCmd::AddNode { data_dir, timeout }) = a.cmd {
         let e = ringkv_node::dev::add_node_to_running(&data_dir, std::time::Duration::from_secs(timeout)).await?;
         eprintln!("node {} is up: client {} metrics http://{}/metrics; rebalancing fills it", e.id, e.client_addr, e.metrics_addr);
@@ -172,7 +175,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = ringkv_node::stop_signal() => {}
+        _ = stop => {}
         _ = watch => {}
     }
     eprintln!("stopping the cluster ...");
