@@ -221,3 +221,52 @@ fn print_config_shows_the_resolved_configuration_and_writes_nothing() -> anyhow:
     assert!(String::from_utf8_lossy(&bad.stderr).contains("heartbeat_ms"), "{}", text(&bad));
     Ok(())
 }
+
+/// The repository's root (the tests run from `tests/`).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `scripts/dist.sh` builds binaries fit to ship: at most 40 MB each, runnable, and linked to
+/// their debug information, which it keeps apart.
+#[test]
+fn dist_binaries_are_small_and_keep_their_debug_information_apart() -> anyhow::Result<()> {
+    let _fresh = ringkv_binary();
+    let out_dir = tempfile::tempdir()?;
+    let out = std::process::Command::new("bash").arg(repo_root().join("scripts/dist.sh")).arg(out_dir.path()).output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for bin in ["ringkv", "ringctl", "ringkv-bench"] {
+        let path = out_dir.path().join(bin);
+        let size = std::fs::metadata(&path)?.len();
+        assert!(size <= 40_000_000, "{bin} is {size} bytes");
+        let debug = std::fs::metadata(out_dir.path().join("debug").join(format!("{bin}.debug")))?.len();
+        assert!(debug > size, "{bin}'s debug file is {debug} bytes: the debug information is not in it");
+        let v = std::process::Command::new(&path).arg("--version").output()?;
+        assert!(v.status.success(), "{bin} --version: {}", text(&v));
+        let link = std::process::Command::new("objcopy")
+            .arg("--dump-section")
+            .arg(".gnu_debuglink=/dev/stdout")
+            .arg(&path)
+            .arg("/dev/null")
+            .output()?;
+        assert!(String::from_utf8_lossy(&link.stdout).contains(&format!("{bin}.debug")), "{bin} names no debug file: {}", text(&link));
+    }
+    Ok(())
+}
+
+/// The systemd unit is hardened: `systemd-analyze security` rates its exposure at most 2.5.
+#[test]
+fn the_systemd_unit_exposes_little() -> anyhow::Result<()> {
+    let unit = repo_root().join("deploy/systemd/ringkv.service");
+    let out = std::process::Command::new("systemd-analyze").args(["security", "--offline=yes", "--threshold=25"]).arg(&unit).output()?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let level: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ringkv.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no exposure level in: {}", text(&out)))?;
+    assert!(level <= 2.5, "exposure {level}:\n{report}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    Ok(())
+}
