@@ -43,7 +43,12 @@ fn cluster_target(dir: &Path) -> Vec<String> {
 async fn init_creates_the_cluster_once_from_seed_nodes_and_readiness_follows() -> anyhow::Result<()> {
     let mut tc = TestCluster::start_uninitialized(3).await?;
     // Live at once, not ready: no cluster yet.
-    eventually(Duration::from_secs(20), "node 2 serves /livez", || async { Ok(http_get(&metrics_addr(&tc, 2), "/livez")?) }).await?;
+    eventually(Duration::from_secs(20), "node 2 serves /livez", || async {
+        let (code, body) = http_get(&metrics_addr(&tc, 2), "/livez")?;
+        anyhow::ensure!(code == 200, "{code} {body}");
+        Ok(())
+    })
+    .await?;
     let (code, body) = http_get(&metrics_addr(&tc, 2), "/readyz")?;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not initialized"), "{body}");
