@@ -259,10 +259,19 @@ fn dist_binaries_are_small_and_keep_their_debug_information_apart() -> anyhow::R
     Ok(())
 }
 
-/// The systemd unit is hardened: `systemd-analyze security` rates its exposure at most 2.5.
+/// The systemd unit the Ansible role installs is hardened: `systemd-analyze security` rates its
+/// exposure at most 2.5.
 #[test]
 fn the_systemd_unit_exposes_little() -> anyhow::Result<()> {
-    let unit = repo_root().join("deploy/systemd/ringkv.service");
+    let template = std::fs::read_to_string(repo_root().join("deploy/ansible/roles/ringkv/templates/ringkv.service.j2"))?;
+    let rendered = template
+        .replace("{{ ansible_managed | default('Managed by Ansible') }}", "rendered by the test")
+        .replace("{{ ringkv_user }}", "ringkv")
+        .replace("{{ ringkv_data_dir }}", "/var/lib/ringkv");
+    assert!(!rendered.contains("{{"), "a variable the test does not render: {rendered}");
+    let dir = tempfile::tempdir()?;
+    let unit = dir.path().join("ringkv.service");
+    std::fs::write(&unit, rendered)?;
     let out = std::process::Command::new("systemd-analyze").args(["security", "--offline=yes", "--threshold=25"]).arg(&unit).output()?;
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     let level: f64 = report
@@ -273,5 +282,16 @@ fn the_systemd_unit_exposes_little() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no exposure level in: {}", text(&out)))?;
     assert!(level <= 2.5, "exposure {level}:\n{report}");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    Ok(())
+}
+
+/// The Ansible playbooks on four namespace hosts over ssh (`deploy/test/run.sh`): site, site
+/// again with no change, a rolling restart under load without a failed write, scale out, scale in.
+#[test]
+fn ansible_playbooks_deploy_restart_and_resize_a_cluster_on_namespace_hosts() -> anyhow::Result<()> {
+    let _fresh = ringkv_binary();
+    let out = std::process::Command::new("bash").arg(repo_root().join("deploy/test/run.sh")).output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deploy test passed"), "{}", text(&out));
     Ok(())
 }
