@@ -227,6 +227,49 @@ fn print_config_shows_the_resolved_configuration_and_writes_nothing() -> anyhow:
     Ok(())
 }
 
+/// Addresses may be DNS names: a node binds what `localhost:PORT` resolves to and serves there;
+/// a name that is neither an IP address nor a DNS name is refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_binds_and_serves_on_dns_names() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let ctl = ringkv_binary().with_file_name("ringctl");
+    for args in [vec!["cert", "init", "--dir"], vec!["cert", "issue", "--node", "9", "--dir"]] {
+        let out = std::process::Command::new(&ctl).args(&args).arg(&certs).output()?;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let metrics = format!("localhost:{}", free()?);
+    let node = |peer: &str| {
+        let mut c = std::process::Command::new(ringkv_binary());
+        c.args(["node", "--id", "9", "--peer-addr", peer, "--client-addr", "localhost:0", "--metrics-addr", &metrics])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("node-9.pem"))
+            .arg("--key")
+            .arg(certs.join("node-9.key"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let bad = node("local_host:7001").output()?;
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither an IP address nor a DNS name"), "{}", text(&bad));
+    let mut child = node(&format!("localhost:{}", free()?)).spawn()?;
+    let served = eventually(Duration::from_secs(20), "the node serves /livez on localhost", || async {
+        let (code, body) = http_get(&metrics, "/livez")?;
+        anyhow::ensure!(code == 200, "{code} {body}");
+        Ok(())
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    served
+}
+
 /// The repository's root (the tests run from `tests/`).
 fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()

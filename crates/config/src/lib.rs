@@ -309,14 +309,16 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, a) in [("peer_addr", &self.peer_addr), ("client_addr", &self.client_addr), ("metrics_addr", &self.metrics_addr)] {
-            a.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("{name} `{a}` is not an IP:port address: {e}")))?;
+            ringkv_wire::check_addr(a, false).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
         }
         if let Some(a) = &self.advertise_peer_addr {
-            a.parse::<std::net::SocketAddr>()
-                .map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr `{a}` is not an IP:port address: {e}")))?;
+            ringkv_wire::check_addr(a, true).map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr: {e}")))?;
         }
         if let Some(j) = &self.join {
-            j.parse::<std::net::SocketAddr>().map_err(|e| ConfigError::Invalid(format!("join `{j}` is not an IP:port address: {e}")))?;
+            ringkv_wire::check_addr(j, true).map_err(|e| ConfigError::Invalid(format!("join: {e}")))?;
+        }
+        for s in &self.seeds {
+            ringkv_wire::check_addr(s, true).map_err(|e| ConfigError::Invalid(format!("seeds: {e}")))?;
         }
         let l = &self.limits;
         if l.key_bytes_max == 0 || l.value_bytes_max == 0 || l.client_connections_max == 0 || l.client_requests_in_flight_max == 0 {
@@ -435,7 +437,8 @@ mod tests {
             ("[raft]\nheartbeat = 5\n", "heartbeat"),
             ("[limits]\nkey_bytes_max = 0\n", "limits must be positive"),
             ("[raft]\nheartbeat_interval_ms = 500\nelection_timeout_min_ms = 400\n", "raft"),
-            ("join = \"nowhere\"\n", "join `nowhere`"),
+            ("join = \"nowhere\"\n", "join: `nowhere` is not HOST:PORT"),
+            ("seeds = [\"db_1:7001\"]\n", "seeds: `db_1:7001`"),
             ("advertise_peer_addr = \"10.0.0.1\"\n", "advertise_peer_addr"),
             ("[raft]\nheartbeat_interval_ms = \"fast\"\n", "heartbeat_interval_ms"),
             ("client_addr = [1, 2]\n", "client_addr"),

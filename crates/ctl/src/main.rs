@@ -494,20 +494,49 @@ async fn health(client: &Client) -> anyhow::Result<Health> {
     Ok(Health { healthy: problems.is_empty(), map_version: newest, nodes, shards_without_leader, problems })
 }
 
-fn print_health(h: &Health) {
-    out!("{:<6} {:<16} {:<10} {:>6} {:>8} {:>7} {:<6}", "NODE", "STATE", "REACHABLE", "MAP", "LEADERS", "BEHIND", "READY");
-    for n in &h.nodes {
-        let map = n.map_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        let ready = if n.draining {
-            "drain"
-        } else if n.ready {
-            "yes"
-        } else {
-            "no"
-        };
-        let reachable = if n.reachable { "yes" } else { "no" };
-        out!("{:<6} {:<16} {:<10} {:>6} {:>8} {:>7} {:<6}", n.id, n.state, reachable, map, n.leaders, n.replicas_behind, ready);
+/// Prints a table: a header line and one line per row, columns aligned (those in `right` to the
+/// right), no borders.
+fn print_table(header: &[&str], right: &[usize], rows: Vec<Vec<String>>) {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
     }
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if right.contains(&i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    out!("{}", t.trim_fmt());
+}
+
+fn print_health(h: &Health) {
+    let rows = h
+        .nodes
+        .iter()
+        .map(|n| {
+            let ready = if n.draining {
+                "draining"
+            } else if n.ready {
+                "yes"
+            } else {
+                "no"
+            };
+            vec![
+                n.id.to_string(),
+                n.state.clone(),
+                if n.reachable { "yes" } else { "no" }.into(),
+                n.map_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                n.leaders.to_string(),
+                n.replicas_behind.to_string(),
+                ready.into(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "STATE", "REACHABLE", "MAP", "LEADERS", "BEHIND", "READY"], &[3, 4, 5], rows);
     if h.healthy {
         out!("healthy: every node reachable and ready on map version {}, every shard led", h.map_version);
     } else {
@@ -527,21 +556,30 @@ fn print_status(s: &Status) {
 }
 
 fn print_nodes(nodes: &[NodeRow]) {
-    out!("{:<6} {:<16} {:<22} {:>9} {:>8}", "NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS");
-    for n in nodes {
-        out!("{:<6} {:<16} {:<22} {:>9} {:>8}", n.id, n.state, n.client_addr, n.replicas, n.leaders);
-    }
+    let rows = nodes
+        .iter()
+        .map(|n| vec![n.id.to_string(), n.state.clone(), n.client_addr.clone(), n.replicas.to_string(), n.leaders.to_string()])
+        .collect();
+    print_table(&["NODE", "STATE", "CLIENT ADDR", "REPLICAS", "LEADERS"], &[3, 4], rows);
 }
 
 fn print_shards(shards: &[ShardRow]) {
     let leaderless = shards.iter().filter(|x| x.leader.is_none()).count();
     out!("{} shards, {} without a leader", shards.len(), leaderless);
-    out!("{:<6} {:<18} {:<18} {:<12} {:<8} {:<8}", "SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH");
-    for x in shards {
-        let reps = x.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
-        let leader = x.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
-        out!("{:<6} {:016x}   {:016x}   {:<12} {:<8} {}.{}", x.id, x.range[0], x.range[1], reps, leader, x.epoch.conf_ver, x.epoch.version);
-    }
+    let rows = shards
+        .iter()
+        .map(|x| {
+            vec![
+                x.id.to_string(),
+                format!("{:016x}", x.range[0]),
+                format!("{:016x}", x.range[1]),
+                x.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
+                x.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                format!("{}.{}", x.epoch.conf_ver, x.epoch.version),
+            ]
+        })
+        .collect();
+    print_table(&["SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH"], &[], rows);
 }
 
 #[derive(Serialize)]
@@ -593,12 +631,16 @@ async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
 
 fn print_shard(s: &ShardDetail) {
     out!("shard {}  range {:016x}..{:016x}  epoch {}.{}", s.id, s.range[0], s.range[1], s.epoch.conf_ver, s.epoch.version);
-    out!("{:<6} {:<12} {:>8} {:>10}  VOTERS", "NODE", "ROLE", "TERM", "APPLIED");
-    for r in &s.replicas {
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        let voters = r.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
-        out!("{:<6} {:<12} {:>8} {:>10}  {}", r.node, r.role, opt(r.term), opt(r.applied), voters);
-    }
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let rows = s
+        .replicas
+        .iter()
+        .map(|r| {
+            let voters = r.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+            vec![r.node.to_string(), r.role.clone(), opt(r.term), opt(r.applied), voters]
+        })
+        .collect();
+    print_table(&["NODE", "ROLE", "TERM", "APPLIED", "VOTERS"], &[2, 3], rows);
 }
 
 /// Asks the shard's leader to hand over to `node`, then waits until `node` reports itself leader.
@@ -686,24 +728,29 @@ fn print_plan(r: &PlacementReport) {
         transfers,
         human_bytes(bytes)
     );
-    if !r.moves.is_empty() || !r.plan.is_empty() {
-        out!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  STAGE", "OPERATION", "SHARD", "FROM", "TO", "REASON", "BYTES");
-    }
-    for m in &r.moves {
-        let stage = if m.last > 0 { format!("{} ({}/{})", m.stage, m.matched, m.last) } else { m.stage.clone() };
-        let rec = &m.record;
-        out!(
-            "{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  {stage}",
-            "move (running)",
-            rec.shard,
-            rec.from,
-            rec.to,
-            rec.reason,
-            human_bytes(m.bytes)
-        );
-    }
+    let mut rows: Vec<Vec<String>> = r
+        .moves
+        .iter()
+        .map(|m| {
+            let stage = if m.last > 0 { format!("{} ({}/{})", m.stage, m.matched, m.last) } else { m.stage.clone() };
+            let rec = &m.record;
+            let ids = [rec.shard, rec.from, rec.to].map(|v| v.to_string());
+            vec!["move (running)".into(), ids[0].clone(), ids[1].clone(), ids[2].clone(), rec.reason.clone(), human_bytes(m.bytes), stage]
+        })
+        .collect();
     for p in &r.plan {
-        out!("{:<16} {:<6} {:<5} {:<5} {:<8} {:>10}  planned", p.kind, p.shard, p.from, p.to, p.reason, human_bytes(p.bytes));
+        rows.push(vec![
+            p.kind.clone(),
+            p.shard.to_string(),
+            p.from.to_string(),
+            p.to.to_string(),
+            p.reason.clone(),
+            human_bytes(p.bytes),
+            "planned".into(),
+        ]);
+    }
+    if !rows.is_empty() {
+        print_table(&["OPERATION", "SHARD", "FROM", "TO", "REASON", "BYTES", "STAGE"], &[5], rows);
     }
     for (shard, why) in &r.stuck {
         out!("stuck: shard {shard}: {why}");

@@ -471,9 +471,8 @@ async fn admin(node: &Arc<Node>, r: &Replica, req: ClientRequest) -> ClientRespo
     match req {
         ClientRequest::Join { node: info } => {
             for (what, addr) in [("peer", &info.peer_addr), ("client", &info.client_addr), ("metrics", &info.metrics_addr)] {
-                let ok = addr.parse::<std::net::SocketAddr>().is_ok_and(|a| !a.ip().is_unspecified() && a.port() != 0);
-                if !ok {
-                    return Err(RequestError::Malformed(format!("node {}: {what} address {addr:?} is not a reachable ip:port", info.id)));
+                if let Err(e) = ringkv_wire::check_addr(addr, true) {
+                    return Err(RequestError::Malformed(format!("node {}: {what} address: {e}", info.id)));
                 }
             }
             let map = propose(r, PlacementCommand::RegisterNode { node: info.clone() }).await?;

@@ -642,7 +642,11 @@ impl Node {
 
 /// Binds a QUIC endpoint that serves `server` on `addr` (and may dial out).
 pub fn bind(addr: &str, server: quinn::ServerConfig) -> Result<quinn::Endpoint, NodeError> {
-    let sock: SocketAddr = addr.parse().map_err(|e| NodeError::Bind(addr.into(), std::io::Error::other(format!("{e}"))))?;
+    // A DNS name binds the first address it resolves to.
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| NodeError::Bind(addr.into(), e))?
+        .next()
+        .ok_or_else(|| NodeError::Bind(addr.into(), std::io::Error::other("the name resolves to no address")))?;
     quinn::Endpoint::server(server, sock).map_err(|e| NodeError::Bind(addr.into(), e))
 }
 

@@ -13,7 +13,7 @@ pub mod ring;
 pub use auth::{Role, ROLE_DEFAULT};
 pub use codec::{decode_frame, encode_frame, CodecError, Decoded};
 pub use error::RequestError;
-pub use map::{ClusterMap, Epoch, MoveRecord, NodeInfo, NodeState, PlacementSettings, ShardDesc};
+pub use map::{check_addr, ClusterMap, Epoch, MoveRecord, NodeInfo, NodeState, PlacementSettings, ShardDesc};
 pub use msg::*;
 pub use ring::{key_hash, split_ring};
 

@@ -128,6 +128,40 @@ impl Default for PlacementSettings {
     }
 }
 
+/// Checks a node address: `IP:port`, `[IPv6]:port` or `dns-name:port`. With `dialable` (an
+/// address other nodes dial), port 0 and an unspecified IP (`0.0.0.0`, `::`) are refused too; an
+/// address to bind may use them.
+pub fn check_addr(addr: &str, dialable: bool) -> Result<(), String> {
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        if dialable && sock.port() == 0 {
+            return Err(format!("`{addr}` has port 0"));
+        }
+        if dialable && sock.ip().is_unspecified() {
+            return Err(format!("`{addr}` is the unspecified address, which no other node can dial"));
+        }
+        return Ok(());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("`{addr}` is not HOST:PORT"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 || !dialable => {}
+        _ => return Err(format!("`{addr}`: `{port}` is not a port (1-65535)")),
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) || name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!("`{addr}`: `{host}` is neither an IP address nor a DNS name"));
+    }
+    Ok(())
+}
+
 impl ClusterMap {
     /// The shard whose range holds `hash`.
     pub fn shard_for_hash(&self, hash: u64) -> Option<&ShardDesc> {
@@ -162,6 +196,22 @@ impl ClusterMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_ip_or_dns_names_with_a_port() {
+        for ok in ["10.0.0.1:7001", "[::1]:7001", "db1:7001", "db-1.example.com:7001", "localhost:9101", "node.internal.:7001"] {
+            assert_eq!(check_addr(ok, true), Ok(()), "{ok}");
+        }
+        for bad in ["10.0.0.1", "db1", "db1:70000", ":7001", "-db:7001", "db_1:7001", "a..b:7001", "1.2.3:7001", "db1:http"] {
+            assert!(check_addr(bad, false).is_err(), "{bad} passed");
+        }
+        for port_0 in ["db1:0", "10.0.0.1:0"] {
+            assert!(check_addr(port_0, false).is_ok(), "binding port 0 takes a free port");
+            assert!(check_addr(port_0, true).is_err(), "no node can dial port 0");
+        }
+        assert!(check_addr("0.0.0.0:7001", false).is_ok(), "a node may bind every address");
+        assert!(check_addr("0.0.0.0:7001", true).is_err(), "but no other node can dial it");
+    }
     use crate::{key_hash, split_ring};
 
     #[test]
