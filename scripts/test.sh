@@ -5,7 +5,7 @@
 # build, so the dependencies (rocksdb above all) compile once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh nftables iproute2 binutils systemd
+scripts/deps.sh nftables iproute2 binutils systemd prometheus
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ringkv-target}"
 cargo fmt --all --check
 cargo build --release --workspace --bins

@@ -338,3 +338,69 @@ fn ansible_playbooks_deploy_restart_and_resize_a_cluster_on_namespace_hosts() ->
     assert!(String::from_utf8_lossy(&out.stderr).contains("deploy test passed"), "{}", text(&out));
     Ok(())
 }
+
+/// What monitoring sees: every metric a node exports has HELP text and passes `promtool check
+/// metrics`; the group-commit histogram counts writes in count buckets; process metrics and
+/// `ringkv_build_info` are there; every metric the Grafana dashboard queries exists in a live
+/// scrape; the alert rules pass `promtool check rules` and their unit tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_dashboard_and_alerts_fit_a_live_scrape() -> anyhow::Result<()> {
+    let tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    for i in 0..50 {
+        client.put(format!("m-{i}").as_bytes(), b"v").await?;
+        client.get(format!("m-{i}").as_bytes()).await?;
+    }
+    // The placement leader's gauges are set by its next round.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut exported = std::collections::BTreeSet::new();
+    for id in 1..=3 {
+        let text = ringkv_tests::scrape(&metrics_addr(&tc, id))?;
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(&mut check.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?, text.as_bytes())?;
+        let out = check.wait_with_output()?;
+        assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "node {id}: {}", text(&out));
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split_whitespace().next().unwrap_or_default().to_string();
+                assert!(text.contains(&format!("# HELP {name} ")), "node {id}: {name} has no HELP text");
+                exported.insert(name);
+            }
+        }
+        assert!(text.contains("ringkv_storage_group_commit_writes_bucket{le=\"1\"}"), "group commit sizes in count buckets");
+        assert!(!text.contains("ringkv_storage_group_commit_writes_bucket{le=\"0.0005\"}"), "group commit sizes in second buckets");
+    }
+    for name in ["ringkv_build_info", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+        assert!(exported.contains(name), "{name} is not exported");
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("deploy/grafana/ringkv-dashboard.json"))?)?;
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            let mut rest = expr;
+            while let Some(i) = rest.find("ringkv_").or_else(|| rest.find("process_")) {
+                let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[i + name.len()..];
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name).to_string();
+                queried.insert(base);
+            }
+        }
+    }
+    assert!(queried.len() > 20, "the dashboard queries only {queried:?}");
+    let missing: Vec<_> = queried.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(missing.is_empty(), "the dashboard queries metrics no node exports: {missing:?}");
+    let rules = repo_root().join("deploy/prometheus");
+    for args in [["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]] {
+        let out = std::process::Command::new("promtool").args(args).current_dir(&rules).output()?;
+        assert!(out.status.success(), "promtool {args:?}: {}", text(&out));
+    }
+    tc.stop().await;
+    Ok(())
+}

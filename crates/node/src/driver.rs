@@ -689,6 +689,7 @@ pub async fn executor_loop(node: Arc<Node>) {
             None => {
                 // Whatever was observed as leader is stale by the time leadership comes back.
                 *lock(&node.driver.state) = LeaderState::default();
+                metrics::gauge!("ringkv_placement_is_leader").set(0.0);
             }
         }
     }
@@ -705,6 +706,12 @@ async fn round(node: &Arc<Node>, r: &Replica) {
         let st = lock(&node.driver.state);
         (node.driver.observed(&st), node.driver.ms(Instant::now()), st.since.unwrap_or_else(Instant::now))
     };
+    // The cluster-wide view, exported by the placement leader only (alerts join on is_leader).
+    metrics::gauge!("ringkv_placement_is_leader").set(1.0);
+    let leaderless = map.shards.iter().filter(|s| !obs.leaders.contains_key(&s.id)).count();
+    metrics::gauge!("ringkv_placement_shards").set(map.shards.len() as f64);
+    metrics::gauge!("ringkv_placement_shards_without_leader").set(leaderless as f64);
+    metrics::gauge!("ringkv_placement_moves_running").set(map.moves.len() as f64);
 
     // 0. Incarnations the map does not know yet (nodes bootstrapped without one) are taken from
     // the first heartbeat.

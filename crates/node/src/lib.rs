@@ -6,6 +6,7 @@ pub mod config;
 pub mod dev;
 pub mod driver;
 pub mod lifecycle;
+pub mod metrics_catalog;
 pub mod network;
 pub mod node;
 pub mod peer;

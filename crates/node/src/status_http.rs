@@ -18,17 +18,25 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Ops {
     metrics: PrometheusHandle,
+    /// The process_* metrics (CPU, memory, open files), sampled at each scrape.
+    process: Arc<metrics_process::Collector>,
     /// Set once the node exists (the listener is up before: a starting node is live, not ready).
     node: Arc<OnceLock<Arc<Node>>>,
 }
 
-/// Installs the Prometheus recorder (`ringkv_*` metrics from here on).
+/// Installs the Prometheus recorder (`ringkv_*` metrics from here on), with every metric's help
+/// text: histograms of seconds get second buckets, histograms of counts count buckets.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    use metrics_exporter_prometheus::Matcher;
+    let mut b = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    for name in crate::metrics_catalog::COUNT_HISTOGRAMS {
+        b = b.set_buckets_for_metric(Matcher::Full((*name).into()), crate::metrics_catalog::COUNT_BUCKETS).map_err(|e| e.to_string())?;
+    }
+    let handle = b.install_recorder().map_err(|e| e.to_string())?;
+    crate::metrics_catalog::describe();
+    Ok(handle)
 }
 
 /// Binds `addr` and serves the endpoints there until the process ends. The node is given
@@ -42,11 +50,19 @@ pub async fn serve(addr: &str, metrics: PrometheusHandle, node: Arc<OnceLock<Arc
             upkeep.run_upkeep();
         }
     });
+    let process = Arc::new(metrics_process::Collector::default());
+    process.describe();
     let app = Router::new()
-        .route("/metrics", get(|State(o): State<Ops>| async move { o.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(o): State<Ops>| async move {
+                o.process.collect();
+                o.metrics.render()
+            }),
+        )
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Ops { metrics, node });
+        .with_state(Ops { metrics, process, node });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("operations endpoint stopped: {e}");
