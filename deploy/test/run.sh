@@ -4,7 +4,7 @@
 # host's files are its own. Over ssh, as on real hosts:
 #   site on three hosts (the cluster serves), site again (zero changes), rolling restart while
 #   ringkv-bench writes (zero failed operations, every node restarted), scale out to the fourth
-#   (balanced), scale in (drained, removed).
+#   (balanced), scale in (drained, removed), and a benchmark run from agents on two hosts.
 # Needs root. Installs openssh-server and ansible-core (in a virtualenv) when missing. Removes
 # every namespace, process, mount and file it made, also after a failure; bounded in time.
 #   deploy/test/run.sh            (KEEP=1 keeps the work directory for a look after a failure)
@@ -220,6 +220,16 @@ if ip netns pids ${PREFIX}h4 | xargs -r ps -o comm= -p | grep -q '^ringkv$'; the
 fi
 "${RINGCTL[@]}" health
 [ "$("${RINGCTL[@]}" get deployed)" = yes ]
+
+step "bench from agents on two hosts"
+play bench "$INV4" bench.yml -e '{"ringkv_bench_hosts": ["host1", "host2"]}' \
+  -e "ringkv_bench_args='--workload write --clients 2 --inflight 2 --duration 3s --warmup 1s'" -e "ringkv_bench_result=$WORK/bench-result.json"
+python3 - "$WORK/bench-result.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"bench from two agents: {r['ops']} writes, {r['errors']} failed", file=sys.stderr)
+assert r["ops"] > 0 and r["errors"] == 0, r
+EOF
 
 step "done"
 echo "deploy test passed" >&2
