@@ -355,25 +355,25 @@ async fn metrics_dashboard_and_alerts_fit_a_live_scrape() -> anyhow::Result<()> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut exported = std::collections::BTreeSet::new();
     for id in 1..=3 {
-        let text = ringkv_tests::scrape(&metrics_addr(&tc, id))?;
+        let scraped = ringkv_tests::scrape(&metrics_addr(&tc, id))?;
         let mut check = std::process::Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        std::io::Write::write_all(&mut check.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?, text.as_bytes())?;
+        std::io::Write::write_all(&mut check.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?, scraped.as_bytes())?;
         let out = check.wait_with_output()?;
         assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "node {id}: {}", text(&out));
-        for line in text.lines() {
+        for line in scraped.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let name = rest.split_whitespace().next().unwrap_or_default().to_string();
-                assert!(text.contains(&format!("# HELP {name} ")), "node {id}: {name} has no HELP text");
+                assert!(scraped.contains(&format!("# HELP {name} ")), "node {id}: {name} has no HELP text");
                 exported.insert(name);
             }
         }
-        assert!(text.contains("ringkv_storage_group_commit_writes_bucket{le=\"1\"}"), "group commit sizes in count buckets");
-        assert!(!text.contains("ringkv_storage_group_commit_writes_bucket{le=\"0.0005\"}"), "group commit sizes in second buckets");
+        assert!(scraped.contains("ringkv_storage_group_commit_writes_bucket{le=\"1\"}"), "group commit sizes in count buckets");
+        assert!(!scraped.contains("ringkv_storage_group_commit_writes_bucket{le=\"0.0005\"}"), "group commit sizes in second buckets");
     }
     for name in ["ringkv_build_info", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
         assert!(exported.contains(name), "{name} is not exported");
