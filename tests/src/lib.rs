@@ -80,14 +80,14 @@ impl TestCluster {
     /// (`cluster.restart(id)` starts them).
     pub async fn start_holding_back(nodes: usize, shards: u64, extra: &str, hold_back: Vec<NodeId>) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
-        Self::launch(dir, None, nodes, shards, extra, hold_back).await
+        Self::launch(dir, None, nodes, shards, extra, hold_back, true).await
     }
 
     /// `nodes` nodes started as on real hosts, the first three as each other's seeds, and no
     /// cluster yet: `ringctl init` creates it.
     pub async fn start_uninitialized(nodes: usize) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
-        Self::launch_with(dir, None, nodes, 0, "", vec![], false).await
+        Self::launch(dir, None, nodes, 0, "", vec![], false).await
     }
 
     /// As [`TestCluster::start_with`], with the cluster's directory on a tmpfs of `bytes`
@@ -95,7 +95,7 @@ impl TestCluster {
     pub async fn start_on_tmpfs(nodes: usize, shards: u64, bytes: u64, extra: &str) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("ringkv-test-").tempdir()?;
         let fs = Tmpfs::mount(&dir.path().join("cluster"), bytes)?;
-        Self::launch(dir, Some(Mounted::Tmpfs(fs)), nodes, shards, extra, vec![]).await
+        Self::launch(dir, Some(Mounted::Tmpfs(fs)), nodes, shards, extra, vec![], true).await
     }
 
     /// As [`TestCluster::start_with`], with the cluster's directory on a [`powerfs::PowerFs`]
@@ -107,21 +107,11 @@ impl TestCluster {
         std::fs::create_dir_all(&backing)?;
         std::fs::create_dir_all(&mount)?;
         let fs = powerfs::PowerFs::mount(&backing, &mount).map_err(|e| anyhow::anyhow!("cannot mount the power-loss filesystem: {e}"))?;
-        Self::launch(dir, Some(Mounted::Power(fs)), nodes, shards, extra, vec![]).await
+        Self::launch(dir, Some(Mounted::Power(fs)), nodes, shards, extra, vec![], true).await
     }
 
+    /// Starts the nodes in `dir`; with `bootstrap`, creates the cluster and waits until it is ready.
     async fn launch(
-        dir: tempfile::TempDir,
-        mounted: Option<Mounted>,
-        nodes: usize,
-        shards: u64,
-        extra: &str,
-        hold_back: Vec<NodeId>,
-    ) -> anyhow::Result<TestCluster> {
-        Self::launch_with(dir, mounted, nodes, shards, extra, hold_back, true).await
-    }
-
-    async fn launch_with(
         dir: tempfile::TempDir,
         mounted: Option<Mounted>,
         nodes: usize,
