@@ -78,6 +78,11 @@ impl Node {
             return vec!["no cluster map yet: the cluster is not initialized (`ringctl init`) or this node has not joined".into()];
         }
         let mut why = Vec::new();
+        match map.node(self.id()) {
+            None => why.push("not in the cluster map yet (joining)".into()),
+            Some(n) if n.state == NodeState::Removed => why.push("removed from the cluster".into()),
+            Some(_) => {}
+        }
         if self.is_draining() {
             why.push("draining (`ringctl node undrain` or a restart ends it)".into());
         }

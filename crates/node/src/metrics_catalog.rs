@@ -105,10 +105,13 @@ pub fn describe() {
         }
     }
     metrics::gauge!("ringkv_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Counters exist from the start at 0 (a rate over a missing series is no rate at all).
+    // Counters and gauges exist from the start at 0 (a rate over a missing series is no rate
+    // at all); the loops that set the gauges do so within a second.
     for (name, kind, _) in METRICS {
-        if *kind == "counter" && *name != "ringkv_client_requests_total" {
-            metrics::counter!(*name).increment(0);
+        match *kind {
+            "counter" if *name != "ringkv_client_requests_total" => metrics::counter!(*name).increment(0),
+            "gauge" if *name != "ringkv_build_info" => metrics::gauge!(*name).increment(0.0),
+            _ => {}
         }
     }
 }
