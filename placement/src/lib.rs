@@ -65,7 +65,16 @@ pub enum PlacementCommand {
         to: NodeId,
     },
     SetSettings(PlacementSettings),
+    /// Adds a gateway access token (its hash). Names are unique; so are hashes.
+    AddToken(ringkv_wire::TokenRecord),
+    /// Forgets the token called `name`.
+    RevokeToken {
+        name: String,
+    },
 }
+
+/// Most tokens a cluster keeps (every node holds them all, in the map).
+pub const TOKENS_MAX: usize = 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum PlacementError {
@@ -169,6 +178,33 @@ fn apply_change(map: &mut ClusterMap, cmd: &PlacementCommand) -> Result<bool, Pl
     }
     match cmd {
         PlacementCommand::Bootstrap { .. } => Err(PlacementError::AlreadyBootstrapped),
+        PlacementCommand::AddToken(t) => {
+            if !ringkv_wire::auth::valid_token_name(&t.name) || t.hash.len() != 32 {
+                return Err(PlacementError::Invalid(format!(
+                    "token `{}`: a name of 1-64 letters, digits, - _ . and a 32-byte hash",
+                    t.name
+                )));
+            }
+            if map.tokens.iter().any(|o| o.name == t.name) {
+                return refuse(format!("a token called `{}` exists; revoke it first or choose another name", t.name));
+            }
+            if map.tokens.iter().any(|o| o.hash == t.hash) {
+                return refuse("that token is already registered".into());
+            }
+            if map.tokens.len() >= TOKENS_MAX {
+                return refuse(format!("the cluster keeps at most {TOKENS_MAX} tokens; revoke some first"));
+            }
+            map.tokens.push(t.clone());
+            Ok(true)
+        }
+        PlacementCommand::RevokeToken { name } => {
+            let before = map.tokens.len();
+            map.tokens.retain(|t| &t.name != name);
+            if map.tokens.len() == before {
+                return refuse(format!("no token called `{name}`"));
+            }
+            Ok(true)
+        }
         PlacementCommand::RegisterNode { node } => {
             if node.id == 0 {
                 return Err(PlacementError::Invalid("node id 0 is reserved".into()));
@@ -424,6 +460,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn tokens_are_added_once_by_name_and_hash_and_revoked_by_name() {
+        let mut map = ClusterMap::default();
+        let tok = |name: &str, b: u8| {
+            PlacementCommand::AddToken(ringkv_wire::TokenRecord { name: name.into(), role: ringkv_wire::Role::Read, hash: vec![b; 32] })
+        };
+        assert!(apply(&mut map, &tok("a", 1)).is_err(), "no tokens before bootstrap");
+        apply(&mut map, &PlacementCommand::Bootstrap { cluster_id: "c".into(), nodes: nodes(3), shards: 1, replication: 3 }).expect("boot");
+        let v = map.version;
+        apply(&mut map, &tok("a", 1)).expect("add");
+        assert_eq!((map.tokens.len(), map.version), (1, v + 1));
+        assert!(apply(&mut map, &tok("a", 2)).is_err(), "same name");
+        assert!(apply(&mut map, &tok("b", 1)).is_err(), "same hash");
+        assert!(matches!(apply(&mut map, &tok("bad name", 3)), Err(PlacementError::Invalid(_))));
+        let short =
+            PlacementCommand::AddToken(ringkv_wire::TokenRecord { name: "s".into(), role: ringkv_wire::Role::Read, hash: vec![1; 5] });
+        assert!(matches!(apply(&mut map, &short), Err(PlacementError::Invalid(_))));
+        assert!(apply(&mut map, &PlacementCommand::RevokeToken { name: "zz".into() }).is_err());
+        apply(&mut map, &PlacementCommand::RevokeToken { name: "a".into() }).expect("revoke");
+        assert!(map.tokens.is_empty());
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //!         break;
 //!     }
 //! }
+//! // Or atomically, in one Raft entry, applied exactly once.
+//! let n = client.incr(b"counter2", 1).await?;
 //!
 //! // Per-call deadlines, stale reads from any replica, batches fanned out per shard.
 //! let _ = client.get_with(b"hello", CallOptions { timeout: Some(Duration::from_secs(1)), stale: true }).await?;
@@ -46,6 +48,8 @@
 //! - `Error::retryable` says whether trying again may help. Nothing a node sends makes the
 //!   client panic.
 
+pub mod report;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,6 +58,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use ringkv_transport::RpcClient;
 pub use ringkv_transport::{CertPaths, RpcError};
+pub use ringkv_wire::KeyOp;
 use ringkv_wire::{
     key_hash, ClientReply, ClientRequest, ClientResponse, ClusterMap, Epoch, GroupId, NodeId, NodeStatus, RequestError, ALPN_CLIENT,
 };
@@ -167,6 +172,14 @@ pub struct Client {
     next_seq: AtomicU64,
     /// Sequence numbers of writes still in progress; the lowest bounds what shards must remember.
     in_flight: Mutex<BTreeSet<u64>>,
+    /// A node in this process and its client address: calls to it skip QUIC.
+    local: Option<(String, Arc<dyn LocalNode>)>,
+}
+
+/// A node in the same process as the client (a node's gateways route through an embedded
+/// client): requests for its client address are handed to it directly, without QUIC or TLS.
+pub trait LocalNode: Send + Sync + 'static {
+    fn call(&self, req: ClientRequest) -> std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send>>;
 }
 
 /// Options of one call.
@@ -230,7 +243,14 @@ impl Client {
             client_id: rand::random(),
             next_seq: AtomicU64::new(1),
             in_flight: Mutex::new(BTreeSet::new()),
+            local: None,
         })
+    }
+
+    /// Hands requests for `addr` (the client address of a node in this process) to `node`.
+    pub fn with_local(mut self, addr: String, node: Arc<dyn LocalNode>) -> Self {
+        self.local = Some((addr, node));
+        self
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
@@ -280,6 +300,11 @@ impl Client {
     /// Sends one request to the node at `addr`, without routing or retries. `timeout` bounds
     /// everything, connecting included.
     pub async fn call_node(&self, addr: &str, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, RpcError> {
+        if let Some((local, node)) = &self.local {
+            if local == addr {
+                return tokio::time::timeout(timeout, node.call(req.clone())).await.map_err(|_| RpcError::Timeout(timeout));
+            }
+        }
         let open = self.live.get(addr).map(|c| c.clone()).filter(|c| !c.is_closed());
         let r = match open {
             // The call's own deadline is the only timer.
@@ -565,6 +590,46 @@ impl Client {
         };
         match self.keyed(&key, make, self.deadline(&o)).await? {
             ClientReply::Cas { swapped, current } => Ok(CasOutcome { swapped, current }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds `delta` to the integer stored under `key` (absent: 0) in one atomic step, applied
+    /// exactly once however often it is retried; returns the new value. A value that is not a
+    /// decimal i64, or a sum that would overflow, is refused (`RequestError::Invalid`).
+    pub async fn incr(&self, key: &[u8], delta: i64) -> Result<i64, Error> {
+        self.key_op(key, KeyOp::Incr(delta), CallOptions::default()).await
+    }
+
+    /// Appends `suffix` to the value under `key` (absent: empty); returns the new length.
+    pub async fn append(&self, key: &[u8], suffix: &[u8]) -> Result<i64, Error> {
+        self.key_op(key, KeyOp::Append(suffix.to_vec()), CallOptions::default()).await
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete_existing(&self, key: &[u8]) -> Result<bool, Error> {
+        self.key_op(key, KeyOp::DeleteCount, CallOptions::default()).await.map(|n| n > 0)
+    }
+
+    /// Runs a read-modify-write of one key on its shard's state machine (atomic, and exactly
+    /// once under this client's session).
+    pub async fn key_op(&self, key: &[u8], op: KeyOp, o: CallOptions) -> Result<i64, Error> {
+        let key = key.to_vec();
+        let s = self.session();
+        let make = |shard, epoch| ClientRequest::Apply { shard, epoch, key: key.clone(), op: op.clone(), session: Some(s.session) };
+        match self.keyed(&key, make, self.deadline(&o)).await? {
+            ClientReply::Int(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates a gateway access token called `name` with `role` and returns it. The token is
+    /// made here and only its SHA-256 is sent and stored: it cannot be shown again.
+    pub async fn create_token(&self, name: &str, role: ringkv_wire::Role) -> Result<String, Error> {
+        let token = ringkv_wire::auth::token_from_bytes(&rand::random());
+        let req = ClientRequest::CreateToken { name: name.into(), role, hash: ringkv_wire::auth::token_hash(&token) };
+        match self.placement(&req).await? {
+            ClientReply::Done => Ok(token),
             other => Err(unexpected(other)),
         }
     }

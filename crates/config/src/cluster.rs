@@ -24,6 +24,12 @@ pub struct NodeEntry {
     pub peer_listen: Option<String>,
     pub client_addr: String,
     pub metrics_addr: String,
+    /// The HTTP gateway (plaintext, loopback), if the node serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// The Redis-protocol gateway (plaintext, loopback), if the node serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp_addr: Option<String>,
     pub data_dir: PathBuf,
 }
 
@@ -42,6 +48,8 @@ impl NetnsLayout {
     pub const PEER_PORT: u16 = 7100;
     pub const CLIENT_PORT: u16 = 7200;
     pub const METRICS_PORT: u16 = 7300;
+    pub const HTTP_PORT: u16 = 7400;
+    pub const RESP_PORT: u16 = 7500;
 
     /// The address node `id` listens on.
     pub fn node_ip(id: NodeId) -> std::net::Ipv4Addr {

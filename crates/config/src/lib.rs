@@ -28,6 +28,15 @@ pub struct NodeConfig {
     pub client_addr: String,
     /// Address of the Prometheus `/metrics` endpoint.
     pub metrics_addr: String,
+    /// Address of the HTTP gateway (`/v1/kv/{key}`; also `/livez`, `/readyz`, `/metrics`).
+    /// None: no HTTP gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Address of the Redis-protocol gateway. None: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp_addr: Option<String>,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
     pub tls: TlsConfig,
     /// Peer addresses to ask for the cluster map until this node has one of its own.
     #[serde(default)]
@@ -78,6 +87,34 @@ impl Default for Limits {
             client_requests_in_flight_max: 16384,
         }
     }
+}
+
+/// The HTTP and Redis gateways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Serve both gateways over TLS with the node's certificate (clients trust the cluster
+    /// CA; a client certificate of the CA is taken as the role it names, else a token is asked).
+    pub tls: bool,
+    /// Let a gateway without TLS bind to an address other than loopback (tokens then cross the
+    /// network in the clear).
+    pub plaintext_off_loopback: bool,
+    /// Gateway connections a node serves at once (both gateways together); past it new ones
+    /// are closed at once.
+    pub connections_max: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { tls: false, plaintext_off_loopback: false, connections_max: 10_000 }
+    }
+}
+
+/// Whether `addr` (`host:port`) names a loopback address.
+pub fn is_loopback_addr(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +205,8 @@ pub struct Overrides {
     pub advertise_peer_addr: Option<String>,
     pub client_addr: Option<String>,
     pub metrics_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub resp_addr: Option<String>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -202,6 +241,9 @@ struct PartialConfig {
     advertise_peer_addr: Option<String>,
     client_addr: Option<String>,
     metrics_addr: Option<String>,
+    http_addr: Option<String>,
+    resp_addr: Option<String>,
+    gateway: Option<GatewayConfig>,
     tls: Option<TlsConfig>,
     seeds: Option<Vec<String>>,
     join: Option<String>,
@@ -253,7 +295,7 @@ impl NodeConfig {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(file.map(Path::to_path_buf).unwrap_or(identity.clone()), e.to_string()))?;
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
-        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, seeds, join, fault_injection);
+        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, http_addr, resp_addr, seeds, join, fault_injection);
         if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
             let t = p.tls.take();
             let pick = |flag: Option<PathBuf>, old: Option<PathBuf>, name| flag.or(old).ok_or(ConfigError::Missing(name));
@@ -289,6 +331,9 @@ impl NodeConfig {
             advertise_peer_addr: p.advertise_peer_addr,
             client_addr: p.client_addr.ok_or(ConfigError::Missing("client-addr"))?,
             metrics_addr: p.metrics_addr.ok_or(ConfigError::Missing("metrics-addr"))?,
+            http_addr: p.http_addr,
+            resp_addr: p.resp_addr,
+            gateway: p.gateway.unwrap_or_default(),
             tls: p.tls.ok_or(ConfigError::Missing("ca/cert/key"))?,
             seeds: p.seeds.unwrap_or_default(),
             join: p.join,
@@ -310,6 +355,18 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, a) in [("peer_addr", &self.peer_addr), ("client_addr", &self.client_addr), ("metrics_addr", &self.metrics_addr)] {
             ringkv_wire::check_addr(a, false).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+        }
+        for (name, a) in [("http_addr", &self.http_addr), ("resp_addr", &self.resp_addr)] {
+            let Some(a) = a else { continue };
+            ringkv_wire::check_addr(a, false).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+            if !self.gateway.tls && !self.gateway.plaintext_off_loopback && !is_loopback_addr(a) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} {a}: a gateway without TLS binds to loopback only; set [gateway] tls = true (or plaintext_off_loopback = true)"
+                )));
+            }
+        }
+        if self.gateway.connections_max == 0 {
+            return Err(ConfigError::Invalid("gateway.connections_max must be at least 1".into()));
         }
         if let Some(a) = &self.advertise_peer_addr {
             ringkv_wire::check_addr(a, true).map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr: {e}")))?;
@@ -442,6 +499,9 @@ mod tests {
             ("advertise_peer_addr = \"10.0.0.1\"\n", "advertise_peer_addr"),
             ("[raft]\nheartbeat_interval_ms = \"fast\"\n", "heartbeat_interval_ms"),
             ("client_addr = [1, 2]\n", "client_addr"),
+            ("http_addr = \"10.0.0.5:8080\"\n", "http_addr 10.0.0.5:8080: a gateway without TLS binds to loopback only"),
+            ("resp_addr = \"0.0.0.0:6379\"\n", "resp_addr 0.0.0.0:6379"),
+            ("[gateway]\nconnections_max = 0\n", "gateway.connections_max"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let file = dir.path().join(format!("bad{i}.toml"));
@@ -450,6 +510,24 @@ mod tests {
                 .expect_err(&format!("{text:?} is refused"));
             assert!(e.to_string().contains(expect), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn gateways_bind_off_loopback_only_with_tls_or_when_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, text) in [
+            "http_addr = \"10.0.0.5:8080\"\n[gateway]\ntls = true\n",
+            "resp_addr = \"0.0.0.0:6379\"\n[gateway]\nplaintext_off_loopback = true\n",
+            "http_addr = \"127.0.0.1:8080\"\nresp_addr = \"[::1]:6379\"\n",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let file = dir.path().join(format!("ok{i}.toml"));
+            std::fs::write(&file, text).expect("write");
+            NodeConfig::resolve(&dir.path().join(format!("d{i}")), Some(&file), first_start(dir.path())).expect(text);
+        }
+        assert!(is_loopback_addr("localhost:1") && is_loopback_addr("127.0.0.9:1") && !is_loopback_addr("db1:1"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringkv_client::report::{status, NodeRow, ShardDetail, ShardRow, Status};
 use ringkv_client::{CertPaths, Client, ClientConfig};
 use ringkv_wire::{ClientReply, ClientRequest, NodeState, PlacementReport};
 use serde::Serialize;
@@ -105,6 +106,15 @@ enum Cmd {
     Get { key: String },
     /// Delete KEY.
     Delete { key: String },
+    /// Add BY (default 1) to the integer under KEY (absent: 0) atomically; print the new value.
+    Incr {
+        key: String,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+    },
+    /// Access tokens of the HTTP and Redis gateways.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Set KEY to NEW only if it currently holds OLD (or is absent); exit 4 if not.
     Cas {
         key: String,
@@ -147,6 +157,24 @@ enum Cmd {
     /// Certificates for a cluster.
     #[command(subcommand)]
     Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it once (only its hash is stored: it cannot be shown again).
+    Create {
+        /// A unique name: 1-64 letters, digits, `-`, `_`, `.`.
+        #[arg(long)]
+        name: String,
+        /// read (reads, status), write (and data writes) or admin.
+        #[arg(long)]
+        role: ringkv_wire::Role,
+    },
+    /// The tokens' names and roles.
+    List,
+    /// Revoke the token called NAME: it stops working on every node within a second or two,
+    /// also on connections already open.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -282,68 +310,6 @@ fn client_config(cli: &Cli) -> anyhow::Result<ClientConfig> {
     cfg.timeout = cli.timeout;
     cfg.attempt_timeout = cfg.timeout.min(cfg.attempt_timeout);
     Ok(cfg)
-}
-
-#[derive(Serialize)]
-struct NodeRow {
-    id: u64,
-    state: String,
-    client_addr: String,
-    replicas: usize,
-    leaders: usize,
-    reachable: bool,
-}
-
-#[derive(Serialize)]
-struct ShardRow {
-    id: u64,
-    range: [u64; 2],
-    replicas: Vec<u64>,
-    leader: Option<u64>,
-    epoch: ringkv_wire::Epoch,
-}
-
-#[derive(Serialize)]
-struct Status {
-    nodes: Vec<NodeRow>,
-    shards: Vec<ShardRow>,
-    /// Replicas a node could not start: `(node, shard, reason)`.
-    quarantined: Vec<(u64, u64, String)>,
-}
-
-async fn status(client: &Client) -> anyhow::Result<Status> {
-    let map = client.refresh_map().await?;
-    let reports: Vec<_> = client.node_reports().await.into_iter().flatten().collect();
-    let reachable: std::collections::BTreeSet<u64> = reports.iter().map(|r| r.node).collect();
-    let leader_of = ringkv_client::leaders_of(&reports);
-    let shards: Vec<ShardRow> = map
-        .shards
-        .iter()
-        .map(|s| ShardRow {
-            id: s.id,
-            range: [s.start, s.end],
-            replicas: s.replicas.clone(),
-            leader: leader_of.get(&s.id).copied(),
-            epoch: s.epoch,
-        })
-        .collect();
-    let nodes = map
-        .nodes
-        .iter()
-        .map(|n| NodeRow {
-            id: n.id,
-            state: match n.state {
-                NodeState::Up | NodeState::Joining | NodeState::Decommissioning if !reachable.contains(&n.id) => "unreachable".into(),
-                s => s.as_str().to_string(),
-            },
-            client_addr: n.client_addr.clone(),
-            replicas: shards.iter().filter(|s| s.replicas.contains(&n.id)).count(),
-            leaders: shards.iter().filter(|s| s.leader == Some(n.id)).count(),
-            reachable: reachable.contains(&n.id),
-        })
-        .collect();
-    let quarantined = reports.iter().flat_map(|r| r.quarantined.iter().map(|(g, why)| (r.node, *g, why.clone()))).collect();
-    Ok(Status { nodes, shards, quarantined })
 }
 
 /// `ringctl init`: to the first endpoint that answers.
@@ -582,51 +548,15 @@ fn print_shards(shards: &[ShardRow]) {
     print_table(&["SHARD", "START", "END", "REPLICAS", "LEADER", "EPOCH"], &[], rows);
 }
 
-#[derive(Serialize)]
-struct ReplicaRow {
-    node: u64,
-    /// "leader", "follower", or "unreachable" when the node did not answer.
-    role: String,
-    term: Option<u64>,
-    applied: Option<u64>,
-    /// The voters as this replica knows them.
-    voters: Vec<u64>,
-}
-
-#[derive(Serialize)]
-struct ShardDetail {
-    id: u64,
-    range: [u64; 2],
-    epoch: ringkv_wire::Epoch,
-    leader: Option<u64>,
-    replicas: Vec<ReplicaRow>,
+async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
+    let map = client.refresh_map().await?;
+    find_shard(&map, id)?;
+    Ok(ringkv_client::report::shard_detail(client, id).await?.ok_or_else(|| anyhow::anyhow!("no shard {id}"))?)
 }
 
 fn find_shard(map: &ringkv_wire::ClusterMap, id: u64) -> anyhow::Result<&ringkv_wire::ShardDesc> {
     map.shard(id)
         .ok_or_else(|| anyhow::anyhow!("no shard {id} among the cluster's {} shards (`ringctl shard list` shows them)", map.shards.len()))
-}
-
-async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
-    let map = client.refresh_map().await?;
-    let desc = find_shard(&map, id)?;
-    let reports = client.node_reports().await;
-    let mut replicas = Vec::new();
-    for node in &desc.replicas {
-        let group = reports.iter().flatten().find(|r| r.node == *node).and_then(|r| r.groups.iter().find(|g| g.group == id));
-        replicas.push(match group {
-            Some(g) => ReplicaRow {
-                node: *node,
-                role: if g.is_leader { "leader" } else { "follower" }.into(),
-                term: Some(g.term),
-                applied: Some(g.applied),
-                voters: g.voters.clone(),
-            },
-            None => ReplicaRow { node: *node, role: "unreachable".into(), term: None, applied: None, voters: vec![] },
-        });
-    }
-    let leader = replicas.iter().filter(|r| r.role == "leader").max_by_key(|r| r.term).map(|r| r.node);
-    Ok(ShardDetail { id, range: [desc.start, desc.end], epoch: desc.epoch, leader, replicas })
 }
 
 fn print_shard(s: &ShardDetail) {
@@ -890,6 +820,46 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             client.delete(key.as_bytes()).await?;
             if json {
                 out!("{}", serde_json::json!({"ok": true}));
+            }
+            0
+        }
+        Cmd::Incr { key, by } => {
+            let n = client.incr(key.as_bytes(), *by).await?;
+            if json {
+                out!("{}", serde_json::json!({"key": key, "value": n}));
+            } else {
+                out!("{n}");
+            }
+            0
+        }
+        Cmd::Token(TokenCmd::Create { name, role }) => {
+            let token = client.create_token(name, *role).await?;
+            if json {
+                out!("{}", serde_json::json!({"name": name, "role": role.as_str(), "token": token}));
+            } else {
+                out!("{token}");
+                eprintln!("token `{name}` ({role}) created; it is shown only now");
+            }
+            0
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let tokens = match client.placement(&ClientRequest::ListTokens).await? {
+                ClientReply::Tokens(t) => t,
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            };
+            let rows: Vec<serde_json::Value> =
+                tokens.iter().map(|t| serde_json::json!({"name": t.name, "role": t.role.as_str()})).collect();
+            emit(json, &rows, |_| {
+                print_table(&["NAME", "ROLE"], &[], tokens.iter().map(|t| vec![t.name.clone(), t.role.to_string()]).collect())
+            })?;
+            0
+        }
+        Cmd::Token(TokenCmd::Revoke { name }) => {
+            placement_done(&client, ClientRequest::RevokeToken { name: name.clone() }).await?;
+            if json {
+                out!("{}", serde_json::json!({"name": name, "revoked": true}));
+            } else {
+                out!("token `{name}` revoked");
             }
             0
         }

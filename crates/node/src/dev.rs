@@ -19,6 +19,8 @@ fn new_entry(id: NodeId, data_dir: PathBuf, netns: Option<&NetnsLayout>) -> anyh
             peer_listen: None,
             client_addr: format!("127.0.0.1:{}", free_port()?),
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
+            http_addr: Some(format!("127.0.0.1:{}", free_port()?)),
+            resp_addr: Some(format!("127.0.0.1:{}", free_port()?)),
             data_dir,
         });
     };
@@ -32,6 +34,8 @@ fn new_entry(id: NodeId, data_dir: PathBuf, netns: Option<&NetnsLayout>) -> anyh
         peer_listen: ns.proxied.then_some(listen),
         client_addr: format!("{ip}:{}", NetnsLayout::CLIENT_PORT),
         metrics_addr: format!("{ip}:{}", NetnsLayout::METRICS_PORT),
+        http_addr: Some(format!("{ip}:{}", NetnsLayout::HTTP_PORT)),
+        resp_addr: Some(format!("{ip}:{}", NetnsLayout::RESP_PORT)),
         data_dir,
     })
 }
@@ -182,7 +186,7 @@ impl DevCluster {
         let seeds: Vec<String> = nodes.iter().take(opts.replication).map(|n| n.peer_addr.clone()).collect();
         for e in &nodes {
             std::fs::create_dir_all(&e.data_dir)?;
-            let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, e.id, &[])?;
+            let cert = ringkv_transport::certs::issue_node(&certs_dir, &certs_dir, e.id, &node_ips(e))?;
             let mut cfg =
                 node_toml(e, &certs_dir.join("ca.pem"), &cert.cert, &cert.key, opts.fault_injection, opts.extra_config.as_deref());
             cfg.insert_str(0, &format!("seeds = {seeds:?}\n"));
@@ -206,6 +210,7 @@ impl DevCluster {
         if opts.bootstrap {
             c.bootstrap(opts.shards, opts.replication).await?;
             c.wait_ready(Duration::from_secs(90)).await?;
+            c.create_tokens().await?;
         }
         Ok(c)
     }
@@ -235,8 +240,8 @@ impl DevCluster {
         anyhow::ensure!(!node_dir.exists(), "{} already exists", node_dir.display());
         std::fs::create_dir_all(&node_dir)?;
         let certs_dir = &file.certs.dir;
-        let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id, &[])?;
         let e = new_entry(id, node_dir.clone(), file.netns.as_ref())?;
+        let cert = ringkv_transport::certs::issue_node(certs_dir, certs_dir, id, &node_ips(&e))?;
         let mut cfg = node_toml(&e, &file.certs.ca, &cert.cert, &cert.key, file.fault_injection, file.extra_config.as_deref());
         cfg.insert_str(0, &format!("join = {through:?}\n"));
         std::fs::write(node_dir.join("first-start.toml"), cfg)?;
@@ -365,6 +370,19 @@ impl DevCluster {
     /// Waits until every shard and the placement group have a leader. Fails at once if a node
     /// process exits meanwhile, and on timeout names the shards without a leader and the nodes
     /// that did not answer.
+    /// Creates the gateway tokens of a new cluster (`app.token`: write, `admin.token`: admin)
+    /// and writes each to its file (mode 0600) in the data dir.
+    pub async fn create_tokens(&self) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        for (file, name, role) in
+            [(APP_TOKEN_FILE, "dev-app", ringkv_wire::Role::Write), (ADMIN_TOKEN_FILE, "dev-admin", ringkv_wire::Role::Admin)]
+        {
+            let token = client.create_token(name, role).await.map_err(|e| anyhow::anyhow!("cannot create token `{name}`: {e}"))?;
+            write_secret(&self.dir.join(file), &token)?;
+        }
+        Ok(())
+    }
+
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
         let client = Client::unrouted(self.client_config())?;
@@ -504,6 +522,15 @@ impl DevCluster {
     }
 }
 
+/// Writes a secret readable by its owner only.
+pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(format!("{secret}\n").as_bytes())?;
+    Ok(())
+}
+
 /// The incarnation of the node at `addr`, so the first map names every data dir it was made
 /// with; 0 (claimed by the node's first heartbeat) if the node does not answer in time.
 async fn incarnation_of(client: &Client, addr: &str) -> u64 {
@@ -517,6 +544,25 @@ async fn incarnation_of(client: &Client, addr: &str) -> u64 {
     0
 }
 
+/// The IP addresses a dev node's certificate names, so HTTPS and TLS clients can check it by
+/// the address they dial.
+fn node_ips(e: &NodeEntry) -> Vec<ringkv_transport::certs::ExtraName> {
+    let mut ips: Vec<std::net::IpAddr> = vec![std::net::Ipv4Addr::LOCALHOST.into()];
+    for a in [&e.client_addr, &e.peer_addr] {
+        if let Some(ip) = a.rsplit_once(':').and_then(|(h, _)| h.parse().ok()) {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    ips.into_iter().map(ringkv_transport::certs::ExtraName::Ip).collect()
+}
+
+/// Files in a dev cluster's data dir holding gateway tokens: a write-role one for applications
+/// and an admin one.
+pub const APP_TOKEN_FILE: &str = "app.token";
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
 fn node_toml(e: &NodeEntry, ca: &Path, cert: &Path, key: &Path, fault_injection: bool, extra: Option<&str>) -> String {
     let q = |p: &Path| format!("{:?}", p.display().to_string());
     let mut s = match &e.peer_listen {
@@ -527,6 +573,11 @@ fn node_toml(e: &NodeEntry, ca: &Path, cert: &Path, key: &Path, fault_injection:
         "client_addr = \"{}\"\nmetrics_addr = \"{}\"\nfault_injection = {}\n",
         e.client_addr, e.metrics_addr, fault_injection
     ));
+    for (name, a) in [("http_addr", &e.http_addr), ("resp_addr", &e.resp_addr)] {
+        if let Some(a) = a {
+            s.push_str(&format!("{name} = \"{a}\"\n"));
+        }
+    }
     if let Some(x) = extra {
         s.push_str(x);
         s.push('\n');

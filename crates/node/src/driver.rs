@@ -495,6 +495,21 @@ async fn admin(node: &Arc<Node>, r: &Replica, req: ClientRequest) -> ClientRespo
             let map = r.sm.placement_map().map_err(|e| RequestError::Internal(e.to_string()))?.ok_or(RequestError::NotBootstrapped)?;
             Ok(ClientReply::Placement(Box::new(report(node, &map))))
         }
+        ClientRequest::CreateToken { name, role, hash } => {
+            propose(r, PlacementCommand::AddToken(ringkv_wire::TokenRecord { name: name.clone(), role, hash })).await?;
+            tracing::info!(name, role = role.as_str(), "token created");
+            Ok(ClientReply::Done)
+        }
+        ClientRequest::RevokeToken { name } => {
+            propose(r, PlacementCommand::RevokeToken { name: name.clone() }).await?;
+            tracing::info!(name, "token revoked");
+            Ok(ClientReply::Done)
+        }
+        ClientRequest::ListTokens => {
+            let map = r.sm.placement_map().map_err(|e| RequestError::Internal(e.to_string()))?.ok_or(RequestError::NotBootstrapped)?;
+            let tokens = map.tokens.into_iter().map(|t| ringkv_wire::TokenRecord { hash: vec![], ..t }).collect();
+            Ok(ClientReply::Tokens(tokens))
+        }
         other => Err(RequestError::Malformed(format!("{} is not a placement request", other.kind()))),
     }
 }

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod dev;
 pub mod driver;
+pub mod gateway;
 pub mod lifecycle;
 pub mod metrics_catalog;
 pub mod network;
@@ -41,7 +42,8 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let client_ep = node::bind(&config.client_addr, client_server)?;
     let recorder = status_http::install_recorder().map_err(|e| NodeError::Bind(config.metrics_addr.clone(), std::io::Error::other(e)))?;
     let ops_node = Arc::new(std::sync::OnceLock::new());
-    status_http::serve(&config.metrics_addr, recorder, ops_node.clone()).await?;
+    let ops = status_http::router(recorder, ops_node.clone());
+    status_http::serve(&config.metrics_addr, ops.clone()).await?;
     let pool = Arc::new(peer::PeerPool::new(config.id, peer_ep.clone(), peer_client));
     let node = Node::new(config.clone(), db.clone(), pool.clone())?;
     let _ = ops_node.set(node.clone());
@@ -54,9 +56,11 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let peer_task = tokio::spawn(accept_peers(peer_ep.clone(), pool.clone(), node.shutdown.subscribe()));
     let client_frame = config.limits.key_bytes_max * 2 + config.limits.value_bytes_max * 2 + CLIENT_FRAME_SLACK_BYTES;
     let mut stop = node.shutdown.subscribe();
+    let client_svc = Arc::new(service::ClientService::new(node.clone()));
+    gateway::start(gateway::Api::new(node.clone(), client_svc.clone())?, ops).await?;
     let client_task = tokio::spawn(serve::<ClientRequest, ClientResponse, _>(
         client_ep.clone(),
-        Arc::new(service::ClientService::new(node.clone())),
+        client_svc,
         client_frame,
         config.limits.client_connections_max,
         async move {

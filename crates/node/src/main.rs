@@ -56,6 +56,13 @@ struct NodeArgs {
     client_addr: Option<String>,
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Serve the HTTP gateway (`/v1/kv/{key}`) here; plaintext binds to loopback only unless
+    /// `[gateway] tls = true`.
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Serve the Redis-protocol gateway here (same rule as --http-addr).
+    #[arg(long)]
+    resp_addr: Option<String>,
     /// The cluster CA certificate (PEM).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -114,6 +121,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         advertise_peer_addr: a.advertise_peer_addr,
         client_addr: a.client_addr,
         metrics_addr: a.metrics_addr,
+        http_addr: a.http_addr,
+        resp_addr: a.resp_addr,
         ca: a.ca,
         cert: a.cert,
         key: a.key,
@@ -156,11 +165,23 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     cluster.set_supervisor(Some(std::process::id()))?;
     let file = a.data_dir.join(ringkv_node::dev::CLUSTER_FILE);
     eprintln!("cluster ready: {} nodes", cluster.file.nodes.len());
+    let none = || "-".to_string();
     for n in &cluster.file.nodes {
-        let pid = n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        eprintln!("  node {}: client {} metrics http://{}/metrics pid {pid}", n.id, n.client_addr, n.metrics_addr);
+        let pid = n.pid.map(|p| p.to_string()).unwrap_or_else(none);
+        let http = n.http_addr.clone().unwrap_or_else(none);
+        let resp = n.resp_addr.clone().unwrap_or_else(none);
+        eprintln!("  node {}: client {} http {http} redis {resp} metrics http://{}/metrics pid {pid}", n.id, n.client_addr, n.metrics_addr);
     }
     eprintln!("try:  ringctl --cluster {} put hello world && ringctl --cluster {} get hello", file.display(), file.display());
+    let app_token = a.data_dir.join(ringkv_node::dev::APP_TOKEN_FILE);
+    if let Some(n) = cluster.file.nodes.first() {
+        if let (Some(http), Some(resp)) = (&n.http_addr, &n.resp_addr) {
+            let t = app_token.display();
+            eprintln!("      curl -H \"Authorization: Bearer $(cat {t})\" http://{http}/v1/kv/hello");
+            let (host, port) = resp.rsplit_once(':').unwrap_or((resp.as_str(), "6379"));
+            eprintln!("      redis-cli -h {host} -p {port} -a \"$(cat {t})\" --no-auth-warning get hello");
+        }
+    }
     eprintln!("Ctrl-C stops the cluster; running `ringkv dev` again restarts it with its data.");
     let watch = async {
         loop {

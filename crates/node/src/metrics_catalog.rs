@@ -12,6 +12,14 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Client requests answered, by kind and result (ok, not_leader, misrouted, bad_request, ...).",
     ),
     ("ringkv_client_request_seconds", "histogram", "Time from receiving a client request to answering it, by kind."),
+    (
+        "ringkv_gateway_connections_refused_total",
+        "counter",
+        "Gateway connections closed at once because the gateways were at their connection limit, by gateway.",
+    ),
+    ("ringkv_gateway_handshake_failures_total", "counter", "Gateway TLS handshakes that failed or timed out, by gateway."),
+    ("ringkv_http_requests_total", "counter", "HTTP gateway requests answered, by status code."),
+    ("ringkv_resp_commands_total", "counter", "Redis gateway commands answered, by command (other: unknown) and result (ok, error)."),
     ("ringkv_leaderships_yielded_total", "counter", "Shard leaderships handed away for want of contact with the placement leader."),
     (
         "ringkv_peer_identity_mismatches_total",

@@ -200,7 +200,12 @@ impl Service<ClientRequest, ClientResponse> for ClientService {
                 Ok(_) => "ok",
                 Err(RequestError::NotLeader { .. }) => "not_leader",
                 Err(RequestError::StaleEpoch { .. } | RequestError::WrongShard { .. } | RequestError::ShardNotFound { .. }) => "misrouted",
-                Err(RequestError::KeyTooLarge { .. } | RequestError::ValueTooLarge { .. } | RequestError::Malformed(_)) => "bad_request",
+                Err(
+                    RequestError::KeyTooLarge { .. }
+                    | RequestError::ValueTooLarge { .. }
+                    | RequestError::Malformed(_)
+                    | RequestError::Invalid(_),
+                ) => "bad_request",
                 Err(RequestError::Unavailable(_)) => "unavailable",
                 Err(RequestError::PermissionDenied { .. }) => "denied",
                 Err(RequestError::TooLarge(_)) => "too_large",
@@ -229,18 +234,22 @@ impl Service<ClientRequest, ClientResponse> for ClientService {
     }
 }
 
+/// Refuses a key or value over the node's limits (every protocol checks with this).
+pub fn check_sizes(l: &ringkv_config::Limits, key: &[u8], value: Option<&[u8]>) -> Result<(), RequestError> {
+    if key.len() > l.key_bytes_max {
+        return Err(RequestError::KeyTooLarge { len: key.len(), max: l.key_bytes_max });
+    }
+    if let Some(v) = value {
+        if v.len() > l.value_bytes_max {
+            return Err(RequestError::ValueTooLarge { len: v.len(), max: l.value_bytes_max });
+        }
+    }
+    Ok(())
+}
+
 impl ClientService {
     fn check_sizes(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), RequestError> {
-        let l = &self.node.config.limits;
-        if key.len() > l.key_bytes_max {
-            return Err(RequestError::KeyTooLarge { len: key.len(), max: l.key_bytes_max });
-        }
-        if let Some(v) = value {
-            if v.len() > l.value_bytes_max {
-                return Err(RequestError::ValueTooLarge { len: v.len(), max: l.value_bytes_max });
-            }
-        }
-        Ok(())
+        check_sizes(&self.node.config.limits, key, value)
     }
 
     /// Finds the replica for a keyed request and checks that the request routed correctly.
@@ -367,7 +376,10 @@ impl ClientService {
         match req {
             ClientRequest::GetMap => {
                 self.node.check_map_current()?;
-                Ok(ClientReply::Map((*self.node.map()).clone()))
+                let mut map = (*self.node.map()).clone();
+                // Token hashes stay inside the cluster.
+                map.tokens.clear();
+                Ok(ClientReply::Map(map))
             }
             ClientRequest::Get { shard, epoch, key, stale } => {
                 self.check_sizes(&key, None)?;
@@ -398,6 +410,20 @@ impl ClientService {
                 let r = self.route(shard, epoch, &key)?;
                 match self.write(&r, with_session(session, Command::Cas { key, expect, new })).await? {
                     CommandResult::Cas { swapped, current } => Ok(ClientReply::Cas { swapped, current }),
+                    other => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
+                }
+            }
+            ClientRequest::Apply { shard, epoch, key, op, session } => {
+                let grows = match &op {
+                    KeyOp::Append(v) => Some(v.as_slice()),
+                    _ => None,
+                };
+                self.check_sizes(&key, grows)?;
+                let r = self.route(shard, epoch, &key)?;
+                let cmd = Command::Apply { key, op, value_bytes_max: self.node.config.limits.value_bytes_max as u64 };
+                match self.write(&r, with_session(session, cmd)).await? {
+                    CommandResult::Int(n) => Ok(ClientReply::Int(n)),
+                    CommandResult::Invalid(why) => Err(RequestError::Invalid(why)),
                     other => Err(RequestError::Internal(format!("unexpected result {other:?}"))),
                 }
             }
@@ -463,7 +489,10 @@ impl ClientService {
             req @ (ClientRequest::Join { .. }
             | ClientRequest::SetNodeState { .. }
             | ClientRequest::PlacementStatus
-            | ClientRequest::SetPlacementSettings { .. }) => match self.node.placement_call(PeerRequest::Admin(Box::new(req))).await? {
+            | ClientRequest::SetPlacementSettings { .. }
+            | ClientRequest::CreateToken { .. }
+            | ClientRequest::RevokeToken { .. }
+            | ClientRequest::ListTokens) => match self.node.placement_call(PeerRequest::Admin(Box::new(req))).await? {
                 PeerReply::Admin(r) => r,
                 other => Err(RequestError::Internal(format!("unexpected reply {other:?}"))),
             },

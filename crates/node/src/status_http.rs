@@ -39,10 +39,9 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Binds `addr` and serves the endpoints there until the process ends. The node is given
-/// through `node` once it exists.
-pub async fn serve(addr: &str, metrics: PrometheusHandle, node: Arc<OnceLock<Arc<Node>>>) -> Result<(), NodeError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| NodeError::Bind(addr.into(), e))?;
+/// The operations routes (`/metrics`, `/livez`, `/readyz`), served on the metrics address and
+/// on the HTTP gateway's. The node is given through `node` once it exists.
+pub fn router(metrics: PrometheusHandle, node: Arc<OnceLock<Arc<Node>>>) -> Router {
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         loop {
@@ -52,7 +51,7 @@ pub async fn serve(addr: &str, metrics: PrometheusHandle, node: Arc<OnceLock<Arc
     });
     let process = Arc::new(metrics_process::Collector::default());
     process.describe();
-    let app = Router::new()
+    Router::new()
         .route(
             "/metrics",
             get(|State(o): State<Ops>| async move {
@@ -62,7 +61,12 @@ pub async fn serve(addr: &str, metrics: PrometheusHandle, node: Arc<OnceLock<Arc
         )
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Ops { metrics, process, node });
+        .with_state(Ops { metrics, process, node })
+}
+
+/// Binds `addr` and serves `app` (the operations routes) there until the process ends.
+pub async fn serve(addr: &str, app: Router) -> Result<(), NodeError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| NodeError::Bind(addr.into(), e))?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("operations endpoint stopped: {e}");

@@ -56,6 +56,15 @@ pub enum Command {
     ExpireSessions {
         below_index: u64,
     },
+    /// A read-modify-write of one key ([`KeyOp`]), decided by the state machine so it is
+    /// atomic. `value_bytes_max` (the proposer's limit, carried so every replica decides the
+    /// same) bounds what an append may grow the value to.
+    Apply {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        op: ringkv_wire::KeyOp,
+        value_bytes_max: u64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -68,6 +77,11 @@ impl std::fmt::Display for Command {
             Command::Placement(p) => write!(f, "placement({p:?})"),
             Command::Session { session, cmd } => write!(f, "{cmd} for client {:x} seq {}", session.client, session.seq),
             Command::ExpireSessions { below_index } => write!(f, "expire sessions silent since before index {below_index}"),
+            Command::Apply { key, op, .. } => match op {
+                ringkv_wire::KeyOp::Incr(d) => write!(f, "incr({} bytes, {d})", key.len()),
+                ringkv_wire::KeyOp::Append(v) => write!(f, "append({} bytes, {} bytes)", key.len(), v.len()),
+                ringkv_wire::KeyOp::DeleteCount => write!(f, "delete_count({} bytes)", key.len()),
+            },
         }
     }
 }
@@ -91,6 +105,11 @@ pub enum CommandResult {
         seq: u64,
         floor: u64,
     },
+    /// The answer of an `Apply`: the new value of a counter, the new length after an append,
+    /// or how many keys a counted delete removed.
+    Int(i64),
+    /// An `Apply` that does not fit the stored value; nothing was changed.
+    Invalid(String),
 }
 
 openraft::declare_raft_types!(

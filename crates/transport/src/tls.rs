@@ -95,6 +95,23 @@ pub fn server_config(paths: &CertPaths, alpn: &[u8]) -> Result<quinn::ServerConf
     Ok(server)
 }
 
+/// A TLS server configuration for TCP (the HTTP and Redis gateways): the node's certificate,
+/// and a client certificate signed by the cluster CA is verified if one is offered, but not
+/// required (such clients authenticate with a token instead).
+pub fn tcp_server_config(paths: &CertPaths, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let l = load(paths)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(l.roots.clone(), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Invalid(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(l.chain, l.key)?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
 /// A QUIC client configuration that trusts only the cluster CA and presents our certificate.
 pub fn client_config(paths: &CertPaths, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let l = load(paths)?;

@@ -18,6 +18,36 @@ pub enum Role {
     Admin,
 }
 
+/// The prefix of every gateway access token, so a leaked one is recognizable (secret scanners).
+pub const TOKEN_PREFIX: &str = "rkv_";
+
+/// A gateway access token as the placement group stores it: only the SHA-256 of the token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: Role,
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+}
+
+/// A new token from 32 random bytes: the prefix and the bytes in unpadded base64url.
+pub fn token_from_bytes(secret: &[u8; 32]) -> String {
+    use base64::Engine;
+    format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret))
+}
+
+/// The SHA-256 of a token, as stored and compared. A lookup by hash reveals nothing of the
+/// token through its timing.
+pub fn token_hash(token: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Whether `name` can name a token: 1 to 64 letters, digits, `-`, `_` or `.`.
+pub fn valid_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The URI prefix of the SAN that carries a client certificate's role.
 pub const ROLE_URI_PREFIX: &str = "urn:ringkv:role:";
 
@@ -76,9 +106,11 @@ impl ClientRequest {
             | ClientRequest::NodeStatus
             | ClientRequest::Identify
             | ClientRequest::PlacementStatus => Role::Read,
-            ClientRequest::Put { .. } | ClientRequest::Delete { .. } | ClientRequest::Cas { .. } | ClientRequest::BatchPut { .. } => {
-                Role::Write
-            }
+            ClientRequest::Put { .. }
+            | ClientRequest::Delete { .. }
+            | ClientRequest::Cas { .. }
+            | ClientRequest::BatchPut { .. }
+            | ClientRequest::Apply { .. } => Role::Write,
             ClientRequest::TransferLeader { .. }
             | ClientRequest::Bootstrap { .. }
             | ClientRequest::SetPartition { .. }
@@ -87,7 +119,10 @@ impl ClientRequest {
             | ClientRequest::SetNodeState { .. }
             | ClientRequest::SetPlacementSettings { .. }
             | ClientRequest::Drain { .. }
-            | ClientRequest::Init { .. } => Role::Admin,
+            | ClientRequest::Init { .. }
+            | ClientRequest::CreateToken { .. }
+            | ClientRequest::RevokeToken { .. }
+            | ClientRequest::ListTokens => Role::Admin,
         }
     }
 }
@@ -108,6 +143,19 @@ mod tests {
     }
 
     #[test]
+    fn tokens_are_prefixed_hashed_and_distinct() {
+        let a = token_from_bytes(&[1; 32]);
+        let b = token_from_bytes(&[2; 32]);
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() == TOKEN_PREFIX.len() + 43, "{a}");
+        assert_ne!(token_hash(&a), token_hash(&b));
+        assert_eq!(token_hash(&a), token_hash(&a.clone()));
+        assert_eq!(token_hash(&a).len(), 32);
+        assert!(
+            valid_token_name("app-1.prod_x") && !valid_token_name("") && !valid_token_name("a b") && !valid_token_name(&"x".repeat(65))
+        );
+    }
+
+    #[test]
     fn admin_requests_need_admin() {
         let admin = [
             ClientRequest::TransferLeader { shard: 1, to: 2 },
@@ -118,6 +166,9 @@ mod tests {
             ClientRequest::SetPlacementSettings { settings: Default::default() },
             ClientRequest::Drain { on: true },
             ClientRequest::Init { shards: 4, replication: 3 },
+            ClientRequest::CreateToken { name: "a".into(), role: Role::Read, hash: vec![] },
+            ClientRequest::RevokeToken { name: "a".into() },
+            ClientRequest::ListTokens,
         ];
         for r in admin {
             assert_eq!(r.required_role(), Role::Admin, "{}", r.kind());

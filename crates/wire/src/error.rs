@@ -46,6 +46,11 @@ pub enum RequestError {
     /// are served) until space is freed. Nothing was done.
     #[error("disk full: node {node} has {free_bytes} bytes free on its data disk, below its reserve of {reserve_bytes}; free space or add nodes")]
     DiskFull { node: NodeId, free_bytes: u64, reserve_bytes: u64 },
+    /// The operation does not fit the key's stored value (an increment of a value that is not
+    /// an integer, or one that would overflow; an append past the value size limit). Nothing
+    /// was done.
+    #[error("invalid: {0}")]
+    Invalid(String),
 }
 
 impl RequestError {
@@ -91,6 +96,7 @@ mod tests {
             RequestError::TooLarge("big".into()),
             RequestError::Internal("bug".into()),
             RequestError::DiskFull { node: 1, free_bytes: 1, reserve_bytes: 2 },
+            RequestError::Invalid("not an integer".into()),
         ];
         assert!(retry.iter().all(|e| e.retryable()), "{retry:?}");
         assert!(final_.iter().all(|e| !e.retryable()), "{final_:?}");

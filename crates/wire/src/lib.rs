@@ -8,9 +8,10 @@ pub mod codec;
 pub mod error;
 pub mod map;
 pub mod msg;
+pub mod resp;
 pub mod ring;
 
-pub use auth::{Role, ROLE_DEFAULT};
+pub use auth::{Role, TokenRecord, ROLE_DEFAULT};
 pub use codec::{decode_frame, encode_frame, CodecError, Decoded};
 pub use error::RequestError;
 pub use map::{check_addr, ClusterMap, Epoch, MoveRecord, NodeInfo, NodeState, PlacementSettings, ShardDesc};

@@ -87,6 +87,21 @@ pub struct ClusterMap {
     pub placement_move: Option<MoveRecord>,
     /// Placement settings, changed at run time through the placement group.
     pub settings: PlacementSettings,
+    /// Access tokens of the HTTP and Redis gateways (hashes only). Last, and read leniently: a
+    /// map stored before tokens existed decodes with none (see [`trailing_or_default`]). Never
+    /// sent to clients (`GetMap` answers without it).
+    #[serde(deserialize_with = "trailing_or_default")]
+    pub tokens: Vec<crate::TokenRecord>,
+}
+
+/// Reads a trailing field that an older encoding (postcard, which is not self-describing) did
+/// not have: the data ends where it would start, and the field takes its default.
+fn trailing_or_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(T::deserialize(d).unwrap_or_default())
 }
 
 /// A replica move in flight: `to` replaces `from` in `shard`, which had `epoch` when it began.
@@ -196,6 +211,40 @@ impl ClusterMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map stored before tokens existed (the same fields, without the last) still decodes.
+    #[test]
+    fn a_map_stored_before_tokens_decodes_with_none() {
+        #[derive(Serialize)]
+        struct Before<'a> {
+            cluster_id: &'a str,
+            version: u64,
+            nodes: Vec<NodeInfo>,
+            shards: Vec<ShardDesc>,
+            placement_members: Vec<NodeId>,
+            moves: Vec<MoveRecord>,
+            placement_move: Option<MoveRecord>,
+            settings: PlacementSettings,
+        }
+        let old = Before {
+            cluster_id: "c1",
+            version: 7,
+            nodes: vec![],
+            shards: vec![ShardDesc { id: 1, start: 0, end: u64::MAX, replicas: vec![1, 2, 3], epoch: Epoch::default() }],
+            placement_members: vec![1, 2, 3],
+            moves: vec![],
+            placement_move: None,
+            settings: PlacementSettings::default(),
+        };
+        let bytes = postcard::to_allocvec(&old).expect("encode");
+        let m: ClusterMap = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!((m.cluster_id.as_str(), m.version, m.placement_members.len(), m.tokens.len()), ("c1", 7, 3, 0));
+        // And a map with tokens keeps them.
+        let mut with = m.clone();
+        with.tokens.push(crate::TokenRecord { name: "app".into(), role: crate::Role::Write, hash: vec![9; 32] });
+        let back: ClusterMap = postcard::from_bytes(&postcard::to_allocvec(&with).expect("encode")).expect("decode");
+        assert_eq!(back, with);
+    }
 
     #[test]
     fn addresses_are_ip_or_dns_names_with_a_port() {

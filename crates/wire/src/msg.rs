@@ -130,6 +130,44 @@ pub enum ClientRequest {
         shards: u64,
         replication: usize,
     },
+    /// A read-modify-write of one key (increment, append, counted delete), applied by the
+    /// shard's state machine as one Raft entry: atomic, and exactly once with a session.
+    /// Answered with `Int`.
+    Apply {
+        shard: GroupId,
+        epoch: Epoch,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        op: KeyOp,
+        session: Option<Session>,
+    },
+    /// Adds an access token for the HTTP and Redis gateways: only its SHA-256 `hash` is sent
+    /// and stored (placement admin; names are unique).
+    CreateToken {
+        name: String,
+        role: crate::Role,
+        #[serde(with = "serde_bytes")]
+        hash: Vec<u8>,
+    },
+    /// Revokes the token called `name` (placement admin).
+    RevokeToken {
+        name: String,
+    },
+    /// The tokens' names and roles (never their hashes).
+    ListTokens,
+}
+
+/// What an `Apply` request does to its key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyOp {
+    /// Adds to the key's value, read as a decimal i64 (absent: 0); answers the new value.
+    /// Refused (`Invalid`) if the value is not such a number or the sum overflows.
+    Incr(i64),
+    /// Appends bytes to the value (absent: empty); answers the new length. Refused if the
+    /// result would be over the node's value size limit.
+    Append(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Deletes the key; answers 1 if it existed, else 0.
+    DeleteCount,
 }
 
 impl ClientRequest {
@@ -154,6 +192,12 @@ impl ClientRequest {
             ClientRequest::SetPlacementSettings { .. } => "set_placement_settings",
             ClientRequest::Drain { .. } => "drain",
             ClientRequest::Init { .. } => "init",
+            ClientRequest::Apply { op: KeyOp::Incr(_), .. } => "incr",
+            ClientRequest::Apply { op: KeyOp::Append(_), .. } => "append",
+            ClientRequest::Apply { op: KeyOp::DeleteCount, .. } => "delete_count",
+            ClientRequest::CreateToken { .. } => "create_token",
+            ClientRequest::RevokeToken { .. } => "revoke_token",
+            ClientRequest::ListTokens => "list_tokens",
         }
     }
 
@@ -165,6 +209,9 @@ impl ClientRequest {
                 | ClientRequest::SetNodeState { .. }
                 | ClientRequest::PlacementStatus
                 | ClientRequest::SetPlacementSettings { .. }
+                | ClientRequest::CreateToken { .. }
+                | ClientRequest::RevokeToken { .. }
+                | ClientRequest::ListTokens
         )
     }
 }
@@ -189,6 +236,10 @@ pub enum ClientReply {
         cluster_id: String,
         already: bool,
     },
+    /// The answer to `Apply`.
+    Int(i64),
+    /// The answer to `ListTokens` (hashes left empty).
+    Tokens(Vec<crate::TokenRecord>),
 }
 
 /// The placement leader's report, for `ringctl node list` and `ringctl rebalance`.

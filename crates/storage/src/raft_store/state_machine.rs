@@ -300,6 +300,47 @@ fn replayed_answer(stored: CommandResult, cmd: &Command) -> CommandResult {
     }
 }
 
+/// What a [`KeyOp`] makes of a key's value: the new value (`None`: deleted) and the answer, or
+/// why it does not apply. Deterministic: every replica decides the same.
+pub fn apply_key_op(current: Option<Vec<u8>>, op: ringkv_wire::KeyOp, value_bytes_max: u64) -> Result<(Option<Vec<u8>>, i64), String> {
+    use ringkv_wire::KeyOp;
+    match op {
+        KeyOp::Incr(delta) => {
+            let now = match &current {
+                None => 0,
+                Some(v) => parse_counter(v).ok_or("value is not an integer or out of range")?,
+            };
+            let new = now.checked_add(delta).ok_or("increment or decrement would overflow")?;
+            Ok((Some(new.to_string().into_bytes()), new))
+        }
+        KeyOp::Append(suffix) => {
+            let mut v = current.unwrap_or_default();
+            let len = v.len() as u64 + suffix.len() as u64;
+            if len > value_bytes_max {
+                return Err(format!("the value would be {len} bytes, more than the limit of {value_bytes_max}"));
+            }
+            v.extend_from_slice(&suffix);
+            Ok((Some(v), len as i64))
+        }
+        KeyOp::DeleteCount => Ok((None, current.is_some() as i64)),
+    }
+}
+
+/// A counter's value as Redis reads one: a decimal i64 with no sign `+`, blanks or leading
+/// zeros.
+fn parse_counter(v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || digits.len() > 20
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Applies one command against the overlay (writes earlier in the same batch) and the database.
 fn exec(
     sm: &StateMachine,
@@ -389,6 +430,25 @@ fn exec(
                 Ok(CommandResult::Cas { swapped: true, current })
             } else {
                 Ok(CommandResult::Cas { swapped: false, current })
+            }
+        }
+        Command::Apply { key, op, value_bytes_max } if key_ok(&key) => {
+            let current = match overlay.data.get(&key) {
+                Some(v) => v.clone(),
+                None => sm.get(&key)?,
+            };
+            match apply_key_op(current, op, value_bytes_max) {
+                Ok((Some(new), answer)) => {
+                    batch.put_cf(data, data_key(&key), &new);
+                    overlay.data.insert(key, Some(new));
+                    Ok(CommandResult::Int(answer))
+                }
+                Ok((None, answer)) => {
+                    batch.delete_cf(data, data_key(&key));
+                    overlay.data.insert(key, None);
+                    Ok(CommandResult::Int(answer))
+                }
+                Err(why) => Ok(CommandResult::Invalid(why)),
             }
         }
         Command::Placement(p) if sm.kind == ReplicaKind::Placement => {
@@ -562,6 +622,37 @@ mod tests {
     fn cas(seq: u64, acked_below: u64, expect: &[u8], new: &[u8]) -> Command {
         let session = ringkv_wire::Session { client: 9, seq, acked_below };
         Command::Session { session, cmd: Box::new(Command::Cas { key: b"n".to_vec(), expect: Some(expect.to_vec()), new: new.to_vec() }) }
+    }
+
+    #[test]
+    fn key_ops_follow_redis_and_refuse_what_does_not_fit() {
+        use ringkv_wire::KeyOp::*;
+        let op = |cur: Option<&str>, op| apply_key_op(cur.map(|c| c.as_bytes().to_vec()), op, 8);
+        assert_eq!(op(None, Incr(5)), Ok((Some(b"5".to_vec()), 5)));
+        assert_eq!(op(Some("-3"), Incr(-2)), Ok((Some(b"-5".to_vec()), -5)));
+        for bad in ["x", "", "01", "+1", " 1", "1.5", "99999999999999999999"] {
+            assert!(op(Some(bad), Incr(1)).is_err(), "{bad:?} counted");
+        }
+        assert!(op(Some(&i64::MAX.to_string()), Incr(1)).unwrap_err().contains("overflow"));
+        assert_eq!(op(Some("ab"), Append(b"cd".to_vec())), Ok((Some(b"abcd".to_vec()), 4)));
+        assert_eq!(op(None, Append(b"x".to_vec())), Ok((Some(b"x".to_vec()), 1)));
+        assert!(op(Some("abcdef"), Append(b"xyz".to_vec())).is_err(), "grew past the limit of 8");
+        assert_eq!(op(Some("v"), DeleteCount), Ok((None, 1)));
+        assert_eq!(op(None, DeleteCount), Ok((None, 0)));
+    }
+
+    /// Increments under sessions: a replayed one answers the first result and adds nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replayed_increment_adds_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db, 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        let incr = |seq| Command::Session {
+            session: ringkv_wire::Session { client: 7, seq, acked_below: 1 },
+            cmd: Box::new(Command::Apply { key: b"c".to_vec(), op: ringkv_wire::KeyOp::Incr(10), value_bytes_max: 64 }),
+        };
+        apply(&mut sm, vec![entry(1, incr(1)), entry(2, incr(2)), entry(3, incr(1))]).await;
+        assert_eq!(sm.get(b"c").expect("get"), Some(b"20".to_vec()));
     }
 
     /// A put under an already used session id: if deduplication failed it would overwrite.
