@@ -5,7 +5,14 @@
 # build, so the dependencies (rocksdb above all) compile once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh nftables iproute2 binutils systemd prometheus
+scripts/deps.sh nftables iproute2 binutils systemd prometheus redis-tools python3-venv
+# The Python `redis` package (the Redis gateway's tests), in a virtualenv outside the clone.
+export RINGKV_PYTHON="${RINGKV_PYTHON:-$HOME/.cache/ringkv-py-venv/bin/python}"
+if ! "$RINGKV_PYTHON" -c 'import redis' 2>/dev/null; then
+  venv="$(dirname "$(dirname "$RINGKV_PYTHON")")"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'redis>=5,<9'
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ringkv-target}"
 cargo fmt --all --check
 cargo build --release --workspace --bins

@@ -11,6 +11,7 @@ mod client;
 mod crash_points;
 mod data_path;
 mod faults;
+mod gateway;
 mod jepsen;
 mod lifecycle;
 mod placement;

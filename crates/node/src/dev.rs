@@ -380,6 +380,27 @@ impl DevCluster {
             let token = client.create_token(name, role).await.map_err(|e| anyhow::anyhow!("cannot create token `{name}`: {e}"))?;
             write_secret(&self.dir.join(file), &token)?;
         }
+        self.wait_maps_current(Duration::from_secs(30)).await
+    }
+
+    /// Waits until every running node has the placement leader's current map (e.g. with a
+    /// token just created: a node knows it once its map does, within a second or two).
+    pub async fn wait_maps_current(&self, timeout: Duration) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let version = match client.placement(&ClientRequest::PlacementStatus).await? {
+            ClientReply::Placement(r) => r.map_version,
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        };
+        let started = Instant::now();
+        for n in self.file.nodes.iter().filter(|n| self.children.contains_key(&n.id)) {
+            loop {
+                match client.call_node(&n.client_addr, &ClientRequest::GetMap, Duration::from_secs(2)).await {
+                    Ok(Ok(ClientReply::Map(m))) if m.version >= version => break,
+                    other if started.elapsed() > timeout => anyhow::bail!("node {} has no map of version {version} yet: {other:?}", n.id),
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
         Ok(())
     }
 

@@ -63,7 +63,9 @@ impl Conn {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let done = rx.shared();
         let mut wait = Vec::new();
-        for k in keys {
+        // A key named twice in one command (MSET k a k b) must not wait for itself.
+        let unique: std::collections::HashSet<&Vec<u8>> = keys.iter().collect();
+        for k in unique {
             if let Some(prev) = self.last.insert(k.clone(), done.clone()) {
                 if prev.peek().is_none() {
                     wait.push(prev);
@@ -496,4 +498,34 @@ async fn swap(
         message: format!("the key changed {CAS_ATTEMPTS_MAX} times while being set; try again"),
         retryable: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        Conn { proto: 2, who: None, name: None, id: 1, quit: false, last: Default::default() }
+    }
+
+    /// Commands on a key wait for the earlier ones on it, never for themselves or other keys.
+    #[test]
+    fn commands_wait_only_for_earlier_ones_on_their_keys() {
+        let mut c = conn();
+        let (a, b) = (b"a".to_vec(), b"b".to_vec());
+        let (w1, done1) = c.order(&[a.clone(), a.clone()]);
+        assert!(w1.is_empty(), "a key named twice does not wait for itself");
+        let (w2, _done2) = c.order(&[b.clone()]);
+        assert!(w2.is_empty(), "another key does not wait");
+        let (w3, _done3) = c.order(&[b.clone(), a.clone()]);
+        assert_eq!(w3.len(), 2, "waits for the last command on each of its keys");
+        let _ = done1.send(());
+        let (w4, _) = c.order(&[b"c".to_vec()]);
+        assert!(w4.is_empty());
+        assert_eq!(
+            keys_of("mset", &vec![b"mset".to_vec(), a.clone(), b"1".to_vec(), b.clone(), b"2".to_vec()]),
+            vec![a.clone(), b.clone()]
+        );
+        assert_eq!(keys_of("get", &vec![b"get".to_vec(), a.clone()]), vec![a]);
+    }
 }
