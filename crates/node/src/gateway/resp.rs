@@ -49,30 +49,63 @@ struct Conn {
     quit: bool,
     /// For each key a command in flight touches, the end of the last such command: a later
     /// command on that key waits for it.
-    last: std::collections::HashMap<Vec<u8>, Done>,
+    last: std::collections::HashMap<Vec<u8>, Arc<Ended>>,
 }
 
-type Done = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
+/// The end of a command: set when it finishes (or is dropped), and awaited by the next command
+/// on one of its keys.
+#[derive(Default)]
+struct Ended {
+    flag: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Ended {
+    fn is_done(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_done() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Marks its command ended when dropped (finished, or abandoned with its connection).
+struct EndGuard(Arc<Ended>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.flag.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+}
 
 impl Conn {
-    /// What a new command on `keys` waits for, and the sender that marks its own end.
-    fn order(&mut self, keys: &[Vec<u8>]) -> (Vec<Done>, tokio::sync::oneshot::Sender<()>) {
+    /// What a new command on `keys` waits for, and the guard that marks its own end.
+    fn order(&mut self, keys: &[Vec<u8>]) -> (Vec<Arc<Ended>>, EndGuard) {
         if self.last.len() > 4 * PIPELINE_MAX {
-            self.last.retain(|_, d| d.peek().is_none());
+            self.last.retain(|_, e| !e.is_done());
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let done = rx.shared();
+        let end = Arc::new(Ended::default());
         let mut wait = Vec::new();
         // A key named twice in one command (MSET k a k b) must not wait for itself.
         let unique: std::collections::HashSet<&Vec<u8>> = keys.iter().collect();
         for k in unique {
-            if let Some(prev) = self.last.insert(k.clone(), done.clone()) {
-                if prev.peek().is_none() {
+            if let Some(prev) = self.last.insert(k.clone(), end.clone()) {
+                if !prev.is_done() {
                     wait.push(prev);
                 }
             }
         }
-        (wait, tx)
+        (wait, EndGuard(end))
     }
 }
 
@@ -207,11 +240,13 @@ fn command(api: &Arc<Api>, c: &mut Conn, args: Args) -> BoxFuture<'static, Reply
                 return ready(r);
             };
             let api = api.clone();
-            let (wait, done) = c.order(&keys_of(&name, &args));
+            let (wait, end) = c.order(&keys_of(&name, &args));
             return async move {
-                futures::future::join_all(wait).await;
+                for w in wait {
+                    w.wait().await;
+                }
                 let r = data_command(&api, &who, &name, args).await;
-                let _ = done.send(());
+                drop(end);
                 count(cmd, &r);
                 r
             }
@@ -513,15 +548,20 @@ mod tests {
     fn commands_wait_only_for_earlier_ones_on_their_keys() {
         let mut c = conn();
         let (a, b) = (b"a".to_vec(), b"b".to_vec());
-        let (w1, done1) = c.order(&[a.clone(), a.clone()]);
+        let (w1, end1) = c.order(&[a.clone(), a.clone()]);
         assert!(w1.is_empty(), "a key named twice does not wait for itself");
         let (w2, _done2) = c.order(&[b.clone()]);
         assert!(w2.is_empty(), "another key does not wait");
         let (w3, _done3) = c.order(&[b.clone(), a.clone()]);
         assert_eq!(w3.len(), 2, "waits for the last command on each of its keys");
-        let _ = done1.send(());
-        let (w4, _) = c.order(&[b"c".to_vec()]);
-        assert!(w4.is_empty());
+        drop(end1);
+        assert!(w3.iter().filter(|w| w.is_done()).count() == 1, "the first command's end is seen");
+        // Ended commands are forgotten once many keys are tracked.
+        for i in 0..5000u32 {
+            let (_, end) = c.order(&[i.to_be_bytes().to_vec()]);
+            drop(end);
+        }
+        assert!(c.last.len() <= 4 * PIPELINE_MAX + 1, "{} keys tracked", c.last.len());
         assert_eq!(
             keys_of("mset", &vec![b"mset".to_vec(), a.clone(), b"1".to_vec(), b.clone(), b"2".to_vec()]),
             vec![a.clone(), b.clone()]
