@@ -551,7 +551,7 @@ fn print_shards(shards: &[ShardRow]) {
 async fn shard_detail(client: &Client, id: u64) -> anyhow::Result<ShardDetail> {
     let map = client.refresh_map().await?;
     find_shard(&map, id)?;
-    Ok(ringkv_client::report::shard_detail(client, id).await?.ok_or_else(|| anyhow::anyhow!("no shard {id}"))?)
+    ringkv_client::report::shard_detail(client, id).await?.ok_or_else(|| anyhow::anyhow!("no shard {id}"))
 }
 
 fn find_shard(map: &ringkv_wire::ClusterMap, id: u64) -> anyhow::Result<&ringkv_wire::ShardDesc> {

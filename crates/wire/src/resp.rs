@@ -316,6 +316,28 @@ mod tests {
         assert_eq!(parse_request(b"*1000000\r\n$1\r\na\r\n", &big), Ok(None));
     }
 
+    proptest::proptest! {
+        /// Any request a client encodes parses back whole, also split at any point.
+        #[test]
+        fn encoded_requests_parse_back(args in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 1..8), cut in 0usize..400) {
+            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            let req = encode_request(&refs);
+            proptest::prop_assert_eq!(parse(&req), Ok(Some((args.clone(), req.len()))));
+            let cut = cut.min(req.len() - 1);
+            proptest::prop_assert_eq!(parse(&req[..cut]), Ok(None));
+        }
+
+        /// Any bytes: no panic, and a request consumes at least one byte and no more than given.
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let small = RespLimits { args_max: 8, bulk_bytes_max: 64, inline_bytes_max: 128 };
+            if let Ok(Some((args, used))) = parse_request(&data, &small) {
+                proptest::prop_assert!(used > 0 && used <= data.len());
+                proptest::prop_assert!(args.len() <= 64);
+            }
+        }
+    }
+
     #[test]
     fn replies_encode_in_both_protocols() {
         let map = Reply::Map(vec![(Reply::bulk("proto"), Reply::Int(3))]);

@@ -550,7 +550,7 @@ mod tests {
         let (a, b) = (b"a".to_vec(), b"b".to_vec());
         let (w1, end1) = c.order(&[a.clone(), a.clone()]);
         assert!(w1.is_empty(), "a key named twice does not wait for itself");
-        let (w2, _done2) = c.order(&[b.clone()]);
+        let (w2, _done2) = c.order(std::slice::from_ref(&b));
         assert!(w2.is_empty(), "another key does not wait");
         let (w3, _done3) = c.order(&[b.clone(), a.clone()]);
         assert_eq!(w3.len(), 2, "waits for the last command on each of its keys");

@@ -633,7 +633,7 @@ mod tests {
         for bad in ["x", "", "01", "+1", " 1", "1.5", "99999999999999999999"] {
             assert!(op(Some(bad), Incr(1)).is_err(), "{bad:?} counted");
         }
-        assert!(op(Some(&i64::MAX.to_string()), Incr(1)).unwrap_err().contains("overflow"));
+        assert!(op(Some(&i64::MAX.to_string()), Incr(1)).is_err_and(|e| e.contains("overflow")));
         assert_eq!(op(Some("ab"), Append(b"cd".to_vec())), Ok((Some(b"abcd".to_vec()), 4)));
         assert_eq!(op(None, Append(b"x".to_vec())), Ok((Some(b"x".to_vec()), 1)));
         assert!(op(Some("abcdef"), Append(b"xyz".to_vec())).is_err(), "grew past the limit of 8");
