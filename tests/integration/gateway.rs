@@ -412,6 +412,27 @@ async fn concurrent_increments_through_the_gateway_survive_a_leader_kill_exactly
     anyhow::ensure!(last >= ok && last <= ok + unknown, "counter {last} with {ok} ok and {unknown} unknown");
     let native = client.get(key.as_bytes()).await?.map(|v| String::from_utf8_lossy(&v).into_owned());
     anyhow::ensure!(native == Some(last.to_string()), "the native client reads {native:?}");
+    // Without a quorum the gateways answer, after their deadline, with a retryable error.
+    let survivor = tc.cluster.entry(others[0])?.clone();
+    for n in (1..=3).filter(|n| *n != others[0]) {
+        tc.cluster.kill(n).await?;
+    }
+    let app = token(&tc.path(), "app.token")?;
+    let (url, p) = (
+        format!("http://{}/v1/kv/{key}", survivor.http_addr.clone().unwrap_or_default()),
+        port(survivor.resp_addr.as_deref().unwrap_or_default()),
+    );
+    let (http, resp) = tokio::task::spawn_blocking(move || -> anyhow::Result<((u16, String), (i32, String))> {
+        Ok((curl(&["-H", &bearer(&app)], &url)?, redis_cli(&p, Some(&app), &[], &["GET", key])?))
+    })
+    .await??;
+    let v = json(&http.1)?;
+    anyhow::ensure!(matches!(http.0, 503 | 504) && v["error"]["retryable"] == true, "HTTP without a quorum: {http:?}");
+    anyhow::ensure!(resp.0 == 1 && resp.1.starts_with("TRYAGAIN"), "Redis without a quorum: {resp:?}");
+    for n in (1..=3).filter(|n| *n != others[0]) {
+        tc.cluster.restart(n)?;
+    }
+    tc.cluster.wait_ready(Duration::from_secs(60)).await?;
     tc.stop().await;
     Ok(())
 }

@@ -175,11 +175,7 @@ impl ClientService {
 
 /// Refuses a request the caller's role does not allow.
 pub fn authorize(caller: Caller, req: &ClientRequest) -> Result<(), RequestError> {
-    let needed = req.required_role();
-    if caller.role() >= needed {
-        return Ok(());
-    }
-    Err(RequestError::PermissionDenied { request: req.kind().into(), needed, has: caller.describe() })
+    ringkv_wire::auth::authorize(caller.role(), req.required_role(), req.kind(), || caller.describe())
 }
 
 impl Service<ClientRequest, ClientResponse> for ClientService {

@@ -96,6 +96,15 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// The one rule of every protocol (client port, HTTP, Redis): a caller with role `has` may run
+/// `request` only if `has` includes `needed`.
+pub fn authorize(has: Role, needed: Role, request: &str, who: impl FnOnce() -> String) -> Result<(), crate::RequestError> {
+    if has >= needed {
+        return Ok(());
+    }
+    Err(crate::RequestError::PermissionDenied { request: request.into(), needed, has: who() })
+}
+
 impl ClientRequest {
     /// The least role that may send this request.
     pub fn required_role(&self) -> Role {

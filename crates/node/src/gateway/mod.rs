@@ -165,10 +165,7 @@ impl Api {
         if !self.still_valid(who) {
             return Err(ApiError::new("unauthorized", format!("token `{}` was revoked", who.name)));
         }
-        if who.role >= needed {
-            return Ok(());
-        }
-        Err(RequestError::PermissionDenied { request: what.into(), needed, has: format!("{} ({})", who.role, who.name) }.into())
+        ringkv_wire::auth::authorize(who.role, needed, what, || format!("{} ({})", who.role, who.name)).map_err(ApiError::from)
     }
 
     fn limits(&self) -> &ringkv_config::Limits {
