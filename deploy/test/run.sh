@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 [ "$(id -u)" -eq 0 ] || { echo "deploy/test/run.sh needs root (network namespaces, mounts)" >&2; exit 1; }
-scripts/deps.sh openssh-server python3-venv iproute2 binutils
+scripts/deps.sh openssh-server python3-venv iproute2 binutils curl redis-tools
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ringkv-target}"
 
 VENV=${RINGKV_ANSIBLE_VENV:-$HOME/.cache/ringkv-ansible-venv}
@@ -156,6 +156,20 @@ play site1 "$INV3" site.yml
 "${RINGCTL[@]}" health
 "${RINGCTL[@]}" put deployed yes
 [ "$("${RINGCTL[@]}" get deployed)" = yes ] || { echo "the deployed cluster does not serve" >&2; exit 1; }
+# The gateways, over TLS on every host: HTTPS with a token, the Redis protocol with the admin
+# client certificate.
+TOKEN=$("${RINGCTL[@]}" token create --name deploy-test --role write)
+C="$WORK/certs"
+for h in 1 2 3; do
+  for _ in $(seq 50); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$C/ca.pem" -H "Authorization: Bearer $TOKEN" "https://$NET.1$h:8101/v1/kv/deployed" || true)
+    [ "$code" = 200 ] && break
+    sleep 0.2
+  done
+  [ "$code" = 200 ] || { echo "HTTPS gateway on host $h: $code" >&2; exit 1; }
+  out=$(redis-cli -e --tls --cacert "$C/ca.pem" --cert "$C/client.pem" --key "$C/client.key" -h "$NET.1$h" -p 6379 incr deploy-counter)
+  [ "$out" = "$h" ] || { echo "Redis gateway on host $h answered $out" >&2; exit 1; }
+done
 # Each host's files are its own: node 2's identity is on host 2 and nowhere else.
 grep -q '^id = 2' "$WORK/host2/var-lib/up/ringkv/node.toml"
 [ ! -e "$WORK/host1/var-lib/up/ringkv/node.toml" ] || ! grep -q '^id = 2' "$WORK/host1/var-lib/up/ringkv/node.toml"
