@@ -352,6 +352,20 @@ async fn redis_gateway_serves_redis_cli_redis_benchmark_and_python() -> anyhow::
         }
         // The counter redis-benchmark incremented 4,000 times from 8 connections, pipelined.
         ok(&["GET", "counter:__rand_int__"], "4000")?;
+        // A request larger than a node takes in one request is refused, and the connection closed.
+        {
+            use std::io::{Read, Write};
+            let mut sock = std::net::TcpStream::connect(format!("127.0.0.1:{p}"))?;
+            sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+            sock.write_all(&ringkv_wire::resp::encode_request(&[b"AUTH", app.as_bytes()]))?;
+            let big = vec![b'v'; 1_000_000];
+            let req = ringkv_wire::resp::encode_request(&[b"MSET", b"b1", &big, b"b2", &big, b"b3", &big]);
+            let _ = sock.write_all(&req);
+            let mut answer = Vec::new();
+            let _ = sock.read_to_end(&mut answer);
+            let answer = String::from_utf8_lossy(&answer);
+            anyhow::ensure!(answer.starts_with("+OK\r\n-ERR Protocol error: a request over"), "{answer}");
+        }
         // The Python client, RESP3 and RESP2, pipelines, errors.
         let (rc, out) = run(Command::new(python()).arg(script()).args(["basics", &p, &app]))?;
         anyhow::ensure!(rc == 0 && out.trim() == "ok", "python redis: {out}");
@@ -417,6 +431,9 @@ async fn concurrent_increments_through_the_gateway_survive_a_leader_kill_exactly
     for n in (1..=3).filter(|n| *n != others[0]) {
         tc.cluster.kill(n).await?;
     }
+    // A leader may serve reads from its lease until it runs out (the election timeout, 1 s with
+    // the test timers; no other leader can exist before then): ask after it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let app = token(&tc.path(), "app.token")?;
     let (url, p) = (
         format!("http://{}/v1/kv/{key}", survivor.http_addr.clone().unwrap_or_default()),

@@ -109,15 +109,42 @@ fn respond(r: ApiResult<Response>) -> Response {
 }
 
 /// The caller: a bearer token, else the connection's client certificate.
-fn principal(api: &Api, headers: &HeaderMap, peer: &Peer) -> ApiResult<Principal> {
+fn principal(api: &Api, headers: &HeaderMap, peer: Option<&Peer>) -> ApiResult<Principal> {
     match headers.get(header::AUTHORIZATION) {
         Some(v) => {
             let token = v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or_default();
             api.authenticate_token(token).ok_or_else(|| ApiError::new("unauthorized", "the bearer token is not valid (unknown or revoked)"))
         }
-        None => peer.certificate.clone().ok_or_else(ApiError::unauthorized),
+        None => peer.and_then(|p| p.certificate.clone()).ok_or_else(ApiError::unauthorized),
     }
 }
+
+/// The authenticated caller of a request: a request without a valid token or certificate is
+/// answered 401 before its handler runs.
+struct Who(Principal);
+
+impl axum::extract::FromRequestParts<Arc<Api>> for Who {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, api: &Arc<Api>) -> Result<Who, Response> {
+        let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| &c.0);
+        principal(api, &parts.headers, peer).map(Who).map_err(error)
+    }
+}
+
+/// The key a `/v1/kv/...` request names (after authentication).
+struct Key(Vec<u8>);
+
+impl axum::extract::FromRequestParts<Arc<Api>> for Key {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &Arc<Api>) -> Result<Key, Response> {
+        key_of(&parts.uri).map(Key).map_err(error)
+    }
+}
+
+/// A request body, or why it could not be read (too large).
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// The key a `/v1/kv/...` path names: the percent-decoded rest of the path.
 fn key_of(uri: &Uri) -> ApiResult<Vec<u8>> {
@@ -166,12 +193,12 @@ fn take_bytes(body: &Value, name: &str) -> ApiResult<Option<Vec<u8>>> {
     }
 }
 
-fn json_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Value> {
+fn json_body(body: Body) -> ApiResult<Value> {
     let b = body_bytes(body)?;
     serde_json::from_slice(&b).map_err(|e| ApiError::new("bad_request", format!("the body is not JSON: {e}")))
 }
 
-fn body_bytes(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
+fn body_bytes(body: Body) -> ApiResult<Bytes> {
     body.map_err(|r| {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_request" };
         ApiError::new(code, r.body_text())
@@ -190,15 +217,13 @@ fn wants_json(headers: &HeaderMap) -> bool {
 
 async fn get_key(
     State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Who(who): Who,
     headers: HeaderMap,
-    uri: Uri,
+    Key(key): Key,
     q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
-            let key = key_of(&uri)?;
             let stale = q.map_err(|e| ApiError::new("bad_request", e.body_text()))?.stale;
             match api.get(&who, &key, stale).await? {
                 None => Err(ApiError::new("not_found", "no such key")),
@@ -215,17 +240,9 @@ async fn get_key(
     )
 }
 
-async fn put_key(
-    State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+async fn put_key(State(api): State<Arc<Api>>, Who(who): Who, headers: HeaderMap, Key(key): Key, body: Body) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
-            let key = key_of(&uri)?;
             let value = body_bytes(body)?;
             let create_only = headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == b"*");
             if create_only {
@@ -242,11 +259,9 @@ async fn put_key(
     )
 }
 
-async fn delete_key(State(api): State<Arc<Api>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, uri: Uri) -> Response {
+async fn delete_key(State(api): State<Arc<Api>>, Who(who): Who, Key(key): Key) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
-            let key = key_of(&uri)?;
             let n = api.key_op(&who, &key, ringkv_wire::KeyOp::DeleteCount).await?;
             Ok(ok(StatusCode::OK, Json(json!({"deleted": n > 0}))))
         }
@@ -262,16 +277,13 @@ struct PostQuery {
 
 async fn post_key(
     State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
+    Key(key): Key,
     q: Result<Query<PostQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
-            let key = key_of(&uri)?;
             let q = q.map_err(|e| ApiError::new("bad_request", e.body_text()))?.0;
             if let Some(delta) = q.incr {
                 let n = api.key_op(&who, &key, ringkv_wire::KeyOp::Incr(delta)).await?;
@@ -314,15 +326,9 @@ fn batch_keys(body: &Value) -> ApiResult<Vec<Vec<u8>>> {
     list.iter().map(|k| k.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()).ok_or_else(bad)).collect()
 }
 
-async fn batch_get(
-    State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+async fn batch_get(State(api): State<Arc<Api>>, Who(who): Who, body: Body) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
             let body = json_body(body)?;
             let keys = batch_keys(&body)?;
             let stale = body.get("stale").and_then(Value::as_bool).unwrap_or(false);
@@ -343,15 +349,9 @@ async fn batch_get(
     )
 }
 
-async fn batch_put(
-    State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+async fn batch_put(State(api): State<Arc<Api>>, Who(who): Who, body: Body) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
             let body = json_body(body)?;
             let bad = || ApiError::new("bad_request", "`pairs` must be a list of {key, value} (or key_b64 / value_b64)");
             let pairs = body.get("pairs").and_then(Value::as_array).ok_or_else(bad)?;
@@ -371,35 +371,17 @@ async fn batch_put(
     )
 }
 
-async fn status(State(api): State<Arc<Api>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
-    respond(
-        async {
-            let who = principal(&api, &headers, &peer)?;
-            Ok(ok(StatusCode::OK, Json(api.status(&who).await?)))
-        }
-        .await,
-    )
+async fn status(State(api): State<Arc<Api>>, Who(who): Who) -> Response {
+    respond(async { Ok(ok(StatusCode::OK, Json(api.status(&who).await?))) }.await)
 }
 
-async fn nodes(State(api): State<Arc<Api>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
-    respond(
-        async {
-            let who = principal(&api, &headers, &peer)?;
-            Ok(ok(StatusCode::OK, Json(api.status(&who).await?.nodes)))
-        }
-        .await,
-    )
+async fn nodes(State(api): State<Arc<Api>>, Who(who): Who) -> Response {
+    respond(async { Ok(ok(StatusCode::OK, Json(api.status(&who).await?.nodes))) }.await)
 }
 
-async fn shard(
-    State(api): State<Arc<Api>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
-) -> Response {
+async fn shard(State(api): State<Arc<Api>>, Who(who): Who, id: Result<Path<u64>, axum::extract::rejection::PathRejection>) -> Response {
     respond(
         async {
-            let who = principal(&api, &headers, &peer)?;
             let Path(id) = id.map_err(|e| ApiError::new("bad_request", format!("a shard id is a number: {e}")))?;
             Ok(ok(StatusCode::OK, Json(api.shard(&who, id).await?)))
         }

@@ -122,6 +122,9 @@ async fn connection(api: Arc<Api>, a: Accepted) {
     let l = &api.node.config.limits;
     let limits =
         RespLimits { args_max: ARGS_MAX, bulk_bytes_max: l.key_bytes_max.max(l.value_bytes_max) + 1024, inline_bytes_max: 64 * 1024 };
+    // A whole request (an MSET of many values) may not be larger than what one node accepts in
+    // one request frame: the buffer of a request still arriving is bounded by it.
+    let request_bytes_max = 2 * (l.key_bytes_max + l.value_bytes_max) + crate::CLIENT_FRAME_SLACK_BYTES;
     let (mut rd, mut wr) = tokio::io::split(a.stream);
     let mut c = Conn {
         proto: 2,
@@ -182,6 +185,13 @@ async fn connection(api: Arc<Api>, a: Accepted) {
                     }
                 }
                 inbuf.drain(..used);
+                if !c.quit && inbuf.len() > request_bytes_max {
+                    metrics::counter!("ringkv_resp_commands_total", "cmd" => "protocol_error", "result" => "error").increment(1);
+                    let why = format!("ERR Protocol error: a request over {request_bytes_max} bytes");
+                    protos.push_back(c.proto);
+                    pending.push_back(ready(Reply::err(why)));
+                    c.quit = true;
+                }
             }
         }
     }
