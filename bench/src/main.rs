@@ -85,6 +85,10 @@ struct LocalArgs {
     /// The `ringkv` binary for --local (default: beside this one, then PATH).
     #[arg(long)]
     ringkv_bin: Option<PathBuf>,
+    /// A TOML file appended to every --local node's configuration (e.g. other Raft timers), to
+    /// compare settings on one binary.
+    #[arg(long)]
+    node_config: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -205,6 +209,10 @@ fn local_spec(a: &LocalArgs, shards: u64) -> anyhow::Result<LocalSpec> {
         fsync: a.fsync == OnOff::On,
         dir: a.data_dir.clone(),
         binary: find_ringkv(a.ringkv_bin.as_deref())?,
+        node_config: match &a.node_config {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--node-config {}: {e}", p.display()))?),
+            None => None,
+        },
     })
 }
 

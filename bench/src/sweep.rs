@@ -338,7 +338,15 @@ mod tests {
             timeout_ms: 1000,
             seed: 1,
         };
-        let local = Target::Local(LocalSpec { nodes: 3, shards: 8, replication: 3, fsync: true, dir: None, binary: "ringkv".into() });
+        let local = Target::Local(LocalSpec {
+            nodes: 3,
+            shards: 8,
+            replication: 3,
+            fsync: true,
+            dir: None,
+            binary: "ringkv".into(),
+            node_config: None,
+        });
         let (s, t) = SweepParam::Concurrency.apply(512, &spec, &local).expect("apply");
         assert_eq!((s.clients, s.inflight, s.concurrency()), (16, 32, 512));
         assert!(matches!(t, Target::Local(ref l) if l.shards == 8));

@@ -17,6 +17,8 @@ pub struct LocalSpec {
     /// Parent directory of the cluster's data (default: the system temp dir).
     pub dir: Option<PathBuf>,
     pub binary: PathBuf,
+    /// TOML appended to every node's configuration.
+    pub node_config: Option<String>,
 }
 
 /// A running local cluster; `finish` stops it and removes its data, or keeps it for a look
@@ -67,7 +69,7 @@ impl Local {
             data_dir: dir.path().to_path_buf(),
             binary: spec.binary.clone(),
             fault_injection: false,
-            extra_config: Some(format!("[storage]\nfsync = {}\n", spec.fsync)),
+            extra_config: Some(format!("[storage]\nfsync = {}\n{}", spec.fsync, spec.node_config.as_deref().unwrap_or_default())),
             netns: None,
             hold_back: vec![],
             bootstrap: true,

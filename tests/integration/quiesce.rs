@@ -134,3 +134,71 @@ async fn a_partitioned_quiet_leader_is_replaced_by_its_followers() -> anyhow::Re
     tc.stop().await;
     Ok(())
 }
+
+/// Under steady writes no group goes quiet, yet followers that hear their leader rest (their
+/// election timers stopped); a kill -9 of the node leading most shards, with writes going on,
+/// still gets every shard a new leader within the election timeout plus the loop's check (3 s
+/// with the test timers), and every write acknowledged before and after is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resting_followers_of_busy_groups_still_elect_when_the_leaders_node_dies() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let shards = 16;
+    let mut tc = TestCluster::start(3, shards).await?;
+    let client = Arc::new(tc.client().await?);
+    let keys = Arc::new(keys_for_every_shard(&client.map(), "rest"));
+    write_all(&client, &keys, b"0").await?;
+    // Every shard written over and over (bounded: 60 s or 100,000 writes), so none is idle.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (client, keys, stop, acked) = (client.clone(), keys.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && n < 100_000 {
+                for (_, k) in keys.iter() {
+                    n += 1;
+                    if client.put(k, n.to_string().as_bytes()).await.is_ok() {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let resting = |id| -> anyhow::Result<f64> {
+        Ok(metric(&scrape(&tc.cluster.entry(id)?.metrics_addr)?, "ringkv_raft_followers_resting").unwrap_or(0.0))
+    };
+    // 32 follower replicas in all; most of them rest while their group is busy.
+    eventually(Duration::from_secs(20), "followers of busy groups rest", || async {
+        let total: f64 = (1..=3).map(resting).sum::<anyhow::Result<f64>>()?;
+        let quiet: f64 = (1..=3).map(|id| quiet_on(&tc, id)).sum::<anyhow::Result<f64>>()?;
+        anyhow::ensure!(quiet == 0.0, "{quiet} groups quiet under writes");
+        anyhow::ensure!(total >= shards as f64, "{total} of {} follower replicas rest", 2 * shards);
+        Ok(())
+    })
+    .await?;
+    let (victim, led) = busiest_leader(&tc, &client).await?;
+    assert!(led > 0, "node {victim} leads no shard");
+    tc.cluster.kill(victim).await?;
+    let killed_at = Instant::now();
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
+    wait_led_by(&tc, &client, &others, shards).await?;
+    let failover = killed_at.elapsed();
+    eprintln!("all {shards} busy shards had a new leader {failover:?} after kill -9 of node {victim} (it led {led})");
+    assert!(failover < Duration::from_secs(3), "busy shards with resting followers took {failover:?} to elect");
+    let before = acked.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "writes go on after the failover", || async {
+        anyhow::ensure!(acked.load(Ordering::Relaxed) > before + 2 * shards, "no writes acknowledged since the failover");
+        Ok(())
+    })
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    write_all(&client, &keys, b"last").await?;
+    for (_, k) in keys.iter() {
+        assert_eq!(client.get(k).await?, Some(b"last".to_vec()));
+    }
+    tc.stop().await;
+    Ok(())
+}

@@ -31,8 +31,8 @@ pub async fn bootstrap(node: &Arc<Node>, nodes: Vec<NodeInfo>, shards: u64, repl
     let cmd = Command::Placement(PlacementCommand::Bootstrap { cluster_id, nodes, shards, replication });
     let started = Instant::now();
     loop {
-        match r.active().client_write(cmd.clone()).await {
-            Ok(resp) => match resp.data {
+        match r.active().write(cmd.clone()).await {
+            Ok(data) => match data {
                 CommandResult::Placement(Ok(())) => break,
                 CommandResult::Placement(Err(e)) => return Err(RequestError::NotPermitted(e.to_string())),
                 other => return Err(RequestError::Internal(format!("unexpected result {other:?}"))),

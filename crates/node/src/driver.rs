@@ -19,14 +19,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::async_runtime::WatchReceiver;
-use openraft::ChangeMembers;
 use ringkv_placement::planner::{self, is_down, Observed, Operator, PlannerConfig};
 use ringkv_placement::PlacementCommand;
 use ringkv_storage::{Command, CommandResult, PeerNode};
 use ringkv_wire::*;
 
-use crate::node::{cut_off_from_quorum, Node, Replica};
+use crate::node::{Node, Replica};
 
 /// How often a node reports to the placement leader.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -100,11 +98,6 @@ impl Default for Driver {
     }
 }
 
-/// How far a leader has replicated to `n` (0: not yet known).
-pub(crate) fn replicated_to(m: &crate::node::RaftMetrics, n: NodeId) -> u64 {
-    m.replication.as_ref().and_then(|r| r.get(&n).cloned().flatten()).map(|l| l.index).unwrap_or(0)
-}
-
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -150,12 +143,12 @@ impl Node {
     /// This node's placement replica, if it leads the placement group (and is not cut off).
     pub fn placement_leader(&self) -> Option<Arc<Replica>> {
         let r = self.replica(PLACEMENT_GROUP)?;
-        let m = r.raft.metrics().borrow_watched().clone();
-        (m.state.is_leader() && cut_off_from_quorum(&m, self.quorum_silence_limit()).is_none()).then_some(r)
+        let m = r.raft.state();
+        (m.is_leader() && m.cut_off_from_quorum(self.quorum_silence_limit()).is_none()).then_some(r)
     }
 
     pub(crate) fn placement_not_leader(&self) -> RequestError {
-        let leader = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.metrics().borrow_watched().current_leader);
+        let leader = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.leader());
         self.not_leader(PLACEMENT_GROUP, leader)
     }
 
@@ -170,7 +163,7 @@ impl Node {
         if let Some(h) = *lock(&self.driver.leader_hint) {
             queue.push_back(h);
         }
-        if let Some(l) = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.metrics().borrow_watched().current_leader) {
+        if let Some(l) = self.replica(PLACEMENT_GROUP).and_then(|r| r.raft.leader()) {
             queue.push_back(l);
         }
         queue.extend(map.placement_members.iter().copied());
@@ -208,16 +201,16 @@ impl Node {
             .replicas
             .iter()
             .map(|r| {
-                let m = r.raft.metrics().borrow_watched().clone();
-                let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+                let m = r.raft.state();
+                let applied = m.applied().unwrap_or(0);
                 let rate = match prev.insert(r.group, (now, applied)) {
                     Some((t, a)) if now > t => (applied.saturating_sub(a) as f64 / (now - t).as_secs_f64()) as u64,
                     _ => 0,
                 };
                 GroupStat {
                     group: r.group,
-                    is_leader: m.state.is_leader() && r.cut_off(&m, limit).is_none(),
-                    term: m.current_term,
+                    is_leader: m.is_leader() && r.cut_off(limit).is_none(),
+                    term: m.term(),
                     applied,
                     bytes: r.approximate_bytes(),
                     applied_per_sec: rate,
@@ -247,36 +240,29 @@ impl Node {
         cancel: bool,
     ) -> Result<MoveStage, RequestError> {
         let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
-        let m = r.raft.metrics().borrow_watched().clone();
-        if !m.state.is_leader() {
-            return Err(self.not_leader(shard, m.current_leader));
+        let m = r.raft.state();
+        if !m.is_leader() {
+            return Err(self.not_leader(shard, m.leader()));
         }
-        let last = m.last_log_index.unwrap_or(0);
+        let last = m.last_log_index().unwrap_or(0);
         // How far the leader has replicated to `n` (0: not yet known).
-        let progress = |n: NodeId| replicated_to(&m, n);
+        let progress = |n: NodeId| m.replicated_to(n);
         let matched = progress(to);
         // Decide only on a committed membership: an appended but uncommitted change may still
         // be lost with this leader, and a move recorded as finished on it could leave the shard
         // below quorum. Until it commits there is nothing to do but wait.
-        if m.membership_config.log_id() != m.committed_membership_config.log_id() {
+        if !m.membership_committed() {
             return Ok(MoveStage::Learner { matched, last });
         }
-        let membership = m.membership_config.membership().clone();
-        let configs = membership.get_joint_config().clone();
+        let configs = m.voter_sets();
         let old: BTreeSet<NodeId> = configs.first().cloned().unwrap_or_default();
         let mut target = old.clone();
         target.remove(&from);
         target.insert(to);
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
-        let is_learner = membership.learner_ids().any(|l| l == to);
+        let voters = m.voters();
+        let is_learner = m.is_learner(to);
         let raft_err = |e: String| RequestError::Unavailable(format!("shard {shard}: {e}"));
-        let change = |members: ChangeMembers<NodeId, PeerNode>| async {
-            match tokio::time::timeout(STEP_TIMEOUT, r.active().change_membership(members, false)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(raft_err(e.to_string())),
-                Err(_) => Err(raft_err(format!("membership change not committed within {STEP_TIMEOUT:?}"))),
-            }
-        };
+
         if configs.len() == 1 && old.contains(&to) && !old.contains(&from) {
             return Ok(MoveStage::Done { voters });
         }
@@ -284,7 +270,7 @@ impl Node {
             // A leader change interrupted the joint phase: finish it if it is ours.
             if configs.last() == Some(&target) || (configs.last().is_some_and(|c| c.contains(&to) && !c.contains(&from))) {
                 let last = configs.last().cloned().unwrap_or_default();
-                change(ChangeMembers::ReplaceAllVoters(last.clone())).await?;
+                membership_step(shard, r.active().replace_voters(last.clone())).await?;
                 return Ok(MoveStage::Done { voters: last.into_iter().collect() });
             }
             return Ok(MoveStage::Conflict { voters });
@@ -294,15 +280,15 @@ impl Node {
         }
         if cancel {
             if is_learner {
-                change(ChangeMembers::RemoveNodes(BTreeSet::from([to]))).await?;
+                membership_step(shard, r.active().remove_nodes(BTreeSet::from([to]))).await?;
             }
             return Ok(MoveStage::Cancelled);
         }
         if !is_learner {
-            tokio::time::timeout(STEP_TIMEOUT, r.active().add_learner(to, PeerNode { peer_addr: to_addr }, false))
+            tokio::time::timeout(STEP_TIMEOUT, r.active().add_learner(to, PeerNode { peer_addr: to_addr }))
                 .await
                 .map_err(|_| raft_err("adding the learner timed out".into()))?
-                .map_err(|e| raft_err(e.to_string()))?;
+                .map_err(raft_err)?;
             return Ok(MoveStage::Learner { matched: 0, last });
         }
         if matched + CAUGHT_UP_SLACK < last {
@@ -313,11 +299,11 @@ impl Node {
             // that stays.
             // To the voter furthest along, so the shard is not left waiting for a laggard.
             if let Some(next) = old.iter().copied().filter(|n| *n != from).max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
-                r.active().trigger().transfer_leader(next).await.map_err(|e| raft_err(e.to_string()))?;
+                r.active().transfer_leader(next).await.map_err(raft_err)?;
             }
             return Ok(MoveStage::Learner { matched, last });
         }
-        change(ChangeMembers::ReplaceAllVoters(target.clone())).await?;
+        membership_step(shard, r.active().replace_voters(target.clone())).await?;
         Ok(MoveStage::Done { voters: target.into_iter().collect() })
     }
 
@@ -352,20 +338,15 @@ impl Node {
             }
             *last = Some(Instant::now());
         }
-        let led: Vec<Arc<Replica>> = self
-            .replicas
-            .iter()
-            .filter(|r| *r.key() != 0 && r.raft.metrics().borrow_watched().state.is_leader())
-            .map(|r| r.clone())
-            .collect();
+        let led: Vec<Arc<Replica>> = self.replicas.iter().filter(|r| *r.key() != 0 && r.raft.is_leader()).map(|r| r.clone()).collect();
         for r in led {
-            let m = r.raft.metrics().borrow_watched().clone();
-            let progress = |n: NodeId| replicated_to(&m, n);
-            let voters = m.membership_config.membership().voter_ids().filter(|n| *n != self.id());
+            let m = r.raft.state();
+            let progress = |n: NodeId| m.replicated_to(n);
+            let voters = m.voters().into_iter().filter(|n| *n != self.id());
             if let Some(to) = voters.max_by_key(|n| (progress(*n), std::cmp::Reverse(*n))) {
                 tracing::warn!("shard {}: no placement contact for over {MAP_STALE_AFTER:?}, handing leadership to node {to}", r.group);
                 metrics::counter!("ringkv_leaderships_yielded_total").increment(1);
-                if let Err(e) = r.active().trigger().transfer_leader(to).await {
+                if let Err(e) = r.active().transfer_leader(to).await {
                     tracing::warn!("shard {}: leader transfer to node {to} failed: {e}", r.group);
                 }
             }
@@ -418,15 +399,23 @@ impl Node {
     /// Hands leadership of `shard` (led here) to `to`, a voter.
     pub async fn transfer_leader(&self, shard: GroupId, to: NodeId) -> Result<(), RequestError> {
         let r = self.replica(shard).ok_or(RequestError::ShardNotFound { shard, node: self.id() })?;
-        let voters: Vec<NodeId> = r.raft.voter_ids().collect();
+        let voters = r.raft.voters();
         if !voters.contains(&to) {
             return Err(RequestError::Malformed(format!("node {to} is not a voter of shard {shard} (voters: {voters:?})")));
         }
         if !r.raft.is_leader() {
-            let leader = r.raft.metrics().borrow_watched().current_leader;
-            return Err(self.not_leader(shard, leader));
+            return Err(self.not_leader(shard, r.raft.leader()));
         }
-        r.active().trigger().transfer_leader(to).await.map_err(|e| RequestError::Unavailable(e.to_string()))
+        r.active().transfer_leader(to).await.map_err(RequestError::Unavailable)
+    }
+}
+
+/// Waits up to [`STEP_TIMEOUT`] for a membership change of `shard` to commit.
+async fn membership_step(shard: GroupId, change: impl std::future::Future<Output = Result<(), String>>) -> Result<(), RequestError> {
+    match tokio::time::timeout(STEP_TIMEOUT, change).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RequestError::Unavailable(format!("shard {shard}: {e}"))),
+        Err(_) => Err(RequestError::Unavailable(format!("shard {shard}: membership change not committed within {STEP_TIMEOUT:?}"))),
     }
 }
 
@@ -453,10 +442,10 @@ pub async fn handle(node: &Arc<Node>, r: &Replica, req: PeerRequest) -> Result<P
 
 /// Commits a placement command through the placement group; answers the map after it.
 pub async fn propose(r: &Replica, cmd: PlacementCommand) -> Result<ClusterMap, RequestError> {
-    let res = tokio::time::timeout(FORWARD_TIMEOUT, r.active().client_write(Command::Placement(cmd)))
+    let res = tokio::time::timeout(FORWARD_TIMEOUT, r.active().write(Command::Placement(cmd)))
         .await
         .map_err(|_| RequestError::Unavailable(format!("the placement group did not commit within {FORWARD_TIMEOUT:?}")))?;
-    match res.map(|resp| resp.data) {
+    match res {
         Ok(CommandResult::Placement(Ok(()))) => {
             r.sm.placement_map().map_err(|e| RequestError::Internal(e.to_string()))?.ok_or(RequestError::NotBootstrapped)
         }
@@ -655,15 +644,11 @@ pub async fn session_expiry_loop(node: Arc<Node>) {
             _ = shutdown.changed() => return,
         }
         let now = Instant::now();
-        let led: Vec<Arc<Replica>> = node
-            .replicas
-            .iter()
-            .filter(|r| r.group != PLACEMENT_GROUP && r.raft.metrics().borrow_watched().state.is_leader())
-            .map(|r| r.clone())
-            .collect();
+        let led: Vec<Arc<Replica>> =
+            node.replicas.iter().filter(|r| r.group != PLACEMENT_GROUP && r.raft.is_leader()).map(|r| r.clone()).collect();
         samples.retain(|g, _| led.iter().any(|r| r.group == *g));
         for r in led {
-            let last = r.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+            let last = r.raft.state().last_log_index().unwrap_or(0);
             let q = samples.entry(r.group).or_default();
             if q.back().is_none_or(|(_, i)| *i != last) {
                 q.push_back((now, last));
@@ -678,7 +663,7 @@ pub async fn session_expiry_loop(node: Arc<Node>) {
                 continue;
             }
             let cmd = Command::ExpireSessions { below_index };
-            match tokio::time::timeout(Duration::from_secs(5), r.active().client_write(cmd)).await {
+            match tokio::time::timeout(Duration::from_secs(5), r.active().write(cmd)).await {
                 Ok(Ok(_)) => {
                     proposed.insert(r.group, below_index);
                 }
@@ -863,7 +848,7 @@ async fn placement_step(node: &Arc<Node>, r: &Replica, map: &ClusterMap, m: Move
 
 /// The placement leader's term and the map it acts on, for the orders it sends.
 fn fence_of(r: &Replica, map: &ClusterMap) -> PlacementFence {
-    PlacementFence { term: r.raft.metrics().borrow_watched().current_term, map_version: map.version }
+    PlacementFence { term: r.raft.state().term(), map_version: map.version }
 }
 
 /// Sends a request to node `to` (or runs it here).

@@ -5,10 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::async_runtime::WatchReceiver;
 use ringkv_wire::{ClientReply, ClientResponse, NodeId, NodeInfo, NodeState, PeerReply, PeerRequest, RequestError};
 
-use crate::driver::{lock, replicated_to};
+use crate::driver::lock;
 use crate::node::{Node, Replica};
 
 /// A replica whose log is this many entries short of what its group committed is behind: the
@@ -25,12 +24,6 @@ pub const DRAIN_STALL: Duration = Duration::from_secs(3);
 pub const NOTIFY_INTERVAL: Duration = Duration::from_millis(500);
 /// How long `init` waits for each seed node to say who it is.
 pub const SEED_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Entries committed in `m`'s group that its log does not hold yet.
-pub fn entries_behind(m: &crate::node::RaftMetrics) -> u64 {
-    let committed = m.cluster_committed.map(|l| l.index).unwrap_or(0);
-    committed.saturating_sub(m.last_log_index.unwrap_or(0))
-}
 
 /// `what` for up to 8 shards, then how many more.
 fn some_shards(shards: &[u64]) -> String {
@@ -95,10 +88,10 @@ impl Node {
         }
         let (mut leaderless, mut behind) = (Vec::new(), Vec::new());
         for r in self.replicas.iter().filter(|r| !r.retired.load(Ordering::Acquire)) {
-            let m = r.raft.metrics().borrow_watched().clone();
-            if m.current_leader.is_none() {
+            let m = r.raft.state();
+            if m.leader().is_none() {
                 leaderless.push(r.group);
-            } else if entries_behind(&m) > READY_LAG_ENTRIES {
+            } else if m.entries_behind() > READY_LAG_ENTRIES {
                 behind.push(r.group);
             }
         }
@@ -119,7 +112,7 @@ impl Node {
 
     /// Replicas this node leads (the placement group's too).
     fn led(&self) -> Vec<Arc<Replica>> {
-        self.replicas.iter().filter(|r| r.raft.metrics().borrow_watched().state.is_leader()).map(|r| r.clone()).collect()
+        self.replicas.iter().filter(|r| r.raft.is_leader()).map(|r| r.clone()).collect()
     }
 
     /// Asks each group led here to hand leadership to its other voter with the most log (an
@@ -128,11 +121,11 @@ impl Node {
         let led = self.led();
         let map = self.map();
         for r in &led {
-            let m = r.raft.metrics().borrow_watched().clone();
+            let m = r.raft.state();
             let up = |n: NodeId| map.node(n).is_some_and(|i| i.state == NodeState::Up);
-            let others = m.membership_config.membership().voter_ids().filter(|n| *n != self.id());
-            let Some(to) = others.max_by_key(|n| (up(*n), replicated_to(&m, *n), std::cmp::Reverse(*n))) else { continue };
-            if let Err(e) = r.active().trigger().transfer_leader(to).await {
+            let others = m.voters().into_iter().filter(|n| *n != self.id());
+            let Some(to) = others.max_by_key(|n| (up(*n), m.replicated_to(*n), std::cmp::Reverse(*n))) else { continue };
+            if let Err(e) = r.active().transfer_leader(to).await {
                 tracing::debug!("drain: shard {} to node {to}: {e}", r.group);
             }
         }

@@ -48,6 +48,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ("ringkv_raft_group_quiesces_total", "counter", "Times a group went quiet (stopped ticking while idle)."),
     ("ringkv_raft_group_wakes_total", "counter", "Times a quiet group woke up."),
     ("ringkv_raft_groups_quiet", "gauge", "Replicas on this node whose group is quiet."),
+    (
+        "ringkv_raft_followers_resting",
+        "gauge",
+        "Followers on this node resting (their election timer stopped while their leader is heard).",
+    ),
     ("ringkv_raft_leaders", "gauge", "Groups this node leads."),
     ("ringkv_raft_lease_read_fallbacks_total", "counter", "Linearizable reads that fell back from the leader lease to a ReadIndex round."),
     ("ringkv_raft_log_appended_entries_total", "counter", "Raft log entries appended on this node."),

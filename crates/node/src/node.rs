@@ -7,14 +7,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use openraft::async_runtime::WatchReceiver;
-use ringkv_storage::{register_replica, Db, LogStore, PeerNode, Raft, ReplicaKind, StateMachine, TypeConfig};
+use ringkv_storage::{register_replica, Db, LogStore, PeerNode, ReplicaKind, StateMachine};
 use ringkv_wire::{ClusterMap, GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::network::NetworkFactory;
 use crate::peer::PeerPool;
+use crate::raft::{Group, RaftConfig};
 
 /// How often the map loop looks for a newer cluster map.
 pub const MAP_SYNC_INTERVAL: Duration = Duration::from_millis(500);
@@ -50,7 +49,7 @@ pub enum NodeError {
 /// One replica hosted here.
 pub struct Replica {
     pub group: GroupId,
-    pub raft: Raft,
+    pub raft: Group,
     pub sm: StateMachine,
     /// Set once this replica is being removed: its rows are about to be deleted.
     pub retired: std::sync::atomic::AtomicBool,
@@ -84,18 +83,6 @@ impl Replica {
 /// How often a replica's size (for placement's balancing) is measured again.
 pub const SIZE_REFRESH: Duration = Duration::from_secs(30);
 
-/// For a leader that has heard from no quorum for longer than `limit`, how long it has been.
-/// Such a leader keeps its Raft role until a newer leader reaches it, but cannot commit or
-/// confirm a read, and a newer leader may already exist.
-pub fn cut_off_from_quorum(m: &RaftMetrics, limit: Duration) -> Option<Duration> {
-    use openraft::Instant;
-    if !m.state.is_leader() {
-        return None;
-    }
-    let since = m.last_quorum_acked.as_ref()?.elapsed();
-    (since > limit).then_some(since)
-}
-
 /// State shared by every task of a node.
 pub struct Node {
     pub config: NodeConfig,
@@ -109,7 +96,7 @@ pub struct Node {
     quarantined: DashMap<GroupId, String>,
     pub pool: Arc<PeerPool>,
     map: RwLock<Arc<ClusterMap>>,
-    raft_config: Arc<openraft::Config>,
+    raft_config: RaftConfig,
     /// Serializes replica creation so two tasks never build the same group.
     create_lock: tokio::sync::Mutex<()>,
     /// Serializes map adoption, so a map never replaces a newer one.
@@ -128,15 +115,6 @@ pub struct Node {
     pub draining: std::sync::atomic::AtomicBool,
 }
 
-/// How long after a follower's last acknowledged append its leader skips heartbeats to it:
-/// two heartbeat intervals, at most what openraft allows (heartbeat interval + this + one tick
-/// of `heartbeat_interval * 13 / 64` below the election timeout).
-pub fn heartbeat_suppression_ms(t: &crate::config::RaftTuning) -> u64 {
-    let tick = t.heartbeat_interval_ms * 13 / 64;
-    let room = t.election_timeout_min_ms.saturating_sub(t.heartbeat_interval_ms + tick + 1);
-    (2 * t.heartbeat_interval_ms).min(room)
-}
-
 impl Node {
     pub fn id(&self) -> NodeId {
         self.config.id
@@ -150,28 +128,8 @@ impl Node {
         self.replicas.get(&group).map(|r| r.clone())
     }
 
-    pub fn raft_config(t: &crate::config::RaftTuning) -> Result<openraft::Config, NodeError> {
-        let cfg = openraft::Config {
-            cluster_name: "ringkv".into(),
-            heartbeat_interval: t.heartbeat_interval_ms,
-            // Under load, appends prove what heartbeats would: a follower that acknowledged
-            // one within this time gets no heartbeat (openraft's suppression; it must leave a
-            // heartbeat interval and a tick before the election timeout).
-            heartbeat_min_interval: Some(heartbeat_suppression_ms(t)).filter(|ms| *ms > 0),
-            election_timeout_min: t.election_timeout_min_ms,
-            election_timeout_max: t.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
-            purge_batch_size: 256,
-            max_payload_entries: 64,
-            enable_pre_vote: Some(true),
-            ..Default::default()
-        };
-        cfg.validate().map_err(|e| NodeError::Raft(e.to_string()))
-    }
-
     pub fn new(config: NodeConfig, db: Arc<Db>, pool: Arc<PeerPool>) -> Result<Arc<Node>, NodeError> {
-        let raft_config = Arc::new(Self::raft_config(&config.raft)?);
+        let raft_config = RaftConfig::new(&config.raft).map_err(NodeError::Raft)?;
         let map = match db.get_meta(ringkv_storage::keys::META_MAP)? {
             // Never a silent empty map: the node would act as if it belonged to no cluster.
             Some(b) => postcard::from_bytes(&b).map_err(|e| {
@@ -245,9 +203,7 @@ impl Node {
         register_replica(&self.db, group, kind)?;
         let log = LogStore::new(self.db.clone(), group);
         let sm = StateMachine::new(self.db.clone(), group, kind).with_log_cache(log.cache());
-        let append_floor = Duration::from_millis(self.raft_config.election_timeout_min);
-        let net = NetworkFactory { me: self.id(), group, pool: self.pool.clone(), append_floor, throttle: self.snapshot_throttle.clone() };
-        let raft = Raft::new(self.id(), self.raft_config.clone(), net, log, sm.clone())
+        let raft = Group::start(self.id(), group, &self.raft_config, self.pool.clone(), self.snapshot_throttle.clone(), log, sm.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("group {group}: {e}")))?;
         let r = Arc::new(Replica {
@@ -266,19 +222,12 @@ impl Node {
 
     /// Initializes a group's membership if it has never been initialized.
     pub async fn initialize(&self, r: &Replica, members: &[NodeId], map_nodes: &[(NodeId, String)]) -> Result<(), NodeError> {
-        if r.raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))? {
-            return Ok(());
-        }
         let mut m = BTreeMap::new();
         for id in members {
             let addr = map_nodes.iter().find(|(n, _)| n == id).map(|(_, a)| a.clone()).unwrap_or_default();
             m.insert(*id, PeerNode { peer_addr: addr });
         }
-        match r.raft.initialize(m).await {
-            Ok(()) => Ok(()),
-            Err(openraft::errors::RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(NodeError::Raft(format!("initialize group {}: {e}", r.group))),
-        }
+        r.raft.initialize(m).await.map_err(|e| NodeError::Raft(format!("initialize group {}: {e}", r.group)))
     }
 
     /// Stops the node for good: `why` is what `run` returns.
@@ -425,7 +374,7 @@ impl Node {
                 // initializing is idempotent and never yields two different first memberships.
                 if s.epoch.conf_ver == 1 {
                     let first = s.replicas.first() == Some(&me);
-                    let leaderless = r.raft.metrics().borrow_watched().current_leader.is_none();
+                    let leaderless = r.raft.leader().is_none();
                     if first || (leaderless && r.started.elapsed() > self.initialize_takeover_after()) {
                         self.initialize(&r, &s.replicas, &nodes).await?;
                     }
@@ -482,7 +431,7 @@ impl Node {
         r.retired.store(true, std::sync::atomic::Ordering::Release);
         // Its state is deleted only once the group has stopped writing it.
         match tokio::time::timeout(Duration::from_secs(5), {
-            r.wake();
+            r.before_stop();
             r.raft.shutdown()
         })
         .await
@@ -544,7 +493,7 @@ impl Node {
             if let Err(e) = self.reconcile(&self.map()).await {
                 tracing::error!("cannot follow the cluster map: {e}");
             }
-            let leaders = self.replicas.iter().filter(|r| r.raft.metrics().borrow_watched().state.is_leader()).count();
+            let leaders = self.replicas.iter().filter(|r| r.raft.is_leader()).count();
             metrics::gauge!("ringkv_raft_leaders").set(leaders as f64);
             metrics::gauge!("ringkv_raft_replicas").set(self.replicas.len() as f64);
             metrics::gauge!("ringkv_transport_peer_connections").set(self.pool.connections() as f64);
@@ -562,7 +511,7 @@ impl Node {
         let replicas: Vec<Arc<Replica>> = self.replicas.iter().map(|r| r.clone()).collect();
         for r in replicas {
             let _ = tokio::time::timeout(Duration::from_secs(5), {
-                r.wake();
+                r.before_stop();
                 r.raft.shutdown()
             })
             .await;
@@ -650,31 +599,10 @@ pub fn bind(addr: &str, server: quinn::ServerConfig) -> Result<quinn::Endpoint, 
     quinn::Endpoint::server(server, sock).map_err(|e| NodeError::Bind(addr.into(), e))
 }
 
-pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{CertPathsOf, Limits, RaftTuning, TlsConfig};
-
-    /// Heartbeats are suppressed as long as openraft allows with the default and the test
-    /// timers, and the resulting configuration validates; timers too tight for it get none.
-    #[test]
-    fn heartbeat_suppression_fits_the_election_timeout() {
-        let tuning = |hb, min, max| RaftTuning {
-            heartbeat_interval_ms: hb,
-            election_timeout_min_ms: min,
-            election_timeout_max_ms: max,
-            ..Default::default()
-        };
-        for (t, want) in
-            [(RaftTuning::default(), 500), (tuning(100, 500, 1000), 200), (tuning(250, 600, 1200), 299), (tuning(100, 120, 240), 0)]
-        {
-            assert_eq!(heartbeat_suppression_ms(&t), want);
-            let cfg = Node::raft_config(&t).expect("valid");
-            assert_eq!(cfg.heartbeat_min_interval, Some(want).filter(|w| *w > 0));
-        }
-    }
 
     fn config(dir: &std::path::Path) -> NodeConfig {
         let certs = dir.join("certs");

@@ -4,7 +4,7 @@
 //!   [`QUIESCE_AFTER`], whose log is committed and applied, and whose every voter has matched
 //!   its last entry (no learner, no joint membership) asks each follower to go quiet
 //!   (`PeerRequest::Quiesce`). Once all agreed, and nothing happened meanwhile, it stops its
-//!   ticker (openraft's `runtime_config().tick(false)`): no heartbeats leave it.
+//!   ticker ([`Group::set_ticking`]): no heartbeats leave it.
 //! - **Follower.** It agrees only if it follows that leader in that term with the same last log
 //!   entry, applied; then it stops its ticker: no election timeout runs.
 //! - **Wake.** Any activity on the leader ([`Replica::active`]) and any Raft message for the
@@ -17,7 +17,15 @@
 //!   refuses the first pre-vote that wakes it, so a restarted or partitioned peer cannot depose
 //!   a healthy quiet leader (CockroachDB's liveness-aware pre-vote).
 //!
-//! Safety does not depend on any of this: a wrong liveness verdict only causes an election.
+//! - **Resting followers.** Under load no group is idle, yet a follower's only use of its timer
+//!   is the election timeout. A follower that took an append or heartbeat from its leader within
+//!   [`rest_window`] stops its timer (`raft.rest_followers`); the loop starts it again once the
+//!   leader has been silent that long, at least one loop period before the election timeout
+//!   could expire, so a dead leader is replaced as fast as with the timer running. A follower
+//!   with no leader, a candidate and a leader always tick.
+//!
+//! Safety does not depend on any of this: a wrong liveness verdict only causes an election, and
+//! a stopped timer only delays one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,9 +35,8 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
 
-use ringkv_storage::Raft;
-
-use crate::node::{Node, RaftMetrics, Replica};
+use crate::node::{Node, Replica};
+use crate::raft::Group;
 
 /// How long a leader's group must see no activity before it goes quiet.
 pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
@@ -37,6 +44,18 @@ pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long a quiesce request or ping may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often the quiesce loop runs for an election timeout of `election_min`: at most every
+/// [`CHECK_EVERY`], and at least five times per election timeout.
+pub fn check_every(election_min: Duration) -> Duration {
+    CHECK_EVERY.min(election_min / 5)
+}
+
+/// How recently a follower must have heard its leader to rest: the loop then starts its timer
+/// again at least one loop period before the election timeout could expire.
+pub fn rest_window(election_min: Duration) -> Duration {
+    election_min.saturating_sub(2 * check_every(election_min))
+}
 
 /// Milliseconds on a clock of this process (never 0).
 fn now_ms() -> u64 {
@@ -54,6 +73,10 @@ pub struct Quiet {
     woke_ms: AtomicU64,
     /// A leader whose followers refused (or did not answer) waits until then to ask again.
     next_try_ms: AtomicU64,
+    /// A resting follower: its election timer is stopped while its leader is heard.
+    resting: AtomicBool,
+    /// When this replica last took an append or heartbeat from its leader.
+    leader_heard_ms: AtomicU64,
 }
 
 impl Default for Quiet {
@@ -65,6 +88,8 @@ impl Default for Quiet {
             last_active_ms: AtomicU64::new(now),
             woke_ms: AtomicU64::new(now),
             next_try_ms: AtomicU64::new(0),
+            resting: AtomicBool::new(false),
+            leader_heard_ms: AtomicU64::new(0),
         }
     }
 }
@@ -72,7 +97,7 @@ impl Default for Quiet {
 impl Replica {
     /// The group's Raft, for a proposal, read or admin step: counts as activity and wakes the
     /// group if it was quiet.
-    pub fn active(&self) -> &Raft {
+    pub fn active(&self) -> &Group {
         self.quiet.activity.fetch_add(1, Ordering::SeqCst);
         self.quiet.last_active_ms.store(now_ms(), Ordering::Relaxed);
         self.wake();
@@ -85,15 +110,17 @@ impl Replica {
             return false;
         }
         self.quiet.woke_ms.store(now_ms(), Ordering::Relaxed);
-        self.raft.runtime_config().tick(true);
+        self.stop_resting(false);
+        self.raft.set_ticking(true);
         metrics::counter!("ringkv_raft_group_wakes_total").increment(1);
         metrics::gauge!("ringkv_raft_groups_quiet").decrement(1.0);
         true
     }
 
     fn go_quiet(&self) {
+        self.stop_resting(false);
         if !self.quiet.quiet.swap(true, Ordering::SeqCst) {
-            self.raft.runtime_config().tick(false);
+            self.raft.set_ticking(false);
             metrics::counter!("ringkv_raft_group_quiesces_total").increment(1);
             metrics::gauge!("ringkv_raft_groups_quiet").increment(1.0);
         }
@@ -103,13 +130,46 @@ impl Replica {
         self.quiet.quiet.load(Ordering::SeqCst)
     }
 
+    /// Ends quiet and rest before the group stops (its gauges count it no longer).
+    pub fn before_stop(&self) {
+        self.wake();
+        self.stop_resting(true);
+    }
+
+    /// Notes an append or heartbeat taken from the group's leader.
+    pub fn heard_leader(&self) {
+        self.quiet.leader_heard_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Stops the election timer of a follower whose leader is heard.
+    fn rest(&self) {
+        if !self.quiet.resting.swap(true, Ordering::SeqCst) {
+            self.raft.set_ticking(false);
+            metrics::gauge!("ringkv_raft_followers_resting").increment(1.0);
+        }
+    }
+
+    /// Ends resting; starts the election timer again when `tick` (a quiet group keeps it off).
+    fn stop_resting(&self, tick: bool) {
+        if self.quiet.resting.swap(false, Ordering::SeqCst) {
+            if tick && !self.is_quiet() {
+                self.raft.set_ticking(true);
+            }
+            metrics::gauge!("ringkv_raft_followers_resting").decrement(1.0);
+        }
+    }
+
+    pub fn is_resting(&self) -> bool {
+        self.quiet.resting.load(Ordering::SeqCst)
+    }
+
     /// How long this replica, as leader, has not heard from a quorum, if longer than `limit`.
     /// A quiet group, or one that just woke, has not by design: that is not being cut off.
-    pub fn cut_off(&self, m: &RaftMetrics, limit: Duration) -> Option<Duration> {
+    pub fn cut_off(&self, limit: Duration) -> Option<Duration> {
         if self.is_quiet() || self.woke_within(limit) {
             return None;
         }
-        crate::node::cut_off_from_quorum(m, limit)
+        self.raft.cut_off_from_quorum(limit)
     }
 
     /// Whether the group woke from quiet within `d` (a leader that just woke has not heard its
@@ -141,43 +201,17 @@ impl Liveness {
     }
 }
 
-/// Whether a leader's group is idle and fully replicated, so it may ask its followers to go
-/// quiet: its last entry committed and applied, every voter matched at it, no learners, no
-/// joint membership. Returns the followers.
-pub fn ready_to_quiesce(m: &RaftMetrics, me: NodeId) -> Option<Vec<NodeId>> {
-    if !m.state.is_leader() {
-        return None;
-    }
-    let last = m.last_log_index?;
-    if m.last_applied.as_ref().map(|l| l.index) != Some(last) {
-        return None;
-    }
-    let membership = m.membership_config.membership();
-    if membership.get_joint_config().len() != 1 {
-        return None;
-    }
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if membership.nodes().count() != voters.len() {
-        return None;
-    }
-    let replication = m.replication.as_ref()?;
-    let followers: Vec<NodeId> = voters.into_iter().filter(|n| *n != me).collect();
-    let matched = |n: &NodeId| replication.get(n).cloned().flatten().map(|l| l.index) == Some(last);
-    followers.iter().all(matched).then_some(followers)
-}
-
 impl Node {
     /// A follower's answer to its leader's `Quiesce`: goes quiet if it follows `leader` in
     /// `term` with the same last entry, applied.
     pub fn quiesce_follower(&self, leader: NodeId, group: GroupId, term: u64, last_log_index: u64) -> Result<(), String> {
-        use openraft::async_runtime::WatchReceiver;
         let r = self.replica(group).ok_or_else(|| format!("no replica of group {group} here"))?;
-        let m = r.raft.metrics().borrow_watched().clone();
-        let agrees = m.state.is_follower()
-            && m.current_leader == Some(leader)
-            && m.current_term == term
-            && m.last_log_index == Some(last_log_index)
-            && m.last_applied.as_ref().map(|l| l.index) == Some(last_log_index);
+        let m = r.raft.state();
+        let agrees = m.is_follower()
+            && m.leader() == Some(leader)
+            && m.term() == term
+            && m.last_log_index() == Some(last_log_index)
+            && m.applied() == Some(last_log_index);
         if !agrees || group == PLACEMENT_GROUP {
             return Err(format!("group {group} here is not caught up with leader {leader} at {term}/{last_log_index}"));
         }
@@ -189,11 +223,10 @@ impl Node {
     /// Whether a pre-vote for `group` from `from` should be refused because it woke a quiet
     /// follower whose leader's node is alive.
     pub fn refuse_pre_vote(&self, r: &Replica, was_quiet: bool, from: NodeId) -> bool {
-        use openraft::async_runtime::WatchReceiver;
         if !was_quiet {
             return false;
         }
-        let leader = r.raft.metrics().borrow_watched().current_leader;
+        let leader = r.raft.leader();
         leader.is_some_and(|l| l != from && l != self.id() && self.liveness.heard_within(l, self.election_timeout_min()))
     }
 
@@ -204,12 +237,14 @@ impl Node {
     /// Every node: quiets idle groups it leads, pings the nodes leading its quiet followers,
     /// and wakes the quiet followers whose leader's node went silent.
     pub async fn quiesce_loop(self: Arc<Self>) {
-        use openraft::async_runtime::WatchReceiver;
         let mut shutdown = self.shutdown.subscribe();
         let silence = self.election_timeout_min();
+        let every = check_every(silence);
+        let rest = self.config.raft.rest_followers;
+        let window = rest_window(silence).as_millis() as u64;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,
             }
             let now = now_ms();
@@ -220,17 +255,17 @@ impl Node {
                 if r.group == PLACEMENT_GROUP || r.retired.load(Ordering::Relaxed) {
                     continue;
                 }
-                let m = r.raft.metrics().borrow_watched().clone();
+                let m = r.raft.state();
                 if r.is_quiet() {
-                    if m.state.is_leader() {
+                    if m.is_leader() {
                         continue;
                     }
-                    match m.current_leader.filter(|_| m.state.is_follower()) {
+                    match m.leader().filter(|_| m.is_follower()) {
                         Some(l) if self.liveness.heard_within(l, silence) => {
                             leaders_of_quiet.insert(l);
                         }
                         _ => {
-                            tracing::info!(group = r.group, leader = ?m.current_leader, "waking a quiet follower: its leader's node went silent");
+                            tracing::info!(group = r.group, leader = ?m.leader(), "waking a quiet follower: its leader's node went silent");
                             metrics::counter!("ringkv_raft_group_liveness_wakes_total").increment(1);
                             r.wake();
                         }
@@ -238,21 +273,32 @@ impl Node {
                     continue;
                 }
                 let q = &r.quiet;
+                let leader_heard = now.saturating_sub(q.leader_heard_ms.load(Ordering::Relaxed)) < window;
+                if rest && m.is_follower() && m.leader().is_some_and(|l| l != self.id()) && leader_heard {
+                    r.rest();
+                } else {
+                    r.stop_resting(true);
+                }
                 if now.saturating_sub(q.last_active_ms.load(Ordering::Relaxed)) < QUIESCE_AFTER.as_millis() as u64
                     || q.next_try_ms.load(Ordering::Relaxed) > now
                 {
                     continue;
                 }
-                if let (Some(followers), Some(last)) = (ready_to_quiesce(&m, self.id()), m.last_log_index) {
-                    ask.push((r.clone(), m.current_term, last, followers));
+                if let (Some(followers), Some(last)) = (m.ready_to_quiesce(self.id()), m.last_log_index()) {
+                    // Not asked again while this ask is out.
+                    q.next_try_ms.store(now + 2 * ASK_TIMEOUT.as_millis() as u64, Ordering::Relaxed);
+                    ask.push((r.clone(), m.term(), last, followers));
                 }
             }
             for l in leaders_of_quiet.into_iter().filter(|l| *l != self.id()) {
                 let node = self.clone();
                 tokio::spawn(async move { node.ping(l).await });
             }
+            // Asked on the side: a follower that does not answer must not hold up this loop,
+            // which restarts the election timers of resting followers in time.
             if !ask.is_empty() {
-                self.ask_to_quiesce(ask).await;
+                let node = self.clone();
+                tokio::spawn(async move { node.ask_to_quiesce(ask).await });
             }
         }
     }

@@ -3,86 +3,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
-use openraft::ReadPolicy;
-use ringkv_storage::{Command, CommandResult, ReplicaKind, SnapshotMeta, TypeConfig};
+use ringkv_storage::{Command, CommandResult};
 use ringkv_transport::rpc::BoxFuture;
 use ringkv_transport::tls::Caller;
 use ringkv_transport::Service;
 use ringkv_wire::*;
 
-use crate::network::RaftReply;
 use crate::node::{Node, Replica};
+use crate::raft::GroupError;
 
 /// How long a write or linearizable read may wait for its group before the node gives up.
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct PeerService {
     pub node: Arc<Node>,
-}
-
-fn enc<T: serde::Serialize>(v: &T) -> PeerResponse {
-    postcard::to_allocvec(v).map(PeerReply::Raft).map_err(|e| RequestError::Internal(e.to_string()))
-}
-
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RequestError> {
-    postcard::from_bytes(b).map_err(|e| RequestError::Malformed(e.to_string()))
-}
-
-impl PeerService {
-    async fn raft(&self, from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8>) -> PeerResponse {
-        if self.node.pool.is_isolated_from(from) {
-            return Err(RequestError::Unavailable(format!("node {} is cut off from node {from}", self.node.id())));
-        }
-        let replica = match self.node.replica(group) {
-            Some(r) => r,
-            // The placement group's replicas come into being with the first message of its
-            // leader: that is how the placement members other than the bootstrapping one join.
-            None if group == PLACEMENT_GROUP => {
-                self.node.may_create_placement_replica(from).await?;
-                self.node
-                    .ensure_replica(PLACEMENT_GROUP, ReplicaKind::Placement)
-                    .await
-                    .map_err(|e| RequestError::Internal(e.to_string()))?
-            }
-            None => return Err(RequestError::ShardNotFound { shard: group, node: self.node.id() }),
-        };
-        let was_quiet = replica.wake();
-        if rpc == RaftRpc::PreVote && self.node.refuse_pre_vote(&replica, was_quiet, from) {
-            metrics::counter!("ringkv_raft_pre_votes_refused_total").increment(1);
-            return Err(RequestError::Unavailable(format!("group {group} is quiet and its leader's node is alive")));
-        }
-        let raft = &replica.raft;
-        match rpc {
-            RaftRpc::AppendEntries => {
-                let r = raft.append_entries(dec(&payload)?).await.map_err(|e| e.to_string());
-                enc::<RaftReply<_>>(&r)
-            }
-            RaftRpc::Vote => enc::<RaftReply<_>>(&raft.vote(dec(&payload)?).await.map_err(|e| e.to_string())),
-            RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
-            // A draining node takes no leadership handed to it.
-            RaftRpc::TransferLeader if self.node.is_draining() => {
-                Err(RequestError::Unavailable(format!("node {} is draining and takes no leadership", self.node.id())))
-            }
-            RaftRpc::TransferLeader => enc::<RaftReply<_>>(&raft.handle_transfer_leader(dec(&payload)?).await.map_err(|e| e.to_string())),
-            RaftRpc::SnapshotChunk => {
-                type Msg = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, crate::snapshot::Part<Vec<u8>>);
-                let (vote, meta, id, part): Msg = dec(&payload)?;
-                if let crate::snapshot::Part::Bytes { data, .. } = &part {
-                    metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
-                }
-                let reply: RaftReply<Option<_>> = match self.node.reassembly.add(group, from, &id, part) {
-                    Ok(None) => Ok(None),
-                    Ok(Some(data)) => {
-                        let snap = openraft::Snapshot { meta, snapshot: data };
-                        raft.install_full_snapshot(vote, snap).await.map(Some).map_err(|e| e.to_string())
-                    }
-                    Err(e) => Err(e),
-                };
-                enc(&reply)
-            }
-        }
-    }
 }
 
 impl PeerService {
@@ -149,7 +83,7 @@ impl Service<PeerRequest, PeerResponse> for PeerService {
                 self.node.liveness.heard(sender);
             }
             match req {
-                PeerRequest::Raft { from, group, rpc, payload } => self.raft(from, group, rpc, payload).await,
+                PeerRequest::Raft { from, group, rpc, payload } => crate::raft::serve(&self.node, from, group, rpc, payload).await,
                 other => Self::from_peer(&self.node, sender, other).await,
             }
         })
@@ -285,9 +219,7 @@ impl ClientService {
     /// Answers at once from a leader cut off from its quorum, instead of letting the request
     /// wait for a commit that cannot come.
     fn check_quorum_contact(&self, r: &Replica) -> Result<(), RequestError> {
-        use openraft::async_runtime::WatchReceiver;
-        let m = r.raft.metrics();
-        let cut_off = r.cut_off(&m.borrow_watched(), self.node.quorum_silence_limit());
+        let cut_off = r.cut_off(self.node.quorum_silence_limit());
         match cut_off {
             Some(since) => Err(RequestError::Unavailable(format!("leader of shard {} has not heard from a quorum for {since:?}", r.group))),
             None => Ok(()),
@@ -298,25 +230,31 @@ impl ClientService {
         self.node.check_disk_space()?;
         self.check_quorum_contact(r)?;
         metrics::counter!("ringkv_raft_proposals_total").increment(1);
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().client_write(cmd)).await.map_err(|_| {
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().write(cmd)).await.map_err(|_| {
             RequestError::Unavailable(format!(
                 "shard {} did not commit within {PROPOSAL_TIMEOUT:?}; the write may or may not apply",
                 r.group
             ))
         })?;
         match res {
-            Ok(resp) => {
+            Ok(data) => {
                 metrics::counter!("ringkv_raft_commits_total").increment(1);
-                match resp.data {
+                match data {
                     CommandResult::Expired { client, seq, floor } => Err(RequestError::NotPermitted(format!(
                         "write {seq} of client {client:x} arrived after the client moved past it (to {floor}); not applied"
                     ))),
                     data => Ok(data),
                 }
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.node.not_leader(r.group, f.leader_id)),
-            Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
+            Err(e) => Err(self.group_error(r, e)),
+        }
+    }
+
+    fn group_error(&self, r: &Replica, e: GroupError) -> RequestError {
+        match e {
+            GroupError::NotLeader(leader) => self.node.not_leader(r.group, leader),
+            GroupError::Unavailable(why) => RequestError::Unavailable(why),
+            GroupError::Stopped(why) => RequestError::Unavailable(format!("shard {} stopped: {why}", r.group)),
         }
     }
 
@@ -324,12 +262,11 @@ impl ClientService {
     /// replica) on a replica installing a snapshot, being removed, or that is no voter (a
     /// learner still being filled).
     fn check_stale_read(&self, r: &Replica) -> Result<(), RequestError> {
-        use openraft::async_runtime::WatchReceiver;
         let why = if r.sm.is_installing() {
             "is installing a snapshot"
         } else if r.retired.load(std::sync::atomic::Ordering::Acquire) {
             "is being removed"
-        } else if !r.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == self.node.id()) {
+        } else if !r.raft.is_voter(self.node.id()) {
             "is not a voter (a learner being filled)"
         } else {
             return Ok(());
@@ -343,29 +280,13 @@ impl ClientService {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("read::skip_barrier", |_| Ok(()));
         self.check_quorum_contact(r)?;
-        let raft = r.active();
-        let confirm = async {
-            if self.node.config.raft.read_policy == ringkv_config::ReadPolicy::Lease {
-                // Served at once while the lease holds; a stale lease (e.g. a group that just
-                // woke) falls back to a heartbeat round.
-                match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
-                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
-                        metrics::counter!("ringkv_raft_lease_read_fallbacks_total").increment(1);
-                    }
-                    done => return done,
-                }
-            }
-            raft.ensure_linearizable(ReadPolicy::ReadIndex).await
-        };
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, confirm)
+        // Served at once while the lease holds; a stale lease (e.g. a group that just woke)
+        // falls back to a heartbeat round.
+        let lease = self.node.config.raft.read_policy == ringkv_config::ReadPolicy::Lease;
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().confirm_leadership(lease))
             .await
             .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
-        match res {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.node.not_leader(r.group, f.leader_id)),
-            Err(RaftError::APIError(e)) => Err(RequestError::Unavailable(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(RequestError::Unavailable(format!("shard {} stopped: {e}", r.group))),
-        }
+        res.map_err(|e| self.group_error(r, e))
     }
 
     async fn handle(&self, req: ClientRequest) -> ClientResponse {
@@ -497,23 +418,22 @@ impl ClientService {
 
     /// Every replica's role. A leader cut off from its quorum is not reported as leader.
     fn status(&self) -> NodeStatus {
-        use openraft::async_runtime::WatchReceiver;
         let limit = self.node.quorum_silence_limit();
         let mut groups: Vec<GroupStatus> = self
             .node
             .replicas
             .iter()
             .map(|r| {
-                let m = r.raft.metrics().borrow_watched().clone();
-                let cut_off = r.cut_off(&m, limit).is_some();
+                let m = r.raft.state();
+                let cut_off = r.cut_off(limit).is_some();
                 GroupStatus {
                     group: r.group,
-                    leader: if cut_off { None } else { m.current_leader },
-                    is_leader: m.state.is_leader() && !cut_off,
-                    term: m.current_term,
-                    applied: m.last_applied.map(|l| l.index).unwrap_or(0),
-                    voters: m.membership_config.membership().voter_ids().collect(),
-                    behind: crate::lifecycle::entries_behind(&m),
+                    leader: if cut_off { None } else { m.leader() },
+                    is_leader: m.is_leader() && !cut_off,
+                    term: m.term(),
+                    applied: m.applied().unwrap_or(0),
+                    voters: m.voters(),
+                    behind: m.entries_behind(),
                 }
             })
             .collect();

@@ -1,6 +1,6 @@
 //! openraft's network for one group, over the node's shared peer connections.
 //!
-//! **API boundary:** openraft's RPC types are postcard-encoded here and decoded in `service`;
+//! **API boundary:** openraft's RPC types are postcard-encoded here and decoded in `raft::serve`;
 //! the wire protocol carries them as opaque bytes.
 
 use std::future::Future;
