@@ -167,11 +167,11 @@ pub struct RaftTuning {
     pub session_expiry_secs: u64,
     /// How a leader confirms it still leads before a linearizable read.
     pub read_policy: ReadPolicy,
-    /// A follower that heard its leader recently stops its own election timer; one node-wide
-    /// loop starts it again once the leader has been silent for a while, before the election
-    /// timeout could expire (so failover takes as long as with the timer running). Saves each
-    /// follower's timer ticks (about 20 a second) under load.
-    pub rest_followers: bool,
+    /// A busy group's replicas stop their timers (about 20 ticks a second each): a follower
+    /// while it hears its leader, a leader while its followers acknowledge its appends. One
+    /// node-wide loop starts a timer again once that stops, before an election timeout could
+    /// expire (failover takes as long as with the timers running).
+    pub rest_timers: bool,
 }
 
 /// How a leader confirms it still leads before a linearizable read.
@@ -198,7 +198,7 @@ impl Default for RaftTuning {
             logs_kept_after_snapshot: 1000,
             session_expiry_secs: 3600,
             read_policy: ReadPolicy::Lease,
-            rest_followers: true,
+            rest_timers: true,
         }
     }
 }

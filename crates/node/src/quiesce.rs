@@ -17,18 +17,22 @@
 //!   refuses the first pre-vote that wakes it, so a restarted or partitioned peer cannot depose
 //!   a healthy quiet leader (CockroachDB's liveness-aware pre-vote).
 //!
-//! - **Resting followers.** Under load no group is idle, yet a follower's only use of its timer
-//!   is the election timeout. A follower that took an append or heartbeat from its leader within
-//!   [`rest_window`] stops its timer (`raft.rest_followers`); the loop starts it again once the
+//! - **Resting timers.** Under load no group is idle, yet a follower's only use of its timer
+//!   (20 ticks a second) is the election timeout, and a leader's is heartbeats, which appends
+//!   make unnecessary. A follower that took an append or heartbeat from its leader within
+//!   [`rest_window`] stops its timer (`raft.rest_timers`); the loop starts it again once the
 //!   leader has been silent that long, at least one loop period before the election timeout
-//!   could expire, so a dead leader is replaced as fast as with the timer running. A follower
-//!   with no leader, a candidate and a leader always tick.
+//!   could expire, so a dead leader is replaced as fast as with the timer running. A leader
+//!   whose followers all acknowledged an append within a heartbeat interval stops its timer
+//!   too; the loop starts it again once one has not for that long, so heartbeats resume well
+//!   before a follower's election timeout. Candidates and followers without a leader always
+//!   tick.
 //!
 //! Safety does not depend on any of this: a wrong liveness verdict only causes an election, and
 //! a stopped timer only delays one.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +48,18 @@ pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long a quiesce request or ping may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+const REST_NONE: u8 = 0;
+const REST_FOLLOWER: u8 = 1;
+const REST_LEADER: u8 = 2;
+
+fn resting_gauge(as_what: u8) -> metrics::Gauge {
+    if as_what == REST_LEADER {
+        metrics::gauge!("ringkv_raft_leaders_resting")
+    } else {
+        metrics::gauge!("ringkv_raft_followers_resting")
+    }
+}
 
 /// How often the quiesce loop runs for an election timeout of `election_min`: at most every
 /// [`CHECK_EVERY`], and at least five times per election timeout.
@@ -73,8 +89,8 @@ pub struct Quiet {
     woke_ms: AtomicU64,
     /// A leader whose followers refused (or did not answer) waits until then to ask again.
     next_try_ms: AtomicU64,
-    /// A resting follower: its election timer is stopped while its leader is heard.
-    resting: AtomicBool,
+    /// Whether the replica rests (its timer stopped while its group is busy), and as what.
+    resting: AtomicU8,
     /// When this replica last took an append or heartbeat from its leader.
     leader_heard_ms: AtomicU64,
 }
@@ -88,7 +104,7 @@ impl Default for Quiet {
             last_active_ms: AtomicU64::new(now),
             woke_ms: AtomicU64::new(now),
             next_try_ms: AtomicU64::new(0),
-            resting: AtomicBool::new(false),
+            resting: AtomicU8::new(REST_NONE),
             leader_heard_ms: AtomicU64::new(0),
         }
     }
@@ -141,26 +157,35 @@ impl Replica {
         self.quiet.leader_heard_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Stops the election timer of a follower whose leader is heard.
-    fn rest(&self) {
-        if !self.quiet.resting.swap(true, Ordering::SeqCst) {
-            self.raft.set_ticking(false);
-            metrics::gauge!("ringkv_raft_followers_resting").increment(1.0);
+    /// Stops the timer of a busy group's replica: a follower whose leader is heard, or a leader
+    /// whose followers all acknowledged an append lately (`as_what`: [`REST_FOLLOWER`] or
+    /// [`REST_LEADER`]).
+    fn rest(&self, as_what: u8) {
+        let was = self.quiet.resting.swap(as_what, Ordering::SeqCst);
+        if was == as_what {
+            return;
         }
+        if was == REST_NONE {
+            self.raft.set_ticking(false);
+        } else {
+            resting_gauge(was).decrement(1.0);
+        }
+        resting_gauge(as_what).increment(1.0);
     }
 
-    /// Ends resting; starts the election timer again when `tick` (a quiet group keeps it off).
+    /// Ends resting; starts the timer again when `tick` (a quiet group keeps it off).
     fn stop_resting(&self, tick: bool) {
-        if self.quiet.resting.swap(false, Ordering::SeqCst) {
+        let was = self.quiet.resting.swap(REST_NONE, Ordering::SeqCst);
+        if was != REST_NONE {
             if tick && !self.is_quiet() {
                 self.raft.set_ticking(true);
             }
-            metrics::gauge!("ringkv_raft_followers_resting").decrement(1.0);
+            resting_gauge(was).decrement(1.0);
         }
     }
 
     pub fn is_resting(&self) -> bool {
-        self.quiet.resting.load(Ordering::SeqCst)
+        self.quiet.resting.load(Ordering::SeqCst) != REST_NONE
     }
 
     /// How long this replica, as leader, has not heard from a quorum, if longer than `limit`.
@@ -240,8 +265,9 @@ impl Node {
         let mut shutdown = self.shutdown.subscribe();
         let silence = self.election_timeout_min();
         let every = check_every(silence);
-        let rest = self.config.raft.rest_followers;
+        let rest = self.config.raft.rest_timers;
         let window = rest_window(silence).as_millis() as u64;
+        let leader_window = Duration::from_millis(self.config.raft.heartbeat_interval_ms);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -275,7 +301,9 @@ impl Node {
                 let q = &r.quiet;
                 let leader_heard = now.saturating_sub(q.leader_heard_ms.load(Ordering::Relaxed)) < window;
                 if rest && m.is_follower() && m.leader().is_some_and(|l| l != self.id()) && leader_heard {
-                    r.rest();
+                    r.rest(REST_FOLLOWER);
+                } else if rest && m.is_leader() && m.followers_acked_within(self.id(), leader_window) {
+                    r.rest(REST_LEADER);
                 } else {
                     r.stop_resting(true);
                 }

@@ -282,6 +282,18 @@ impl GroupState {
         self.0.replication.as_ref()?.get(&n).cloned().flatten().map(|l| l.index)
     }
 
+    /// Whether this replica leads and every other member acknowledged an append or heartbeat
+    /// within `d`.
+    pub fn followers_acked_within(&self, me: NodeId, d: Duration) -> bool {
+        use openraft::Instant;
+        let Some(acked) = self.0.heartbeat.as_ref().filter(|_| self.is_leader()) else { return false };
+        self.0
+            .membership_config
+            .membership()
+            .nodes()
+            .all(|(n, _)| *n == me || acked.get(n).cloned().flatten().is_some_and(|t| t.elapsed() < d))
+    }
+
     /// How far the leader has replicated to `n` (0: not yet known).
     pub fn replicated_to(&self, n: NodeId) -> u64 {
         self.matched(n).unwrap_or(0)
