@@ -52,6 +52,22 @@ async fn wait_led_by(tc: &TestCluster, client: &Client, by: &[NodeId], shards: u
     .await
 }
 
+/// Kills (-9) the node leading the most shards and checks that the other nodes lead all
+/// `shards` within the election timeout plus the liveness check (3 s with the test timers).
+/// Returns the killed node.
+async fn kill_busiest_leader_and_fail_over(tc: &mut TestCluster, client: &Client, shards: u64, what: &str) -> anyhow::Result<NodeId> {
+    let (victim, led) = busiest_leader(tc, client).await?;
+    anyhow::ensure!(led > 0, "node {victim} leads no shard");
+    tc.cluster.kill(victim).await?;
+    let killed_at = Instant::now();
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
+    wait_led_by(tc, client, &others, shards).await?;
+    let failover = killed_at.elapsed();
+    eprintln!("all {shards} {what} shards had a new leader {failover:?} after kill -9 of node {victim} (it led {led})");
+    anyhow::ensure!(failover < Duration::from_secs(3), "{what} shards took {failover:?} to elect after their leader's node died");
+    Ok(victim)
+}
+
 /// Writes every key until each succeeded once; returns how long that took.
 async fn write_all(client: &Client, keys: &[(u64, Vec<u8>)], value: &[u8]) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -90,14 +106,7 @@ async fn quiet_groups_wake_on_writes_and_fail_over_when_their_leaders_node_dies(
     assert_eq!(client.get(key).await?, Some(b"woken".to_vec()));
     wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
 
-    let (victim, led) = busiest_leader(&tc, &client).await?;
-    tc.cluster.kill(victim).await?;
-    let killed_at = Instant::now();
-    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
-    wait_led_by(&tc, &client, &others, shards).await?;
-    let failover = killed_at.elapsed();
-    eprintln!("all {shards} quiet shards had a new leader {failover:?} after kill -9 of node {victim} (it led {led})");
-    assert!(failover < Duration::from_secs(3), "quiet shards took {failover:?} to elect after their leader's node died");
+    let victim = kill_busiest_leader_and_fail_over(&mut tc, &client, shards, "quiet").await?;
     write_all(&client, &keys, b"after").await?;
     for (_, k) in &keys {
         assert_eq!(client.get(k).await?, Some(b"after".to_vec()));
@@ -180,15 +189,7 @@ async fn resting_replicas_of_busy_groups_still_elect_when_the_leaders_node_dies(
         Ok(())
     })
     .await?;
-    let (victim, led) = busiest_leader(&tc, &client).await?;
-    assert!(led > 0, "node {victim} leads no shard");
-    tc.cluster.kill(victim).await?;
-    let killed_at = Instant::now();
-    let others: Vec<NodeId> = (1..=3).filter(|n| *n != victim).collect();
-    wait_led_by(&tc, &client, &others, shards).await?;
-    let failover = killed_at.elapsed();
-    eprintln!("all {shards} busy shards had a new leader {failover:?} after kill -9 of node {victim} (it led {led})");
-    assert!(failover < Duration::from_secs(3), "busy shards with resting followers took {failover:?} to elect");
+    kill_busiest_leader_and_fail_over(&mut tc, &client, shards, "busy").await?;
     let before = acked.load(Ordering::Relaxed);
     eventually(Duration::from_secs(10), "writes go on after the failover", || async {
         anyhow::ensure!(acked.load(Ordering::Relaxed) > before + 2 * shards, "no writes acknowledged since the failover");
