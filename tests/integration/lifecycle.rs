@@ -49,9 +49,15 @@ async fn init_creates_the_cluster_once_from_seed_nodes_and_readiness_follows() -
         Ok(())
     })
     .await?;
-    let (code, body) = http_get(&metrics_addr(&tc, 2), "/readyz")?;
-    assert_eq!(code, 503, "{body}");
-    assert!(body.contains("not initialized"), "{body}");
+    // Not ready, first while the node is still starting (its listener is up before the node
+    // exists), then because there is no cluster.
+    eventually(Duration::from_secs(10), "node 2 is not ready: no cluster", || async {
+        let (code, body) = http_get(&metrics_addr(&tc, 2), "/readyz")?;
+        assert_eq!(code, 503, "ready without a cluster: {body}");
+        anyhow::ensure!(body.contains("not initialized"), "{body}");
+        Ok(())
+    })
+    .await?;
     let target = cluster_target(&tc.path());
     let health = ringctl_async(target.clone(), &["health"]).await?;
     assert_ne!(health.status.code(), Some(0), "health of a cluster that does not exist: {}", text(&health));
