@@ -172,6 +172,11 @@ pub struct RaftTuning {
     /// node-wide loop starts a timer again once that stops, before an election timeout could
     /// expire (failover takes as long as with the timers running).
     pub rest_timers: bool,
+    /// A commit index with no new entries to ride along waits up to this long for the group's
+    /// next append and goes with it, instead of in an append of its own (0: sent at once).
+    /// Followers learn of commits (and apply) up to this much later; leaders, their clients and
+    /// leases do not wait for it. Capped at `heartbeat_interval_ms`.
+    pub commit_linger_ms: u64,
 }
 
 /// How a leader confirms it still leads before a linearizable read.
@@ -199,6 +204,7 @@ impl Default for RaftTuning {
             session_expiry_secs: 3600,
             read_policy: ReadPolicy::Lease,
             rest_timers: true,
+            commit_linger_ms: 50,
         }
     }
 }

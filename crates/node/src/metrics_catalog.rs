@@ -41,8 +41,15 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ("ringkv_placement_moves_finished_total", "counter", "Replica moves finished."),
     ("ringkv_placement_moves_started_total", "counter", "Replica moves started."),
     ("ringkv_raft_applied_entries_total", "counter", "Raft log entries applied to the state machines of this node."),
+    ("ringkv_raft_appends_received_total", "counter", "Raft appends carrying entries this node received as a follower."),
+    ("ringkv_raft_commits_carried_total", "counter", "Appends carrying only a commit index that rode in the group's next append instead."),
     ("ringkv_raft_commits_total", "counter", "Client writes committed by groups this node leads."),
     ("ringkv_raft_duplicate_writes_total", "counter", "Retried writes answered from their session instead of applied again."),
+    (
+        "ringkv_raft_empty_appends_received_total",
+        "counter",
+        "Raft appends without entries (heartbeats, commit index only) this node received.",
+    ),
     ("ringkv_raft_expired_writes_total", "counter", "Writes refused because their client session had expired."),
     (
         "ringkv_raft_followers_resting",

@@ -92,6 +92,12 @@ impl LogCache {
     /// all of them. As the cache is the log's tail, a range past its end is served as far as
     /// the log goes.
     pub fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        self.get_within(start, end, usize::MAX)
+    }
+
+    /// As [`LogCache::get`], but only the first entries of the range whose encoded sizes add
+    /// up to at most `bytes_max` (always at least one).
+    pub fn get_within(&self, start: u64, end: Option<u64>, bytes_max: usize) -> Option<Vec<Entry>> {
         let t = self.lock();
         let first = t.first_index()?;
         if start < first {
@@ -102,7 +108,12 @@ impl LogCache {
             Some(end) => usize::try_from(end.saturating_sub(start)).ok()?,
             None => usize::MAX,
         };
-        Some(t.entries.iter().skip(skip).take(take).map(|(e, _)| e.clone()).collect())
+        let mut bytes = 0usize;
+        let within = |(i, (_, n)): &(usize, &(Entry, usize))| {
+            bytes = bytes.saturating_add(*n);
+            *i == 0 || bytes <= bytes_max
+        };
+        Some(t.entries.iter().skip(skip).take(take).enumerate().take_while(within).map(|(_, (e, _))| e.clone()).collect())
     }
 
     /// Entries and encoded bytes held.
@@ -164,5 +175,14 @@ mod tests {
         let big = |i| (entry(1, i).0, LOG_CACHE_BYTES_MAX / 2 + 1);
         c.append([big(LOG_CACHE_ENTRIES_MAX as u64 + 11), big(LOG_CACHE_ENTRIES_MAX as u64 + 12)]);
         assert_eq!(c.size(), (1, LOG_CACHE_BYTES_MAX / 2 + 1), "bytes bound: only the newest stays");
+    }
+
+    #[test]
+    fn reads_within_a_byte_budget_take_a_prefix_and_never_nothing() {
+        let c = LogCache::default();
+        c.append((1..=10).map(|i| entry(1, i)));
+        assert_eq!(indexes(c.get_within(2, None, 350)).map(|v| v.len()), Some(3), "100 bytes each");
+        assert_eq!(indexes(c.get_within(2, Some(4), 10_000)), Some(vec![(1, 2), (1, 3)]), "the range bounds it too");
+        assert_eq!(indexes(c.get_within(2, None, 1)), Some(vec![(1, 2)]), "one entry over the budget still goes");
     }
 }

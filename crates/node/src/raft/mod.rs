@@ -32,7 +32,11 @@ use crate::snapshot::SnapshotThrottle;
 
 /// The Raft timers and limits every group of a node runs with.
 #[derive(Clone)]
-pub struct RaftConfig(Arc<openraft::Config>);
+pub struct RaftConfig {
+    raft: Arc<openraft::Config>,
+    /// How long a commit index without entries waits for the next append ([`RaftTuning::commit_linger_ms`]).
+    commit_linger: Duration,
+}
 
 /// How long after a follower's last acknowledged append its leader skips heartbeats to it:
 /// two heartbeat intervals, at most what openraft allows (heartbeat interval + this + one tick
@@ -62,12 +66,13 @@ impl RaftConfig {
             enable_pre_vote: Some(true),
             ..Default::default()
         };
-        cfg.validate().map(|c| RaftConfig(Arc::new(c))).map_err(|e| e.to_string())
+        let commit_linger = Duration::from_millis(t.commit_linger_ms.min(t.heartbeat_interval_ms));
+        cfg.validate().map(|c| RaftConfig { raft: Arc::new(c), commit_linger }).map_err(|e| e.to_string())
     }
 
     /// How long heartbeats are suppressed after an acknowledged append (`None`: never).
     pub fn heartbeat_suppression(&self) -> Option<u64> {
-        self.0.heartbeat_min_interval
+        self.raft.heartbeat_min_interval
     }
 }
 
@@ -109,9 +114,10 @@ impl Group {
         log: LogStore,
         sm: StateMachine,
     ) -> Result<Group, String> {
-        let append_floor = Duration::from_millis(config.0.election_timeout_min);
-        let net = network::NetworkFactory { me, group, pool, append_floor, throttle };
-        let raft = ringkv_storage::Raft::new(me, config.0.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
+        let append_floor = Duration::from_millis(config.raft.election_timeout_min);
+        let commit_linger = config.commit_linger;
+        let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, throttle };
+        let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
         Ok(Group { raft })
     }
 
@@ -380,7 +386,13 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
     let raft = &replica.raft.raft;
     match rpc {
         RaftRpc::AppendEntries => {
-            let r = raft.append_entries(dec(&payload)?).await.map_err(|e| e.to_string());
+            let req: openraft::raft::AppendEntriesRequest<TypeConfig> = dec(&payload)?;
+            if req.entries.is_empty() {
+                metrics::counter!("ringkv_raft_empty_appends_received_total").increment(1);
+            } else {
+                metrics::counter!("ringkv_raft_appends_received_total").increment(1);
+            }
+            let r = raft.append_entries(req).await.map_err(|e| e.to_string());
             if r.is_ok() && replica.raft.leader() == Some(from) {
                 replica.heard_leader();
             }

@@ -7,9 +7,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
@@ -43,6 +46,8 @@ pub struct NetworkFactory {
     pub pool: Arc<PeerPool>,
     /// Least time an append carrying entries gets (the election timeout).
     pub append_floor: Duration,
+    /// How long an append carrying only a commit index waits for the next append to ride in.
+    pub commit_linger: Duration,
     pub throttle: Arc<SnapshotThrottle>,
 }
 
@@ -57,11 +62,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.peer_addr.clone(),
             pool: self.pool.clone(),
             append_floor: self.append_floor,
+            commit_linger: self.commit_linger,
             throttle: self.throttle.clone(),
         }
     }
 }
 
+#[derive(Clone)]
 pub struct GroupClient {
     me: NodeId,
     group: GroupId,
@@ -69,6 +76,7 @@ pub struct GroupClient {
     addr: String,
     pool: Arc<PeerPool>,
     append_floor: Duration,
+    commit_linger: Duration,
     throttle: Arc<SnapshotThrottle>,
 }
 
@@ -110,6 +118,113 @@ impl GroupClient {
     }
 }
 
+type AppendRequest = AppendEntriesRequest<TypeConfig>;
+type AppendResponse = AppendEntriesResponse<TypeConfig>;
+type AppendResult = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+/// One append on its way to the follower and back.
+type Sending = BoxFuture<'static, Result<AppendResponse, RPCError<TypeConfig>>>;
+
+/// The appends of one group to one follower, in order and one in flight at a time (as
+/// openraft's sequential default), with one change: an append without entries, which only
+/// tells the follower a new commit index, waits up to `linger` for the group's next append and,
+/// if one with the same previous log id and vote comes, is not sent at all. The follower
+/// learns the commit from the later append, whose answer also answers the held one: both ask
+/// whether the follower's log matches at the same log id under the same vote. Under load that
+/// removes an RPC per follower from about every other Raft round; the leader, its clients and
+/// its lease never wait for it (a lease counts from when a request was built, so a held
+/// request only shortens it).
+struct Appends<S, F> {
+    input: S,
+    send: F,
+    linger: Duration,
+    /// A request taken from `input` while waiting, to be sent next.
+    next: Option<AppendRequest>,
+    /// Results to yield before sending anything more.
+    ready: std::collections::VecDeque<AppendResult>,
+    input_done: bool,
+    /// A result ended the stream (an error, a conflict, a partial success).
+    stopped: bool,
+}
+
+impl<S, F> Appends<S, F>
+where
+    S: Stream<Item = AppendRequest> + Send + Unpin + 'static,
+    F: FnMut(AppendRequest) -> Sending + Send + 'static,
+{
+    fn new(input: S, send: F, linger: Duration) -> Self {
+        Appends { input, send, linger, next: None, ready: Default::default(), input_done: false, stopped: false }
+    }
+
+    fn into_stream<'s>(self) -> BoxStream<'s, AppendResult> {
+        Box::pin(futures::stream::unfold(self, |mut s| async move { s.step().await.map(|r| (r, s)) }))
+    }
+
+    async fn step(&mut self) -> Option<AppendResult> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(r);
+            }
+            if self.stopped {
+                return None;
+            }
+            let held = match self.next.take() {
+                Some(r) => r,
+                None if self.input_done => return None,
+                None => match self.input.next().await {
+                    Some(r) => r,
+                    None => return None,
+                },
+            };
+            let mut carried = None;
+            let mut req = held;
+            if req.entries.is_empty() && !self.linger.is_zero() && !self.input_done {
+                match tokio::time::timeout(self.linger, self.input.next()).await {
+                    Ok(Some(next)) if next.prev_log_id == req.prev_log_id && next.vote == req.vote => {
+                        metrics::counter!("ringkv_raft_commits_carried_total").increment(1);
+                        carried = Some(std::mem::replace(&mut req, next));
+                    }
+                    Ok(Some(next)) => self.next = Some(next),
+                    Ok(None) => self.input_done = true,
+                    // The unfinished `next()` stays inside `input` and goes on at the next poll.
+                    Err(_) => {}
+                }
+            }
+            let prev = req.prev_log_id;
+            let last = req.entries.last().map(|e| e.log_id).or(prev);
+            let resp = match (self.send)(req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    self.ready.push_back(Err(e));
+                    self.stopped = true;
+                    continue;
+                }
+            };
+            // As openraft's sequential stream: go on after a full success only.
+            let go_on = match &resp {
+                AppendEntriesResponse::Success => true,
+                AppendEntriesResponse::PartialSuccess(m) => *m == last,
+                _ => false,
+            };
+            let result = resp.into_stream_result(prev, last);
+            if let Some(held) = carried {
+                // Matching at or past `prev` is matching at the held request's own (equal) log id.
+                let held_result = match &result {
+                    Ok(m) => Ok(if *m < held.prev_log_id { *m } else { held.prev_log_id }),
+                    Err(e) => Err(e.clone()),
+                };
+                let failed = held_result.is_err();
+                self.ready.push_back(Ok(held_result));
+                if failed {
+                    self.stopped = true;
+                    continue;
+                }
+            }
+            self.stopped = !go_on;
+            self.ready.push_back(Ok(result));
+        }
+    }
+}
+
 /// What a peer answers to a Raft RPC: openraft's response, or why the group could not handle it.
 pub type RaftReply<T> = Result<T, String>;
 
@@ -121,18 +236,39 @@ fn flatten<T>(r: Result<RaftReply<T>, CallError>) -> Result<T, RPCError<TypeConf
     }
 }
 
-impl RaftNetworkV2<TypeConfig> for GroupClient {
-    type SnapshotData = SnapshotData;
-
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+impl GroupClient {
+    async fn append(&self, rpc: AppendRequest, option: RPCOption) -> Result<AppendResponse, RPCError<TypeConfig>> {
         let (ttl, floor) = (option.soft_ttl(), self.append_floor);
         let has_entries = !rpc.entries.is_empty();
         let timeout = move |bytes| if has_entries { append_timeout(ttl, floor, bytes) } else { ttl };
         flatten(self.call(RaftRpc::AppendEntries, &rpc, timeout).await)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupClient {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(&mut self, rpc: AppendRequest, option: RPCOption) -> Result<AppendResponse, RPCError<TypeConfig>> {
+        self.append(rpc, option).await
+    }
+
+    /// openraft's sequential stream (one append in flight per group and follower), except that
+    /// an append carrying only a commit index rides in the next append ([`Appends`]).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendResult>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendRequest> + OptionalSend + Unpin + 'static,
+    {
+        let client = self.clone();
+        let linger = self.commit_linger;
+        let send = move |req: AppendRequest| -> Sending {
+            let (client, option) = (client.clone(), option.clone());
+            Box::pin(async move { client.append(req, option).await })
+        };
+        Box::pin(async move { Ok(Appends::new(input, send, linger).into_stream()) })
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
@@ -243,6 +379,95 @@ impl GroupClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openraft::raft::StreamAppendError;
+    use ringkv_storage::{Entry, LogId, Vote};
+    use std::sync::Mutex;
+
+    fn log_id(index: u64) -> LogId {
+        openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index)
+    }
+
+    /// An append after `prev` with entries `prev + 1 ..= last` (none if `last == prev`).
+    fn append(prev: u64, last: u64, commit: u64, term: u64) -> AppendRequest {
+        use openraft::entry::RaftEntry;
+        AppendEntriesRequest {
+            vote: Vote::new_committed(term, 1),
+            prev_log_id: Some(log_id(prev)),
+            entries: (prev + 1..=last).map(|i| Entry::new(log_id(i), openraft::EntryPayload::Blank)).collect(),
+            leader_commit: Some(log_id(commit)),
+        }
+    }
+
+    /// What reached the follower: (prev index, entries, commit index) per append.
+    type Seen = Arc<Mutex<Vec<(u64, usize, u64)>>>;
+
+    /// A follower that records what reaches it (prev, entries, commit) and answers with `answer`.
+    fn follower(answer: fn(&AppendRequest) -> AppendResponse) -> (Seen, impl FnMut(AppendRequest) -> Sending) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let send = move |req: AppendRequest| -> Sending {
+            let index = |l: &Option<LogId>| l.map(|l| l.index).unwrap_or(0);
+            log.lock().expect("lock").push((index(&req.prev_log_id), req.entries.len(), index(&req.leader_commit)));
+            let resp = answer(&req);
+            Box::pin(async move { Ok(resp) })
+        };
+        (seen, send)
+    }
+
+    #[tokio::test]
+    async fn a_commit_without_entries_rides_in_the_next_append_and_both_are_answered_in_order() {
+        let (seen, send) = follower(|_| AppendEntriesResponse::Success);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = Appends::new(rx, send, Duration::from_secs(30)).into_stream();
+        // The commit of index 5, then (while it waits) entries 6 and 7 with the same prev log id.
+        tx.unbounded_send(append(5, 5, 5, 1)).expect("send");
+        let next = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            next.unbounded_send(append(5, 7, 5, 1)).expect("send");
+        });
+        assert_eq!(out.next().await.expect("first").expect("ok"), Ok(Some(log_id(5))));
+        assert_eq!(out.next().await.expect("second").expect("ok"), Ok(Some(log_id(7))));
+        assert_eq!(*seen.lock().expect("lock"), vec![(5, 2, 5)], "only the append with entries went out");
+
+        // A different prev log id or vote cannot answer for the held append: both go, in order.
+        tx.unbounded_send(append(7, 7, 7, 1)).expect("send");
+        tx.unbounded_send(append(7, 8, 7, 2)).expect("send");
+        assert_eq!(out.next().await.expect("third").expect("ok"), Ok(Some(log_id(7))));
+        assert_eq!(out.next().await.expect("fourth").expect("ok"), Ok(Some(log_id(8))));
+        assert_eq!(seen.lock().expect("lock")[1..], [(7, 0, 7), (7, 1, 7)]);
+
+        // The input ends while a commit waits: it goes at once, not after the linger.
+        tx.unbounded_send(append(8, 8, 8, 2)).expect("send");
+        drop(tx);
+        let started = std::time::Instant::now();
+        assert_eq!(out.next().await.expect("fifth").expect("ok"), Ok(Some(log_id(8))));
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?} for an input that ended", started.elapsed());
+        assert!(out.next().await.is_none());
+        assert_eq!(seen.lock().expect("lock").len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_held_commit_gets_the_refusal_of_the_append_that_carried_it_and_the_stream_ends() {
+        let (seen, send) = follower(|_| AppendEntriesResponse::Conflict);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = Appends::new(rx, send, Duration::from_secs(30)).into_stream();
+        tx.unbounded_send(append(5, 5, 5, 1)).expect("send");
+        tx.unbounded_send(append(5, 6, 5, 1)).expect("send");
+        tx.unbounded_send(append(6, 7, 5, 1)).expect("send");
+        assert_eq!(out.next().await.expect("first").expect("rpc ok"), Err(StreamAppendError::Conflict(log_id(5))));
+        assert!(out.next().await.is_none(), "nothing after a conflict");
+        assert_eq!(seen.lock().expect("lock").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_no_linger_every_append_goes_out_as_built() {
+        let (seen, send) = follower(|_| AppendEntriesResponse::Success);
+        let input = futures::stream::iter(vec![append(5, 5, 5, 1), append(5, 6, 5, 1)]);
+        let results: Vec<_> = Appends::new(input, send, Duration::ZERO).into_stream().collect().await;
+        assert_eq!(results.len(), 2);
+        assert_eq!(*seen.lock().expect("lock"), vec![(5, 0, 5), (5, 1, 5)]);
+    }
 
     #[test]
     fn appends_get_time_for_their_size_and_never_less_than_the_floor() {

@@ -69,6 +69,41 @@ impl LogStore {
     }
 }
 
+/// Most bytes (encoded entries) one append carries, unless its first entry alone is larger:
+/// a follower far behind catches up in appends of bounded size, so one group's large entries
+/// hold up neither the peer connection nor its own heartbeats for long.
+pub const APPEND_BYTES_MAX: usize = 1 << 20;
+
+impl LogStore {
+    /// The entries `[start, end)` (`end` `None`: to the end), only the first ones within
+    /// `bytes_max` (at least one).
+    fn read_entries(&self, start: u64, end: Option<u64>, bytes_max: usize) -> Result<Vec<Entry>, io::Error> {
+        metrics::counter!("ringkv_raft_log_reads_total").increment(1);
+        if let Some(entries) = self.cache.get_within(start, end, bytes_max) {
+            return Ok(entries);
+        }
+        metrics::counter!("ringkv_raft_log_cache_misses_total").increment(1);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(match end {
+            Some(e) => log_key(self.group, e).to_vec(),
+            None => log_key(self.group + 1, 0).to_vec(),
+        });
+        let from = log_key(self.group, start);
+        let it = self.db.raw().iterator_cf_opt(self.db.cf(CF_RAFT_LOG), ro, IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for kv in it {
+            let (_, v) = kv.map_err(io_err)?;
+            bytes = bytes.saturating_add(v.len());
+            if !out.is_empty() && bytes > bytes_max {
+                break;
+            }
+            out.push(dec::<Entry>(&v)?);
+        }
+        Ok(out)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -84,24 +119,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => Some(e),
             Bound::Unbounded => None,
         };
-        metrics::counter!("ringkv_raft_log_reads_total").increment(1);
-        if let Some(entries) = self.cache.get(start, end) {
-            return Ok(entries);
-        }
-        metrics::counter!("ringkv_raft_log_cache_misses_total").increment(1);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(match end {
-            Some(e) => log_key(self.group, e).to_vec(),
-            None => log_key(self.group + 1, 0).to_vec(),
-        });
-        let from = log_key(self.group, start);
-        let it = self.db.raw().iterator_cf_opt(self.db.cf(CF_RAFT_LOG), ro, IteratorMode::From(&from, Direction::Forward));
-        let mut out = Vec::new();
-        for kv in it {
-            let (_, v) = kv.map_err(io_err)?;
-            out.push(dec::<Entry>(&v)?);
-        }
-        Ok(out)
+        self.read_entries(start, end, usize::MAX)
+    }
+
+    /// What replication sends in one append: at most `max_payload_entries` (openraft bounds
+    /// `end`) and at most [`APPEND_BYTES_MAX`].
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_entries(start, Some(end), APPEND_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
