@@ -174,8 +174,9 @@ pub struct RaftTuning {
     pub rest_timers: bool,
     /// A commit index with no new entries to ride along waits up to this long for the group's
     /// next append and goes with it, instead of in an append of its own (0: sent at once).
-    /// Followers learn of commits (and apply) up to this much later; leaders, their clients and
-    /// leases do not wait for it. Capped at `heartbeat_interval_ms`.
+    /// Followers learn of commits (and apply) up to this much later, so stale reads served by
+    /// followers may lag that much more; leaders, their clients and leases do not wait for it.
+    /// Capped at `heartbeat_interval_ms`.
     pub commit_linger_ms: u64,
 }
 
