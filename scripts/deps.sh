@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build ringkv: rocksdb's build needs clang and
-# libclang (bindgen). Extra package names given as arguments are installed too (the tests pass
+# libclang (bindgen), jemalloc's needs make. Extra package names given as arguments are installed too (the tests pass
 # nftables and iproute2 for their network namespaces). Safe to run again; does nothing when
 # everything is there.
 set -euo pipefail
 need=()
 if command -v dpkg >/dev/null 2>&1; then
-  for p in clang libclang-dev "$@"; do
+  for p in clang libclang-dev make "$@"; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
 else
-  command -v clang >/dev/null 2>&1 || { echo "install clang and libclang (needed to build rocksdb)" >&2; exit 1; }
+  command -v clang >/dev/null 2>&1 && command -v make >/dev/null 2>&1 || { echo "install clang, libclang and make (needed to build rocksdb and jemalloc)" >&2; exit 1; }
 fi
 if ((${#need[@]})); then
   sudo=""
