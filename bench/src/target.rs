@@ -52,6 +52,17 @@ pub fn find_ringkv(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     anyhow::bail!("cannot find the `ringkv` binary: build it (`cargo build --release --bins`) or pass --ringkv-bin")
 }
 
+/// The nodes' extra configuration: `--node-config`'s text with `storage.fsync` set from
+/// `--fsync` (in the file's own `[storage]` table if it has one).
+fn node_config(spec: &LocalSpec) -> anyhow::Result<String> {
+    let text = spec.node_config.as_deref().unwrap_or_default();
+    let mut table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("--node-config: {e}"))?;
+    let storage = table.entry("storage").or_insert_with(|| toml::Value::Table(Default::default()));
+    let Some(storage) = storage.as_table_mut() else { anyhow::bail!("--node-config: storage is not a table") };
+    storage.insert("fsync".into(), toml::Value::Boolean(spec.fsync));
+    Ok(toml::to_string(&table)?)
+}
+
 impl Local {
     pub async fn start(spec: &LocalSpec) -> anyhow::Result<Local> {
         anyhow::ensure!(spec.nodes >= spec.replication, "--nodes {} cannot hold {} replicas per shard", spec.nodes, spec.replication);
@@ -69,7 +80,7 @@ impl Local {
             data_dir: dir.path().to_path_buf(),
             binary: spec.binary.clone(),
             fault_injection: false,
-            extra_config: Some(format!("[storage]\nfsync = {}\n{}", spec.fsync, spec.node_config.as_deref().unwrap_or_default())),
+            extra_config: Some(node_config(spec)?),
             netns: None,
             hold_back: vec![],
             bootstrap: true,
@@ -117,4 +128,35 @@ pub fn cluster_file(path: &Path) -> anyhow::Result<ClientConfig> {
 /// Process ids of a local cluster's nodes.
 pub fn node_pids(local: &Local) -> Vec<(u64, u32)> {
     local.cluster.file.nodes.iter().filter_map(|n| n.pid.map(|p| (n.id, p))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--fsync` goes into the node configuration's own `[storage]` table, or a new one; the
+    /// rest of `--node-config` is kept.
+    #[test]
+    fn fsync_joins_the_node_configs_storage_table() {
+        let spec = |text: Option<&str>, fsync| LocalSpec {
+            nodes: 3,
+            shards: 1,
+            replication: 3,
+            fsync,
+            dir: None,
+            binary: "ringkv".into(),
+            node_config: text.map(String::from),
+        };
+        let merged: toml::Table = node_config(&spec(Some("[storage]\ngroup_commit_wait_us = 0\n[raft]\ncommit_linger_ms = 0\n"), false))
+            .expect("merge")
+            .parse()
+            .expect("toml");
+        assert_eq!(merged["storage"]["fsync"].as_bool(), Some(false));
+        assert_eq!(merged["storage"]["group_commit_wait_us"].as_integer(), Some(0));
+        assert_eq!(merged["raft"]["commit_linger_ms"].as_integer(), Some(0));
+        let alone: toml::Table = node_config(&spec(None, true)).expect("merge").parse().expect("toml");
+        assert_eq!(alone["storage"]["fsync"].as_bool(), Some(true));
+        assert!(node_config(&spec(Some("storage = 3\n"), true)).is_err());
+        assert!(node_config(&spec(Some("[storage\n"), true)).is_err());
+    }
 }

@@ -32,7 +32,11 @@ pub const CLIENT_FRAME_SLACK_BYTES: usize = 64 * 1024;
 /// Runs a node until `shutdown` resolves, then stops it cleanly.
 pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     config.persist()?;
-    let db = Db::open_with(&config.data_dir.join("db"), config.storage.fsync)?;
+    let durability = ringkv_storage::Durability {
+        fsync: config.storage.fsync,
+        group_commit_wait: std::time::Duration::from_micros(config.storage.group_commit_wait_us),
+    };
+    let db = Db::open_with(&config.data_dir.join("db"), durability)?;
     let certs = config.cert_paths();
     check_own_certificate(&config)?;
     let peer_server = ringkv_transport::tls::server_config(&certs, ALPN_PEER)?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
@@ -18,6 +18,24 @@ type Done = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
 
 struct SyncRequest {
     done: Done,
+}
+
+/// How the node's database makes Raft appends durable.
+#[derive(Clone, Copy, Debug)]
+pub struct Durability {
+    /// Whether the group committer fsyncs the WAL (off: writes reach the OS only, and a power
+    /// failure may lose acknowledged writes; for benchmarks and tests).
+    pub fsync: bool,
+    /// While appends arrive concurrently (the last sync covered more than one), the committer
+    /// waits up to this long after the first append of a round for more to share its sync.
+    /// After a round of one, the next round does not wait: one write at a time never waits.
+    pub group_commit_wait: Duration,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability { fsync: true, group_commit_wait: Duration::ZERO }
+    }
 }
 
 /// The shared RocksDB of a node.
@@ -44,11 +62,12 @@ impl Db {
     /// Opens (or creates) the database under `path` with every column family ringkv uses; the
     /// WAL is fsynced before a write is acknowledged.
     pub fn open(path: &Path) -> Result<Arc<Db>, StorageError> {
-        Self::open_with(path, true)
+        Self::open_with(path, Durability::default())
     }
 
-    /// As [`Db::open`], choosing whether the group committer fsyncs the WAL.
-    pub fn open_with(path: &Path, fsync: bool) -> Result<Arc<Db>, StorageError> {
+    /// As [`Db::open`], choosing how the group committer makes appends durable.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Arc<Db>, StorageError> {
+        let fsync = durability.fsync;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -70,7 +89,7 @@ impl Db {
         let weak = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("ringkv-group-commit".into())
-            .spawn(move || group_commit_loop(weak, rx))
+            .spawn(move || group_commit_loop(weak, rx, durability.group_commit_wait))
             .map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
         if let Ok(mut c) = db.committer.lock() {
             *c = Some(tx);
@@ -230,8 +249,12 @@ fn cf_options(name: &str) -> Options {
     o
 }
 
-/// Syncs the WAL once for every write queued so far, then tells every writer.
-fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest>) {
+/// Syncs the WAL once for every write queued so far, then tells every writer. While writes
+/// arrive concurrently (the last round covered more than one), a round first waits up to
+/// `wait` for more: a sync costs the same CPU (two device writes here: the data and the file
+/// size) whether it covers one append or ten.
+fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest>, wait: Duration) {
+    let mut concurrent = false;
     while let Ok(first) = rx.recv() {
         let mut dones = vec![first.done];
         while dones.len() < GROUP_COMMIT_BATCH_MAX {
@@ -240,6 +263,20 @@ fn group_commit_loop(db: std::sync::Weak<Db>, rx: std_mpsc::Receiver<SyncRequest
                 Err(_) => break,
             }
         }
+        if concurrent && !wait.is_zero() {
+            let deadline = Instant::now() + wait;
+            while dones.len() < GROUP_COMMIT_BATCH_MAX {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(r) => dones.push(r.done),
+                    Err(_) => break,
+                }
+            }
+        }
+        concurrent = dones.len() > 1;
         let Some(db) = db.upgrade() else {
             for d in dones {
                 d(Err(io_err("storage closed")));
@@ -296,5 +333,43 @@ mod tests {
         for g in 0..writes {
             assert!(db.get_cf(keys::CF_RAFT_LOG, &keys::log_key(g, 1)).expect("read").is_some());
         }
+    }
+
+    fn append(db: &Db, g: u64, done: std_mpsc::Sender<Instant>) {
+        let mut b = WriteBatch::default();
+        b.put_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(g, 1), b"entry");
+        db.write_durable(b, move |r| {
+            assert!(r.is_ok());
+            let _ = done.send(Instant::now());
+        });
+    }
+
+    /// Under concurrent appends a round waits for more to share its sync; an append after a
+    /// round of one does not wait.
+    #[test]
+    fn concurrent_appends_wait_to_share_a_sync_and_a_lone_one_does_not() {
+        let wait = Duration::from_millis(400);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open_with(dir.path(), Durability { fsync: true, group_commit_wait: wait }).expect("open");
+        let (tx, rx) = std_mpsc::channel();
+        // A lone append after an idle spell is synced at once.
+        let sent = Instant::now();
+        append(&db, 1, tx.clone());
+        let took = rx.recv().expect("callback") - sent;
+        assert!(took < wait / 2, "a lone append waited {took:?}");
+        // Pairs of appends 20 ms apart: once a round covered a pair (the second was queued
+        // while the first was taken), each round waits and takes the pairs that follow.
+        let before = db.group_syncs();
+        let pairs = 8u64;
+        for g in 0..pairs {
+            append(&db, 10 + 2 * g, tx.clone());
+            append(&db, 11 + 2 * g, tx.clone());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for _ in 0..2 * pairs {
+            rx.recv().expect("callback");
+        }
+        let syncs = db.group_syncs() - before;
+        assert!(syncs <= pairs / 2, "{syncs} syncs for {pairs} pairs of appends 20 ms apart, with a {wait:?} wait");
     }
 }
