@@ -52,9 +52,9 @@ read() {
 }
 
 single() {
-  "$ETCD" --workload write --clients 1 --conns 1 --value-size 256 --duration-s "$DUR" --json "$OUT/etcd-write-1.json" >/dev/null
-  "$BENCH" "${LOCAL[@]}" --shards 64 --workload write --clients 1 --inflight 1 --json "$OUT/ringkv-write-1.json" >/dev/null
-  row "writes, one in flight" "$OUT/ringkv-write-1.json" "$OUT/etcd-write-1.json"
+  "$ETCD" --workload write --clients 1 --conns 1 --value-size 256 --duration-s "$DUR" --json "$OUT/etcd-write-inflight-1.json" >/dev/null
+  "$BENCH" "${LOCAL[@]}" --shards 64 --workload write --clients 1 --inflight 1 --json "$OUT/ringkv-write-inflight-1.json" >/dev/null
+  row "writes, one in flight" "$OUT/ringkv-write-inflight-1.json" "$OUT/etcd-write-inflight-1.json"
 }
 
 idle() {
