@@ -205,3 +205,94 @@ async fn resting_replicas_of_busy_groups_still_elect_when_the_leaders_node_dies(
     tc.stop().await;
     Ok(())
 }
+
+/// A leader transfer whose messages are lost still ends with a serving leader. openraft's
+/// leader stops proposing and heartbeating once it starts a transfer, until a new leader
+/// deposes it, and it sends the transfer request only once; the quiet followers of an idle
+/// group start no election while the leader's node is alive. So a request lost on the way
+/// (here: the leader is cut off from its followers while it sends it) would leave the shard
+/// refusing every write for good, unless the leader sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_transfer_whose_request_is_lost_still_completes() -> anyhow::Result<()> {
+    use ringkv_wire::{ClientReply, ClientRequest};
+    let shards = 4;
+    let tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
+    let keys = keys_for_every_shard(&client.map(), "qxfer");
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    let (leader, _) = busiest_leader(&tc, &client).await?;
+    let shard = tc.leaders_on(&client, leader).await?[0];
+    let key = keys.iter().find(|(s, _)| *s == shard).map(|(_, k)| k.clone()).expect("a key of every shard");
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != leader).collect();
+    let to = others[0];
+    // Cut off for far less than the election timeout: the followers' liveness check does not
+    // notice, so nothing but the transfer can move the leadership.
+    tc.cut(&client, leader, &others).await?;
+    let cut_at = Instant::now();
+    let r = client.call_node(&tc.client_addr(leader), &ClientRequest::TransferLeader { shard, to }, Duration::from_secs(5)).await;
+    // The leader sends the request on its own time: keep the cut a while longer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tc.heal(&client).await?;
+    eprintln!("leader {leader} of shard {shard} was cut off for {:?} while it asked node {to} to lead", cut_at.elapsed());
+    anyhow::ensure!(matches!(r, Ok(Ok(ClientReply::Done))), "transfer: {r:?}");
+    // No request goes to the shard meanwhile (a write would wake a follower, which would then
+    // elect): only the leader itself can finish the transfer.
+    eventually(Duration::from_secs(5), "the transfer completes", || async {
+        anyhow::ensure!(tc.leaders_on(&client, to).await?.contains(&shard), "node {to} does not lead shard {shard}");
+        anyhow::ensure!(!tc.leaders_on(&client, leader).await?.contains(&shard), "node {leader} still leads shard {shard}");
+        Ok(())
+    })
+    .await?;
+    client.put(&key, b"after").await?;
+    assert_eq!(client.get(&key).await?, Some(b"after".to_vec()));
+    tc.stop().await;
+    Ok(())
+}
+
+/// A request sent to a quiet follower (from a client with an old map) wakes it, but it does not
+/// depose its healthy leader: its election timer counts from its leader's last message, long
+/// ago, and its leader's lease ran out while the group was quiet, so without a pause after
+/// waking it would stand for election at its first tick and win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_quiet_follower_does_not_depose_its_leader() -> anyhow::Result<()> {
+    use ringkv_wire::ClientRequest;
+    let shards = 4;
+    let tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
+    let keys = keys_for_every_shard(&client.map(), "qmis");
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    let leaders = async || -> anyhow::Result<std::collections::BTreeMap<u64, NodeId>> {
+        let mut by_shard = std::collections::BTreeMap::new();
+        for n in 1..=3 {
+            by_shard.extend(tc.leaders_on(&client, n).await?.into_iter().map(|s| (s, n)));
+        }
+        Ok(by_shard)
+    };
+    let before = leaders().await?;
+    assert_eq!(before.len() as u64, shards, "{before:?}");
+    // Every follower of every shard gets a write and a read it must refuse.
+    let map = client.map();
+    for (shard, key) in &keys {
+        let epoch = map.shard(*shard).expect("shard in the map").epoch;
+        for f in (1..=3).filter(|n| before.get(shard) != Some(n)) {
+            let put = ClientRequest::Put { shard: *shard, epoch, key: key.clone(), value: b"misrouted".to_vec(), session: None };
+            let get = ClientRequest::Get { shard: *shard, epoch, key: key.clone(), stale: false };
+            for req in [put, get] {
+                let r = client.call_node(&tc.client_addr(f), &req, Duration::from_secs(5)).await?;
+                assert!(r.is_err(), "node {f}, a follower of shard {shard}, served {req:?}: {r:?}");
+            }
+        }
+    }
+    // Four election timeouts and more: long enough for any woken follower to have stood.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(leaders().await?, before, "a request to a follower changed a shard's leader");
+    for (_, k) in &keys {
+        assert_eq!(client.get(k).await?, Some(b"before".to_vec()));
+    }
+    tc.stop().await;
+    Ok(())
+}

@@ -59,6 +59,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ("ringkv_raft_group_liveness_wakes_total", "counter", "Quiet groups woken because their leader's node went silent."),
     ("ringkv_raft_group_quiesces_total", "counter", "Times a group went quiet (stopped ticking while idle)."),
     ("ringkv_raft_group_wakes_total", "counter", "Times a quiet group woke up."),
+    ("ringkv_raft_leader_transfer_resends_total", "counter", "Leader transfer requests sent again because the transfer had not completed."),
     ("ringkv_raft_groups_quiet", "gauge", "Replicas on this node whose group is quiet."),
     ("ringkv_raft_leaders", "gauge", "Groups this node leads."),
     (

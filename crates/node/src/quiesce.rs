@@ -9,13 +9,21 @@
 //!   entry, applied; then it stops its ticker: no election timeout runs.
 //! - **Wake.** Any activity on the leader ([`Replica::active`]) and any Raft message for the
 //!   group ([`Replica::wake`]) starts the ticker again; the leader's next append or heartbeat
-//!   wakes the followers.
+//!   wakes the followers. A request sent to a quiet follower does not wake it. A follower's
+//!   election timer counts from its leader's last message, long ago in a quiet group, so a
+//!   follower woken by a message starts no election for an election timeout: it would
+//!   otherwise stand at its first tick, e.g. racing the target of a leader transfer.
+//! - **Leader transfers.** openraft's leader stops proposing and heartbeating once it starts
+//!   a transfer, until it is deposed, and sends the request once. While one is under way
+//!   ([`Group::pending_transfer`]) the leader neither rests nor goes quiet, and the loop sends
+//!   the request again every election timeout: a lost request would otherwise leave the
+//!   group refusing writes with nobody to elect a new leader.
 //! - **Liveness once per node pair.** A node pings the nodes that lead its quiet followers
 //!   every [`CHECK_EVERY`] (any peer request counts as well). When one has been silent for the
 //!   election timeout, the quiet followers of the groups it led wake, their election timers
 //!   find the leader long silent, and they elect. A quiet follower whose leader's node is alive
-//!   refuses the first pre-vote that wakes it, so a restarted or partitioned peer cannot depose
-//!   a healthy quiet leader (CockroachDB's liveness-aware pre-vote).
+//!   refuses a pre-vote without waking, so a restarted or partitioned peer does not wake it
+//!   into an election (CockroachDB's liveness-aware pre-vote).
 //!
 //! - **Resting timers.** Under load no group is idle, yet a follower's only use of its timer
 //!   (20 ticks a second) is the election timeout, and a leader's is heartbeats, which appends
@@ -93,6 +101,9 @@ pub struct Quiet {
     resting: AtomicU8,
     /// When this replica last took an append or heartbeat from its leader.
     leader_heard_ms: AtomicU64,
+    /// Whether this follower may not start an election yet: it woke for some other reason than
+    /// its leader's silence less than an election timeout ago ([`Replica::wake`]).
+    elect_held: AtomicBool,
 }
 
 impl Default for Quiet {
@@ -106,31 +117,53 @@ impl Default for Quiet {
             next_try_ms: AtomicU64::new(0),
             resting: AtomicU8::new(REST_NONE),
             leader_heard_ms: AtomicU64::new(0),
+            elect_held: AtomicBool::new(false),
         }
     }
 }
 
 impl Replica {
     /// The group's Raft, for a proposal, read or admin step: counts as activity and wakes the
-    /// group if it was quiet.
+    /// group if it was quiet and this replica leads it. A quiet follower stays quiet: it
+    /// refuses the request (it is no leader) without a timer, and awake it would stand for
+    /// election (see [`Replica::wake`]).
     pub fn active(&self) -> &Group {
         self.quiet.activity.fetch_add(1, Ordering::SeqCst);
         self.quiet.last_active_ms.store(now_ms(), Ordering::Relaxed);
-        self.wake();
+        if self.raft.is_leader() {
+            self.wake();
+        }
         &self.raft
     }
 
     /// Starts the group's ticker if it was quiet; returns whether it was.
+    ///
+    /// A follower woken by a message acts as if it had just heard its leader: it starts no
+    /// election for an election timeout. Its election timer counts from its leader's last
+    /// message, long ago in a quiet group, so it would otherwise stand at its first tick: when
+    /// woken by a leader transfer to another replica, it would race the target. The quiesce
+    /// loop lets it elect again ([`Replica::release_elections`]), and at once if its
+    /// leader's node went silent.
     pub fn wake(&self) -> bool {
         if !self.quiet.quiet.swap(false, Ordering::SeqCst) {
             return false;
         }
         self.quiet.woke_ms.store(now_ms(), Ordering::Relaxed);
         self.stop_resting(false);
+        if !self.raft.is_leader() && !self.quiet.elect_held.swap(true, Ordering::SeqCst) {
+            self.raft.set_electing(false);
+        }
         self.raft.set_ticking(true);
         metrics::counter!("ringkv_raft_group_wakes_total").increment(1);
         metrics::gauge!("ringkv_raft_groups_quiet").decrement(1.0);
         true
+    }
+
+    /// Lets a follower held by [`Replica::wake`] start elections again.
+    fn release_elections(&self) {
+        if self.quiet.elect_held.swap(false, Ordering::SeqCst) {
+            self.raft.set_electing(true);
+        }
     }
 
     fn go_quiet(&self) {
@@ -245,10 +278,10 @@ impl Node {
         Ok(())
     }
 
-    /// Whether a pre-vote for `group` from `from` should be refused because it woke a quiet
-    /// follower whose leader's node is alive.
-    pub fn refuse_pre_vote(&self, r: &Replica, was_quiet: bool, from: NodeId) -> bool {
-        if !was_quiet {
+    /// Whether a pre-vote from `from` should be refused (without waking the replica) because
+    /// `r` is a quiet follower whose leader's node is alive.
+    pub fn refuse_pre_vote(&self, r: &Replica, from: NodeId) -> bool {
+        if !r.is_quiet() {
             return false;
         }
         let leader = r.raft.leader();
@@ -282,6 +315,26 @@ impl Node {
                     continue;
                 }
                 let m = r.raft.state();
+                if r.quiet.elect_held.load(Ordering::Relaxed)
+                    && now.saturating_sub(r.quiet.woke_ms.load(Ordering::Relaxed)) >= silence.as_millis() as u64
+                {
+                    r.release_elections();
+                }
+                if let Some((to, since)) = r.raft.pending_transfer(&m) {
+                    // A leader handing over proposes nothing and sends no heartbeats until it
+                    // is deposed, and openraft sends its request once: it must neither rest
+                    // nor go quiet, and its request goes out again (waking the followers, which
+                    // elect if the target cannot) until the transfer is over.
+                    r.wake();
+                    r.stop_resting(true);
+                    if since >= silence {
+                        tracing::info!(group = r.group, to, "leader transfer not done yet: sending its request again");
+                        metrics::counter!("ringkv_raft_leader_transfer_resends_total").increment(1);
+                        let r = r.clone();
+                        tokio::spawn(async move { r.raft.transfer_leader(to).await });
+                    }
+                    continue;
+                }
                 if r.is_quiet() {
                     if m.is_leader() {
                         continue;
@@ -294,6 +347,7 @@ impl Node {
                             tracing::info!(group = r.group, leader = ?m.leader(), "waking a quiet follower: its leader's node went silent");
                             metrics::counter!("ringkv_raft_group_liveness_wakes_total").increment(1);
                             r.wake();
+                            r.release_elections();
                         }
                     }
                     continue;

@@ -101,6 +101,18 @@ fn client_write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) ->
 /// One replica's Raft instance.
 pub struct Group {
     raft: ringkv_storage::Raft,
+    /// The leader transfer this replica last started, while it may still be under way.
+    transfer: std::sync::Mutex<Option<Transfer>>,
+}
+
+/// A leader transfer started by this replica as leader.
+#[derive(Clone, Copy, Debug)]
+struct Transfer {
+    /// The term this replica led when it started the transfer.
+    term: u64,
+    to: NodeId,
+    /// When the transfer request last went out.
+    sent: std::time::Instant,
 }
 
 impl Group {
@@ -118,7 +130,7 @@ impl Group {
         let commit_linger = config.commit_linger;
         let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, throttle };
         let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
-        Ok(Group { raft })
+        Ok(Group { raft, transfer: std::sync::Mutex::new(None) })
     }
 
     /// What the group reports now.
@@ -205,14 +217,43 @@ impl Group {
     }
 
     /// Asks the group (led here) to hand leadership to voter `to`.
+    ///
+    /// From then on openraft's leader proposes nothing and sends no heartbeats until a new
+    /// leader deposes it, and it sends the transfer request once: if that request is lost,
+    /// only an election ends the transfer, and the quiet followers of an idle group start none.
+    /// So the caller of [`Group::pending_transfer`] sends it again until the transfer is over.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), String> {
+        let term = self.raft.metrics().borrow_watched().current_term;
+        *self.transfer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Transfer { term, to, sent: std::time::Instant::now() });
         self.raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())
+    }
+
+    /// The target of the transfer this replica started, and how long ago its request went
+    /// out, while it still leads the term it started it in (openraft's leader leaves transfer
+    /// mode only by being deposed, and a new term has a new leader).
+    pub fn pending_transfer(&self, m: &GroupState) -> Option<(NodeId, Duration)> {
+        let mut t = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        let x = (*t)?;
+        if m.term() < x.term {
+            return None; // `m` was read before the transfer started
+        }
+        if m.term() == x.term && m.is_leader() {
+            return Some((x.to, x.sent.elapsed()));
+        }
+        *t = None;
+        None
     }
 
     /// Starts or stops the group's timers (election timeout, heartbeats): a quiet group stops
     /// them.
     pub fn set_ticking(&self, on: bool) {
         self.raft.runtime_config().tick(on);
+    }
+
+    /// Lets the group's election timer start elections (on), or not (off: it still votes, and
+    /// a leader transfer to it still makes it stand).
+    pub fn set_electing(&self, on: bool) {
+        self.raft.runtime_config().elect(on);
     }
 
     /// Stops the group's Raft: its tasks end, and it writes no more state.
@@ -378,11 +419,13 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
         }
         None => return Err(RequestError::ShardNotFound { shard: group, node: node.id() }),
     };
-    let was_quiet = replica.wake();
-    if rpc == RaftRpc::PreVote && node.refuse_pre_vote(&replica, was_quiet, from) {
+    // Refused before it wakes the replica: awake, a follower of a quiet group (whose timer
+    // counts from its leader's last message, long ago) would stand for election itself.
+    if rpc == RaftRpc::PreVote && node.refuse_pre_vote(&replica, from) {
         metrics::counter!("ringkv_raft_pre_votes_refused_total").increment(1);
         return Err(RequestError::Unavailable(format!("group {group} is quiet and its leader's node is alive")));
     }
+    replica.wake();
     let raft = &replica.raft.raft;
     match rpc {
         RaftRpc::AppendEntries => {
