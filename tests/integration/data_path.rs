@@ -27,6 +27,26 @@ async fn three_nodes_sixty_four_shards_take_writes_on_every_shard() -> anyhow::R
     for (shard, k) in &keys {
         assert_eq!(client.get(k).await?, Some(format!("v{shard}").into_bytes()), "shard {shard}");
     }
+    // A read right after a write finds its leader's lease fresh and an entry of its own term
+    // applied: it is served without a round trip through the group's Raft task.
+    let local_reads = || -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for n in 1..=3u64 {
+            sum += ringkv_tests::metric(&ringkv_tests::scrape(&tc.cluster.entry(n)?.metrics_addr)?, "ringkv_raft_lease_reads_local_total")
+                .unwrap_or(0.0);
+        }
+        Ok(sum)
+    };
+    let before = local_reads()?;
+    for (shard, k) in &keys {
+        client.put(k, b"again").await?;
+        assert_eq!(client.get(k).await?, Some(b"again".to_vec()), "shard {shard}");
+    }
+    let local = local_reads()? - before;
+    assert!(local >= 48.0, "only {local} of 64 reads right after a write were served by the local lease check");
+    for (shard, k) in &keys {
+        client.put(k, format!("v{shard}").as_bytes()).await?;
+    }
     // Delete and compare-and-swap on every shard too.
     for (shard, k) in &keys {
         let v = format!("v{shard}");

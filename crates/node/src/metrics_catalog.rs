@@ -68,6 +68,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Leaders on this node resting (their timer stopped while every follower acknowledges appends).",
     ),
     ("ringkv_raft_lease_read_fallbacks_total", "counter", "Linearizable reads that fell back from the leader lease to a ReadIndex round."),
+    ("ringkv_raft_lease_reads_local_total", "counter", "Linearizable reads served by the leader lease checked on the request's own task, without a round trip through the group's Raft task."),
     ("ringkv_raft_log_appended_entries_total", "counter", "Raft log entries appended on this node."),
     ("ringkv_raft_log_cache_misses_total", "counter", "Raft log reads the in-memory log cache could not serve (read from RocksDB)."),
     ("ringkv_raft_log_reads_total", "counter", "Raft log reads (replication and apply)."),

@@ -279,11 +279,17 @@ impl ClientService {
         // its own state and the linearizability checker must object.
         #[cfg(feature = "failpoints")]
         fail::fail_point!("read::skip_barrier", |_| Ok(()));
-        self.check_quorum_contact(r)?;
-        // Served at once while the lease holds; a stale lease (e.g. a group that just woke)
-        // falls back to a heartbeat round.
+        // Served at once while the lease holds, checked here without a round trip through the
+        // group's Raft task; else by that task (which may know a newer acknowledgement), and
+        // if the lease is stale (e.g. a group that just woke) by a heartbeat round.
         let lease = self.node.config.raft.read_policy == ringkv_config::ReadPolicy::Lease;
-        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, r.active().confirm_leadership(lease))
+        let group = r.active();
+        if lease && group.lease_read_ready() {
+            metrics::counter!("ringkv_raft_lease_reads_local_total").increment(1);
+            return Ok(());
+        }
+        self.check_quorum_contact(r)?;
+        let res = tokio::time::timeout(PROPOSAL_TIMEOUT, group.confirm_leadership(lease))
             .await
             .map_err(|_| RequestError::Unavailable(format!("shard {} could not confirm leadership in time", r.group)))?;
         res.map_err(|e| self.group_error(r, e))

@@ -103,6 +103,9 @@ pub struct Group {
     raft: ringkv_storage::Raft,
     /// The leader transfer this replica last started, while it may still be under way.
     transfer: std::sync::Mutex<Option<Transfer>>,
+    /// How long followers refuse to vote for another leader after acknowledging this one
+    /// (openraft's leader lease: the maximum election timeout).
+    lease: Duration,
 }
 
 /// A leader transfer started by this replica as leader.
@@ -130,7 +133,8 @@ impl Group {
         let commit_linger = config.commit_linger;
         let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, throttle };
         let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
-        Ok(Group { raft, transfer: std::sync::Mutex::new(None) })
+        let lease = Duration::from_millis(config.raft.election_timeout_max);
+        Ok(Group { raft, transfer: std::sync::Mutex::new(None), lease })
     }
 
     /// What the group reports now.
@@ -195,6 +199,38 @@ impl Group {
             }
         }
         self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map(|_| ()).map_err(read_error)
+    }
+
+    /// Whether a linearizable read may be served from this replica's state machine now,
+    /// without a round trip through the group's Raft task (TiKV's local reader). It must:
+    ///
+    /// - lead, with a quorum's acknowledgement sent within the lease: until the lease ends,
+    ///   those followers refuse to vote for anyone but a transfer target, so no other leader
+    ///   can exist (assuming clocks that run at nearly the same rate);
+    /// - have started no leader transfer in this term: the target elects at once;
+    /// - have applied an entry of its own leadership (its first, the no-op; a term can have
+    ///   had an earlier leader, as openraft orders votes by term and node): every write
+    ///   acknowledged before now, by it (which answers only once it has applied) or by an
+    ///   earlier leader (whose entries precede that no-op), is then in its state machine.
+    ///
+    /// The conditions of openraft's `LeaseRead`, read from the metrics its Raft task publishes.
+    /// Those can lag, which only makes the check stricter: an older acknowledgement or applied
+    /// entry fails sooner, and a stepped-down leader still shown as leader could only have
+    /// been replaced once the lease ran out, or by a transfer it started.
+    pub fn lease_read_ready(&self) -> bool {
+        use openraft::Instant;
+        let term = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            let ready = m.state.is_leader()
+                && m.last_applied.as_ref().is_some_and(|a| a.leader_id.term == m.current_term && a.leader_id.node_id == m.id)
+                && m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() < self.lease);
+            if !ready {
+                return false;
+            }
+            m.current_term
+        };
+        self.transfer.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|t| t.term < term)
     }
 
     /// Replaces the voters with `voters` (through a joint membership), waiting for the commit.
