@@ -296,3 +296,41 @@ async fn a_request_to_a_quiet_follower_does_not_depose_its_leader() -> anyhow::R
     tc.stop().await;
     Ok(())
 }
+
+/// A follower's node restarts while its groups are quiet. Its replicas have heard from no
+/// leader yet, so they stand for election at once; the quiet leaders' leases ran out long ago,
+/// so openraft alone would grant them the pre-vote and the vote. A quiet leader refuses and
+/// wakes instead, and its heartbeats tell the restarted replica who leads: no healthy leader
+/// is deposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_does_not_depose_quiet_leaders() -> anyhow::Result<()> {
+    let shards = 8;
+    let mut tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
+    let keys = keys_for_every_shard(&client.map(), "qrestart");
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    let mut before = std::collections::BTreeMap::new();
+    for n in 1..=3 {
+        before.extend(tc.leaders_on(&client, n).await?.into_iter().map(|s| (s, n)));
+    }
+    // The node leading the fewest shards restarts; the shards it led may elect anew.
+    let victim = (1..=3).min_by_key(|n| before.values().filter(|l| *l == n).count()).expect("three nodes");
+    let kept: Vec<u64> = before.iter().filter(|(_, l)| **l != victim).map(|(s, _)| *s).collect();
+    anyhow::ensure!(!kept.is_empty(), "node {victim} leads every shard: {before:?}");
+    tc.cluster.kill(victim).await?;
+    tc.cluster.restart(victim)?;
+    for (_, k) in &keys {
+        tc.wait_caught_up(&client, victim, k, b"before").await?;
+    }
+    // Several election timeouts after the restarted replicas could first stand.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for s in &kept {
+        let l = before[s];
+        assert!(tc.leaders_on(&client, l).await?.contains(s), "shard {s}: node {l} was deposed after node {victim} restarted");
+    }
+    write_all(&client, &keys, b"after").await?;
+    tc.stop().await;
+    Ok(())
+}

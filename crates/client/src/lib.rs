@@ -155,18 +155,22 @@ struct Slot {
 /// to dial it again.
 const REDIAL_AFTER: Duration = Duration::from_millis(500);
 
+/// The client's caches, looked up on every call and keyed by the cluster's own ids and
+/// addresses: a fast hasher, not a keyed one.
+type FastMap<K, V> = DashMap<K, V, rustc_hash::FxBuildHasher>;
+
 pub struct Client {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
     config: ClientConfig,
-    conns: DashMap<String, Arc<tokio::sync::Mutex<Slot>>>,
+    conns: FastMap<String, Arc<tokio::sync::Mutex<Slot>>>,
     /// The open connections by address: a call finds its connection here without a lock to
     /// wait for or an allocation; `conns` is only for dialing.
-    live: DashMap<String, Arc<Conn>>,
+    live: FastMap<String, Arc<Conn>>,
     map: RwLock<Arc<ClusterMap>>,
-    leaders: DashMap<GroupId, NodeId>,
+    leaders: FastMap<GroupId, NodeId>,
     /// Nodes that recently failed at the transport level, and when.
-    suspects: DashMap<NodeId, Instant>,
+    suspects: FastMap<NodeId, Instant>,
     /// This client's session id: with `next_seq` it names every write, so a retry is recognized.
     client_id: u64,
     next_seq: AtomicU64,
@@ -235,11 +239,11 @@ impl Client {
             endpoint,
             quic,
             config,
-            conns: DashMap::new(),
-            live: DashMap::new(),
+            conns: FastMap::default(),
+            live: FastMap::default(),
             map: RwLock::new(Arc::default()),
-            leaders: DashMap::new(),
-            suspects: DashMap::new(),
+            leaders: FastMap::default(),
+            suspects: FastMap::default(),
             client_id: rand::random(),
             next_seq: AtomicU64::new(1),
             in_flight: Mutex::new(BTreeSet::new()),
@@ -412,7 +416,7 @@ impl Client {
                 }
             }
             let mut pause = true;
-            if let Some(desc) = map.shard_for_hash(hash).cloned() {
+            if let Some(desc) = map.shard_for_hash(hash) {
                 // The cached leader if any; otherwise the replicas in turn, avoiding for a moment
                 // those that just failed (a deposed leader cut off from its quorum keeps claiming
                 // to lead) and those any call found unreachable.
@@ -436,17 +440,22 @@ impl Client {
                         healthy.get(attempt % healthy.len().max(1)).or(desc.replicas.first()).copied().unwrap_or(0)
                     }
                 };
-                match map.node(target).map(|n| n.client_addr.clone()) {
+                match map.node(target).map(|n| n.client_addr.as_str()) {
                     None => {
                         self.leaders.remove(&desc.id);
                         last = format!("node {target} is not in the map");
                     }
                     Some(addr) => {
                         let t = remaining.min(self.config.attempt_timeout);
-                        match self.call_node(&addr, &make(desc.id, desc.epoch), t).await {
+                        match self.call_node(addr, &make(desc.id, desc.epoch), t).await {
                             Ok(Ok(reply)) => {
-                                self.suspects.remove(&target);
-                                self.leaders.insert(desc.id, target);
+                                // Written only on a change: these maps are read by every call.
+                                if self.suspects.contains_key(&target) {
+                                    self.suspects.remove(&target);
+                                }
+                                if cached != Some(target) {
+                                    self.leaders.insert(desc.id, target);
+                                }
                                 return Ok(reply);
                             }
                             Ok(Err(RequestError::NotLeader { leader, .. })) => {

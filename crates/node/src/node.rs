@@ -91,7 +91,8 @@ pub struct Node {
     /// Why the node stopped on its own, if it did.
     fatal: std::sync::Mutex<Option<String>>,
     pub db: Arc<Db>,
-    pub replicas: DashMap<GroupId, Arc<Replica>>,
+    /// Looked up by every request and Raft message (a fast hasher: the keys are our own ids).
+    pub replicas: DashMap<GroupId, Arc<Replica>, rustc_hash::FxBuildHasher>,
     /// Replicas that could not start, and why: never started again in this run.
     quarantined: DashMap<GroupId, String>,
     pub pool: Arc<PeerPool>,
@@ -148,7 +149,7 @@ impl Node {
             incarnation,
             fatal: std::sync::Mutex::new(None),
             db,
-            replicas: DashMap::new(),
+            replicas: DashMap::default(),
             quarantined: DashMap::new(),
             pool,
             map: RwLock::new(Arc::new(map)),

@@ -35,7 +35,7 @@ pub struct PeerPool {
     me: NodeId,
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
-    conns: DashMap<NodeId, Entry>,
+    conns: DashMap<NodeId, Entry, rustc_hash::FxBuildHasher>,
     dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
     /// Node ids learned for addresses dialed without knowing who is there (seeds).
     addr_ids: DashMap<String, NodeId>,
@@ -51,7 +51,7 @@ impl PeerPool {
             me,
             endpoint,
             config,
-            conns: DashMap::new(),
+            conns: DashMap::default(),
             dialing: DashMap::new(),
             addr_ids: DashMap::new(),
             server: OnceLock::new(),

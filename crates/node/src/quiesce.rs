@@ -23,7 +23,8 @@
 //!   election timeout, the quiet followers of the groups it led wake, their election timers
 //!   find the leader long silent, and they elect. A quiet follower whose leader's node is alive
 //!   refuses a pre-vote without waking, so a restarted or partitioned peer does not wake it
-//!   into an election (CockroachDB's liveness-aware pre-vote).
+//!   into an election (CockroachDB's liveness-aware pre-vote). A quiet leader refuses it as
+//!   well, and wakes: its heartbeats tell the candidate who leads.
 //!
 //! - **Resting timers.** Under load no group is idle, yet a follower's only use of its timer
 //!   (20 ticks a second) is the election timeout, and a leader's is heartbeats, which appends
@@ -102,8 +103,10 @@ pub struct Quiet {
     /// When this replica last took an append or heartbeat from its leader.
     leader_heard_ms: AtomicU64,
     /// Whether this follower may not start an election yet: it woke for some other reason than
-    /// its leader's silence less than an election timeout ago ([`Replica::wake`]).
-    elect_held: AtomicBool,
+    /// its leader's silence less than an election timeout ago ([`Replica::wake`]). A lock, not
+    /// an atomic: the flag and openraft's switch change together, or a release racing a hold
+    /// could leave elections off with no hold recorded to release.
+    elect_held: std::sync::Mutex<bool>,
 }
 
 impl Default for Quiet {
@@ -117,7 +120,7 @@ impl Default for Quiet {
             next_try_ms: AtomicU64::new(0),
             resting: AtomicU8::new(REST_NONE),
             leader_heard_ms: AtomicU64::new(0),
-            elect_held: AtomicBool::new(false),
+            elect_held: std::sync::Mutex::new(false),
         }
     }
 }
@@ -148,10 +151,14 @@ impl Replica {
         if !self.quiet.quiet.swap(false, Ordering::SeqCst) {
             return false;
         }
-        self.quiet.woke_ms.store(now_ms(), Ordering::Relaxed);
+        self.quiet.woke_ms.store(now_ms(), Ordering::Release);
         self.stop_resting(false);
-        if !self.raft.is_leader() && !self.quiet.elect_held.swap(true, Ordering::SeqCst) {
-            self.raft.set_electing(false);
+        if !self.raft.is_leader() {
+            let mut held = self.elect_held();
+            if !*held {
+                *held = true;
+                self.raft.set_electing(false);
+            }
         }
         self.raft.set_ticking(true);
         metrics::counter!("ringkv_raft_group_wakes_total").increment(1);
@@ -161,9 +168,15 @@ impl Replica {
 
     /// Lets a follower held by [`Replica::wake`] start elections again.
     fn release_elections(&self) {
-        if self.quiet.elect_held.swap(false, Ordering::SeqCst) {
+        let mut held = self.elect_held();
+        if *held {
+            *held = false;
             self.raft.set_electing(true);
         }
+    }
+
+    fn elect_held(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.quiet.elect_held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn go_quiet(&self) {
@@ -240,7 +253,7 @@ impl Replica {
 /// When each peer node was last heard from (any peer request, or an answered ping).
 #[derive(Default)]
 pub struct Liveness {
-    heard_ms: dashmap::DashMap<NodeId, AtomicU64>,
+    heard_ms: dashmap::DashMap<NodeId, AtomicU64, rustc_hash::FxBuildHasher>,
 }
 
 impl Liveness {
@@ -278,11 +291,17 @@ impl Node {
         Ok(())
     }
 
-    /// Whether a pre-vote from `from` should be refused (without waking the replica) because
-    /// `r` is a quiet follower whose leader's node is alive.
+    /// Whether a pre-vote from `from` should be refused because `r` is quiet and its group's
+    /// leader is alive: `r` leads it (its lease ran out while quiet, so openraft would grant
+    /// the pre-vote and then the vote, to a restarted peer that merely has not heard from it;
+    /// the caller wakes it instead, and its heartbeats reach that peer), or `r` follows a
+    /// leader whose node was heard lately (refused without waking).
     pub fn refuse_pre_vote(&self, r: &Replica, from: NodeId) -> bool {
         if !r.is_quiet() {
             return false;
+        }
+        if r.raft.is_leader() {
+            return true;
         }
         let leader = r.raft.leader();
         leader.is_some_and(|l| l != from && l != self.id() && self.liveness.heard_within(l, self.election_timeout_min()))
@@ -315,12 +334,11 @@ impl Node {
                     continue;
                 }
                 let m = r.raft.state();
-                if r.quiet.elect_held.load(Ordering::Relaxed)
-                    && now.saturating_sub(r.quiet.woke_ms.load(Ordering::Relaxed)) >= silence.as_millis() as u64
-                {
+                let held = *r.elect_held();
+                if held && now.saturating_sub(r.quiet.woke_ms.load(Ordering::Acquire)) >= silence.as_millis() as u64 {
                     r.release_elections();
                 }
-                if let Some((to, since)) = r.raft.pending_transfer(&m) {
+                if let Some((to, since)) = r.raft.pending_transfer() {
                     // A leader handing over proposes nothing and sends no heartbeats until it
                     // is deposed, and openraft sends its request once: it must neither rest
                     // nor go quiet, and its request goes out again (waking the followers, which

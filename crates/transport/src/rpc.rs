@@ -77,7 +77,8 @@ pub trait Service<Req, Resp>: Send + Sync + 'static {
     }
 }
 
-type Pending<Resp> = DashMap<u64, oneshot::Sender<Result<Resp, RpcError>>>;
+/// Calls awaiting their answer, by request id (our own counter: no need for a keyed hash).
+type Pending<Resp> = DashMap<u64, oneshot::Sender<Result<Resp, RpcError>>, rustc_hash::FxBuildHasher>;
 
 /// The calling side of one QUIC connection.
 pub struct RpcClient<Req, Resp> {
@@ -113,7 +114,7 @@ where
 
     /// Opens `lanes` streams on an established connection.
     pub async fn over(conn: quinn::Connection, lanes: usize, frame_bytes_max: usize) -> Result<Self, RpcError> {
-        let pending: Arc<Pending<Resp>> = Arc::new(DashMap::new());
+        let pending: Arc<Pending<Resp>> = Arc::new(DashMap::with_hasher(rustc_hash::FxBuildHasher));
         let dead = Arc::new(AtomicBool::new(false));
         let mut txs = Vec::with_capacity(lanes);
         for _ in 0..lanes.max(1) {

@@ -111,8 +111,6 @@ pub struct Group {
 /// A leader transfer started by this replica as leader.
 #[derive(Clone, Copy, Debug)]
 struct Transfer {
-    /// The term this replica led when it started the transfer.
-    term: u64,
     to: NodeId,
     /// When the transfer request last went out.
     sent: std::time::Instant,
@@ -207,7 +205,8 @@ impl Group {
     /// - lead, with a quorum's acknowledgement sent within the lease: until the lease ends,
     ///   those followers refuse to vote for anyone but a transfer target, so no other leader
     ///   can exist (assuming clocks that run at nearly the same rate);
-    /// - have started no leader transfer in this term: the target elects at once;
+    /// - have no leader transfer under way (the target elects at once; the record is made
+    ///   before openraft hears of the transfer and kept until this replica no longer leads);
     /// - have applied an entry of its own leadership (its first, the no-op; a term can have
     ///   had an earlier leader, as openraft orders votes by term and node): every write
     ///   acknowledged before now, by it (which answers only once it has applied) or by an
@@ -219,7 +218,7 @@ impl Group {
     /// been replaced once the lease ran out, or by a transfer it started.
     pub fn lease_read_ready(&self) -> bool {
         use openraft::Instant;
-        let term = {
+        {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
             let ready = m.state.is_leader()
@@ -228,9 +227,8 @@ impl Group {
             if !ready {
                 return false;
             }
-            m.current_term
-        };
-        self.transfer.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|t| t.term < term)
+        }
+        self.transfer.lock().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 
     /// Replaces the voters with `voters` (through a joint membership), waiting for the commit.
@@ -259,21 +257,19 @@ impl Group {
     /// only an election ends the transfer, and the quiet followers of an idle group start none.
     /// So the caller of [`Group::pending_transfer`] sends it again until the transfer is over.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), String> {
-        let term = self.raft.metrics().borrow_watched().current_term;
-        *self.transfer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Transfer { term, to, sent: std::time::Instant::now() });
+        *self.transfer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Transfer { to, sent: std::time::Instant::now() });
         self.raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())
     }
 
     /// The target of the transfer this replica started, and how long ago its request went
-    /// out, while it still leads the term it started it in (openraft's leader leaves transfer
-    /// mode only by being deposed, and a new term has a new leader).
-    pub fn pending_transfer(&self, m: &GroupState) -> Option<(NodeId, Duration)> {
+    /// out, while it still leads (openraft's leader leaves transfer mode only by being
+    /// deposed). The record ends only once the published state, read after it was made, shows
+    /// this replica no longer leading: the term published when the transfer started can lag
+    /// the one the leader was in, so terms are not compared.
+    pub fn pending_transfer(&self) -> Option<(NodeId, Duration)> {
         let mut t = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
         let x = (*t)?;
-        if m.term() < x.term {
-            return None; // `m` was read before the transfer started
-        }
-        if m.term() == x.term && m.is_leader() {
+        if self.raft.metrics().borrow_watched().state.is_leader() {
             return Some((x.to, x.sent.elapsed()));
         }
         *t = None;
@@ -455,9 +451,13 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
         }
         None => return Err(RequestError::ShardNotFound { shard: group, node: node.id() }),
     };
-    // Refused before it wakes the replica: awake, a follower of a quiet group (whose timer
-    // counts from its leader's last message, long ago) would stand for election itself.
+    // Refused before it wakes a follower: awake, a follower of a quiet group (whose timer
+    // counts from its leader's last message, long ago) would stand for election itself. A
+    // quiet leader wakes: its heartbeats tell the candidate who leads.
     if rpc == RaftRpc::PreVote && node.refuse_pre_vote(&replica, from) {
+        if replica.raft.is_leader() {
+            replica.wake();
+        }
         metrics::counter!("ringkv_raft_pre_votes_refused_total").increment(1);
         return Err(RequestError::Unavailable(format!("group {group} is quiet and its leader's node is alive")));
     }
