@@ -253,8 +253,10 @@ async fn past_its_limits_a_node_answers_busy_and_serves_again_after() -> anyhow:
     let leader = tc.leaders_on(&client, 1).await?;
     let addr = if leader.contains(&desc.id) { tc.client_addr(1) } else { tc.client_addr(desc.replicas[0]) };
 
-    // Requests in flight: many linearizable reads at once on raw calls (no retries).
-    let req = ringkv_wire::ClientRequest::Get { shard: desc.id, epoch: desc.epoch, key: b"k".to_vec(), stale: false };
+    // Requests in flight: many writes at once on raw calls (no retries). Each waits for its
+    // Raft round (a linearizable read under the lease is answered without waiting at all).
+    let req =
+        ringkv_wire::ClientRequest::Put { shard: desc.id, epoch: desc.epoch, key: b"k".to_vec(), value: b"v".to_vec(), session: None };
     let mut busy = 0;
     for _ in 0..10 {
         let calls = (0..64).map(|_| client.call_node(&addr, &req, Duration::from_secs(5)));
@@ -269,7 +271,7 @@ async fn past_its_limits_a_node_answers_busy_and_serves_again_after() -> anyhow:
             break;
         }
     }
-    assert!(busy > 0, "64 concurrent reads never met the limit of 2 in flight");
+    assert!(busy > 0, "64 concurrent writes never met the limit of 2 in flight");
 
     // Connections: open raw connections until one is answered busy.
     let certs = ringkv_node::dev::ClusterFileExt::client_certs(&tc.cluster.file);

@@ -291,17 +291,18 @@ impl Node {
         Ok(())
     }
 
-    /// Whether a pre-vote from `from` should be refused because `r` is quiet and its group's
-    /// leader is alive: `r` leads it (its lease ran out while quiet, so openraft would grant
-    /// the pre-vote and then the vote, to a restarted peer that merely has not heard from it;
-    /// the caller wakes it instead, and its heartbeats reach that peer), or `r` follows a
-    /// leader whose node was heard lately (refused without waking).
+    /// Whether a pre-vote from `from` should be refused because `r`'s group is quiet (or just
+    /// woke) and its leader is alive: `r` leads it (its lease ran out while quiet and is not
+    /// renewed until a heartbeat round comes back, so openraft would grant the pre-vote and
+    /// then the vote, to a restarted peer that merely has not heard from it; the caller wakes
+    /// it instead, and its heartbeats reach that peer), or `r` is a quiet follower of a leader
+    /// whose node was heard lately (refused without waking).
     pub fn refuse_pre_vote(&self, r: &Replica, from: NodeId) -> bool {
+        if r.raft.is_leader() {
+            return r.is_quiet() || r.woke_within(self.election_timeout_min());
+        }
         if !r.is_quiet() {
             return false;
-        }
-        if r.raft.is_leader() {
-            return true;
         }
         let leader = r.raft.leader();
         leader.is_some_and(|l| l != from && l != self.id() && self.liveness.heard_within(l, self.election_timeout_min()))
