@@ -77,6 +77,27 @@ async fn write_all(client: &Client, keys: &[(u64, Vec<u8>)], value: &[u8]) -> an
     Ok(started.elapsed())
 }
 
+/// Three nodes with `shards` shards, leader balancing off, every shard written once under
+/// `prefix` and every group quiet: the start of the tests of quiet groups' leaders.
+async fn quiet_cluster(shards: u64, prefix: &str) -> anyhow::Result<(TestCluster, Client, Vec<(u64, Vec<u8>)>)> {
+    let tc = TestCluster::start(3, shards).await?;
+    let client = tc.client().await?;
+    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
+    let keys = keys_for_every_shard(&client.map(), prefix);
+    write_all(&client, &keys, b"before").await?;
+    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    Ok((tc, client, keys))
+}
+
+/// Each shard's leader, as the nodes report it.
+async fn leaders_by_shard(tc: &TestCluster, client: &Client) -> anyhow::Result<std::collections::BTreeMap<u64, NodeId>> {
+    let mut by_shard = std::collections::BTreeMap::new();
+    for n in 1..=3 {
+        by_shard.extend(tc.leaders_on(client, n).await?.into_iter().map(|s| (s, n)));
+    }
+    Ok(by_shard)
+}
+
 /// Idle groups stop ticking on every node (no CPU for them), a write wakes its group and is
 /// served, and a kill -9 of the node leading most quiet groups hands every shard to a new
 /// leader within the election timeout plus the liveness check (3 s with the test timers).
@@ -216,12 +237,7 @@ async fn resting_replicas_of_busy_groups_still_elect_when_the_leaders_node_dies(
 async fn a_leader_transfer_whose_request_is_lost_still_completes() -> anyhow::Result<()> {
     use ringkv_wire::{ClientReply, ClientRequest};
     let shards = 4;
-    let tc = TestCluster::start(3, shards).await?;
-    let client = tc.client().await?;
-    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
-    let keys = keys_for_every_shard(&client.map(), "qxfer");
-    write_all(&client, &keys, b"before").await?;
-    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
+    let (tc, client, keys) = quiet_cluster(shards, "qxfer").await?;
     let (leader, _) = busiest_leader(&tc, &client).await?;
     let shard = tc.leaders_on(&client, leader).await?[0];
     let key = keys.iter().find(|(s, _)| *s == shard).map(|(_, k)| k.clone()).expect("a key of every shard");
@@ -251,28 +267,16 @@ async fn a_leader_transfer_whose_request_is_lost_still_completes() -> anyhow::Re
     Ok(())
 }
 
-/// A request sent to a quiet follower (from a client with an old map) wakes it, but it does not
-/// depose its healthy leader: its election timer counts from its leader's last message, long
-/// ago, and its leader's lease ran out while the group was quiet, so without a pause after
-/// waking it would stand for election at its first tick and win.
+/// A request sent to a quiet follower (from a client with an old map) does not make it depose
+/// its healthy leader: awake, its election timer (counting from its leader's last message, long
+/// ago) would stand at its first tick, and its leader's lease ran out while the group was
+/// quiet, so it would win. Such a request does not wake it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_a_quiet_follower_does_not_depose_its_leader() -> anyhow::Result<()> {
     use ringkv_wire::ClientRequest;
     let shards = 4;
-    let tc = TestCluster::start(3, shards).await?;
-    let client = tc.client().await?;
-    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
-    let keys = keys_for_every_shard(&client.map(), "qmis");
-    write_all(&client, &keys, b"before").await?;
-    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
-    let leaders = async || -> anyhow::Result<std::collections::BTreeMap<u64, NodeId>> {
-        let mut by_shard = std::collections::BTreeMap::new();
-        for n in 1..=3 {
-            by_shard.extend(tc.leaders_on(&client, n).await?.into_iter().map(|s| (s, n)));
-        }
-        Ok(by_shard)
-    };
-    let before = leaders().await?;
+    let (tc, client, keys) = quiet_cluster(shards, "qmis").await?;
+    let before = leaders_by_shard(&tc, &client).await?;
     assert_eq!(before.len() as u64, shards, "{before:?}");
     // Every follower of every shard gets a write and a read it must refuse.
     let map = client.map();
@@ -289,7 +293,7 @@ async fn a_request_to_a_quiet_follower_does_not_depose_its_leader() -> anyhow::R
     }
     // Four election timeouts and more: long enough for any woken follower to have stood.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(leaders().await?, before, "a request to a follower changed a shard's leader");
+    assert_eq!(leaders_by_shard(&tc, &client).await?, before, "a request to a follower changed a shard's leader");
     for (_, k) in &keys {
         assert_eq!(client.get(k).await?, Some(b"before".to_vec()));
     }
@@ -305,16 +309,8 @@ async fn a_request_to_a_quiet_follower_does_not_depose_its_leader() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_follower_does_not_depose_quiet_leaders() -> anyhow::Result<()> {
     let shards = 8;
-    let mut tc = TestCluster::start(3, shards).await?;
-    let client = tc.client().await?;
-    ringkv_tests::set_placement(&client, |s| s.balance = false).await?;
-    let keys = keys_for_every_shard(&client.map(), "qrestart");
-    write_all(&client, &keys, b"before").await?;
-    wait_all_quiet(&tc, &[1, 2, 3], shards).await?;
-    let mut before = std::collections::BTreeMap::new();
-    for n in 1..=3 {
-        before.extend(tc.leaders_on(&client, n).await?.into_iter().map(|s| (s, n)));
-    }
+    let (mut tc, client, keys) = quiet_cluster(shards, "qrestart").await?;
+    let before = leaders_by_shard(&tc, &client).await?;
     // The node leading the fewest shards restarts; the shards it led may elect anew.
     let victim = (1..=3).min_by_key(|n| before.values().filter(|l| *l == n).count()).expect("three nodes");
     let kept: Vec<u64> = before.iter().filter(|(_, l)| **l != victim).map(|(s, _)| *s).collect();

@@ -133,7 +133,8 @@ impl Replica {
     pub fn active(&self) -> &Group {
         self.quiet.activity.fetch_add(1, Ordering::SeqCst);
         self.quiet.last_active_ms.store(now_ms(), Ordering::Relaxed);
-        if self.raft.is_leader() {
+        // The quiet flag first: on the hot path of every request, most groups are awake.
+        if self.is_quiet() && self.raft.is_leader() {
             self.wake();
         }
         &self.raft
