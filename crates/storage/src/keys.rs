@@ -59,9 +59,12 @@ pub const TAG_MEMBERSHIP: u8 = 2;
 pub const TAG_PLACEMENT_MAP: u8 = 3;
 pub const TAG_SNAPSHOT_META: u8 = 4;
 /// Client sessions, under `group ++ TAG_SESSION ++ client`:
-/// - `... ++ client` (17 bytes): the client's row, [`session_key`]: the sequence numbers whose
-///   answers are kept, and the floor below which the client retries nothing any more;
-/// - `... ++ client ++ seq` (25 bytes): the answer to write `seq`, [`session_answer_key`].
+/// - `... ++ client ++ 1` (18 bytes): the client's row, [`session_row_key`]: the sequence
+///   numbers whose answers are kept, with each small answer itself, and the floor below which
+///   the client retries nothing any more;
+/// - `... ++ client ++ seq` (25 bytes): an answer too large for the row, [`session_answer_key`];
+/// - `... ++ client` (17 bytes, [`session_key`]): a row of the earlier format, which kept every
+///   answer apart; read, and replaced by the client's next write.
 ///
 /// Acknowledged answers are forgotten by point deletes of exactly the keys the row lists, never
 /// by a range deletion: range tombstones in the memtable make every later read of the column
@@ -76,6 +79,14 @@ pub fn session_key(group: GroupId, client: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[..9].copy_from_slice(&group_tag_key(group, TAG_SESSION));
     k[9..17].copy_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// The row of `client`'s session in `group` (see [`TAG_SESSION`]).
+pub fn session_row_key(group: GroupId, client: u64) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..17].copy_from_slice(&session_key(group, client));
+    k[17] = 1;
     k
 }
 

@@ -215,16 +215,52 @@ struct Overlay {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct SessionRow {
     floor: u64,
-    live: Vec<u64>,
+    /// The kept answers by sequence number, in the order the writes applied.
+    live: Vec<(u64, Kept)>,
     /// Log index of the client's last write in this group: sessions silent for long expire.
     last_index: u64,
+    /// Read from a row of the earlier format (under [`session_key`]), which the next write of
+    /// this row deletes.
+    #[serde(skip)]
+    legacy: bool,
+}
+
+/// Where a kept answer is: in the row (most answers are a byte or two, so a write costs one
+/// session key, not three), or under its own [`session_answer_key`] when larger than
+/// [`ANSWER_INLINE_BYTES_MAX`] (a compare-and-swap that did not swap carries the value it
+/// found, and the row is rewritten by every write of the client).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Kept {
+    Inline(CommandResult),
+    Apart,
+}
+
+/// Largest encoded answer kept in the row itself.
+const ANSWER_INLINE_BYTES_MAX: usize = 64;
+
+/// A row of the earlier format: every answer under its own key.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct LegacyRow {
+    floor: u64,
+    live: Vec<u64>,
+    last_index: u64,
+}
+
+impl From<LegacyRow> for SessionRow {
+    fn from(l: LegacyRow) -> Self {
+        SessionRow { floor: l.floor, live: l.live.into_iter().map(|s| (s, Kept::Apart)).collect(), last_index: l.last_index, legacy: true }
+    }
 }
 
 /// The client's row; a client without one (new, or from a data dir written before rows
 /// existed) gets one listing whatever answers it already has.
 fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> {
-    if let Some(b) = sm.db.get_cf(CF_APPLY_STATE, &session_key(sm.group, client))? {
+    if let Some(b) = sm.db.get_cf(CF_APPLY_STATE, &session_row_key(sm.group, client))? {
         return dec(&b);
+    }
+    if let Some(b) = sm.db.get_cf(CF_APPLY_STATE, &session_key(sm.group, client))? {
+        return Ok(dec::<LegacyRow>(&b)?.into());
     }
     let prefix = session_key(sm.group, client);
     let mut live = Vec::new();
@@ -234,10 +270,10 @@ fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> 
             break;
         }
         if let Some(seq) = k.get(17..25).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-            live.push(u64::from_be_bytes(seq));
+            live.push((u64::from_be_bytes(seq), Kept::Apart));
         }
     }
-    Ok(SessionRow { floor: 0, live, last_index: 0 })
+    Ok(SessionRow { floor: 0, live, last_index: 0, legacy: false })
 }
 
 /// Forgets every session of `sm`'s group whose last write is below `below_index`: its row and
@@ -245,35 +281,50 @@ fn session_row(sm: &StateMachine, client: u64) -> Result<SessionRow, io::Error> 
 fn expire_sessions(sm: &StateMachine, below_index: u64, overlay: &mut Overlay, batch: &mut WriteBatch) -> Result<u64, io::Error> {
     let apply_cf = sm.db.cf(CF_APPLY_STATE);
     let prefix = group_tag_key(sm.group, TAG_SESSION);
-    let mut silent: Vec<(u64, SessionRow)> = Vec::new();
-    let mut stored = std::collections::HashSet::new();
+    // Each stored row by client: a row of this format wins over one of the earlier format.
+    let mut stored: std::collections::BTreeMap<u64, SessionRow> = std::collections::BTreeMap::new();
     for kv in sm.db.raw().iterator_cf(apply_cf, IteratorMode::From(&prefix, Direction::Forward)) {
         let (k, v) = kv.map_err(io_err)?;
         if !k.starts_with(&prefix) {
             break;
         }
-        // Rows are `group ++ tag ++ client`; answers have the sequence number after that.
-        let Some(client) = k.get(9..17).filter(|_| k.len() == 17).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes) else {
+        // Rows are `group ++ tag ++ client` (++ 1); answers have the sequence number after that.
+        let Some(client) = k.get(9..17).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes) else {
             continue;
         };
-        stored.insert(client);
-        // A write earlier in this batch may have renewed the row, or an expiry deleted it.
-        let row: SessionRow = match overlay.rows.get(&client) {
-            Some(r) => r.clone(),
-            None if overlay.expired.contains(&client) => continue,
-            None => dec(&v)?,
-        };
-        silent.push((client, row));
+        match k.len() {
+            18 if k[17] == 1 => {
+                stored.insert(client, dec(&v)?);
+            }
+            17 => {
+                let legacy: SessionRow = dec::<LegacyRow>(&v)?.into();
+                stored.entry(client).or_insert(legacy);
+            }
+            _ => {}
+        }
     }
-    // Rows written earlier in this batch and not stored yet: a replica that applied those
+    // A write earlier in this batch may have renewed a row, or an expiry deleted it. Rows
+    // written earlier in this batch and not stored yet count too: a replica that applied those
     // entries in an earlier batch has them stored, and must come to the same result.
-    silent.extend(overlay.rows.iter().filter(|(c, _)| !stored.contains(*c)).map(|(c, r)| (*c, r.clone())));
+    let mut silent: Vec<(u64, SessionRow)> = Vec::new();
+    for (client, row) in stored {
+        match overlay.rows.get(&client) {
+            Some(r) => silent.push((client, r.clone())),
+            None if overlay.expired.contains(&client) => {}
+            None => silent.push((client, row)),
+        }
+    }
+    let listed: std::collections::HashSet<u64> = silent.iter().map(|(c, _)| *c).collect();
+    silent.extend(overlay.rows.iter().filter(|(c, _)| !listed.contains(*c)).map(|(c, r)| (*c, r.clone())));
     silent.retain(|(_, row)| row.last_index < below_index);
     for (client, row) in &silent {
-        for seq in &row.live {
-            batch.delete_cf(apply_cf, session_answer_key(sm.group, *client, *seq));
-            overlay.answers.insert((*client, *seq), None);
+        for (seq, kept) in &row.live {
+            if *kept == Kept::Apart {
+                batch.delete_cf(apply_cf, session_answer_key(sm.group, *client, *seq));
+                overlay.answers.insert((*client, *seq), None);
+            }
         }
+        batch.delete_cf(apply_cf, session_row_key(sm.group, *client));
         batch.delete_cf(apply_cf, session_key(sm.group, *client));
         overlay.rows.remove(client);
         overlay.expired.insert(*client);
@@ -363,10 +414,13 @@ fn exec(
             };
             // The row lists exactly the answers kept (a missing row was rebuilt from them), so
             // a new write, not in it, costs no lookup.
-            let answer = match overlay.answers.get(&(client, seq)) {
-                Some(a) => a.clone(),
-                None if !row.live.contains(&seq) => None,
-                None => sm.db.get_cf(CF_APPLY_STATE, &session_answer_key(sm.group, client, seq))?.map(|b| dec(&b)).transpose()?,
+            let answer = match row.live.iter().find(|(s, _)| *s == seq) {
+                None => None,
+                Some((_, Kept::Inline(r))) => Some(r.clone()),
+                Some((_, Kept::Apart)) => match overlay.answers.get(&(client, seq)) {
+                    Some(a) => a.clone(),
+                    None => sm.db.get_cf(CF_APPLY_STATE, &session_answer_key(sm.group, client, seq))?.map(|b| dec(&b)).transpose()?,
+                },
             };
             if let Some(r) = answer {
                 metrics::counter!("ringkv_raft_duplicate_writes_total").increment(1);
@@ -380,19 +434,30 @@ fn exec(
             let r = exec(sm, index, *cmd, overlay, batch, map)?;
             // The client retries nothing below `acked_below` again: forget those answers.
             if session.acked_below > row.floor {
-                for old in row.live.iter().copied().filter(|s| *s < session.acked_below) {
-                    batch.delete_cf(apply_cf, session_answer_key(sm.group, client, old));
-                    overlay.answers.insert((client, old), None);
+                for (old, kept) in row.live.iter().filter(|(s, _)| *s < session.acked_below) {
+                    if *kept == Kept::Apart {
+                        batch.delete_cf(apply_cf, session_answer_key(sm.group, client, *old));
+                        overlay.answers.insert((client, *old), None);
+                    }
                 }
-                row.live.retain(|s| *s >= session.acked_below);
+                row.live.retain(|(s, _)| *s >= session.acked_below);
                 row.floor = session.acked_below;
             }
-            row.live.push(seq);
-            row.last_index = index;
             let stored = stored_answer(&r);
-            batch.put_cf(apply_cf, session_answer_key(sm.group, client, seq), enc(&stored)?);
-            batch.put_cf(apply_cf, session_key(sm.group, client), enc(&row)?);
-            overlay.answers.insert((client, seq), Some(stored));
+            let bytes = enc(&stored)?;
+            if bytes.len() <= ANSWER_INLINE_BYTES_MAX {
+                row.live.push((seq, Kept::Inline(stored)));
+            } else {
+                batch.put_cf(apply_cf, session_answer_key(sm.group, client, seq), &bytes);
+                overlay.answers.insert((client, seq), Some(stored));
+                row.live.push((seq, Kept::Apart));
+            }
+            row.last_index = index;
+            batch.put_cf(apply_cf, session_row_key(sm.group, client), enc(&row)?);
+            if row.legacy {
+                batch.delete_cf(apply_cf, session_key(sm.group, client));
+                row.legacy = false;
+            }
             overlay.rows.insert(client, row);
             overlay.expired.remove(&client);
             Ok(r)
@@ -1006,20 +1071,52 @@ mod tests {
         assert_eq!(sm.get(b"n").expect("get"), Some(b"small".to_vec()));
     }
 
+    fn row(db: &Db, client: u64) -> Option<SessionRow> {
+        db.get_cf(CF_APPLY_STATE, &session_row_key(1, client)).expect("get").map(|b| dec(&b).expect("decode"))
+    }
+
+    /// The answer kept for `seq`: in the row, or apart (and then stored).
     fn answer(db: &Db, client: u64, seq: u64) -> Option<CommandResult> {
-        db.get_cf(CF_APPLY_STATE, &session_answer_key(1, client, seq)).expect("get").map(|b| dec(&b).expect("decode"))
+        let apart = || db.get_cf(CF_APPLY_STATE, &session_answer_key(1, client, seq)).expect("get").map(|b| dec(&b).expect("decode"));
+        match row(db, client).and_then(|r| r.live.into_iter().find(|(s, _)| *s == seq)) {
+            Some((_, Kept::Inline(a))) => {
+                assert_eq!(apart(), None, "an answer kept in the row is not stored apart too");
+                Some(a)
+            }
+            Some((_, Kept::Apart)) => Some(apart().expect("an answer the row keeps apart is stored")),
+            None => {
+                assert_eq!(apart(), None, "an answer the row does not list is not stored");
+                None
+            }
+        }
     }
 
+    /// The sequence numbers whose answers `client`'s row keeps.
     fn seqs(db: &Db, client: u64) -> Vec<u64> {
-        let row: SessionRow = dec(&db.get_cf(CF_APPLY_STATE, &session_key(1, client)).expect("get").expect("row")).expect("decode");
-        let kept: Vec<u64> = row.live.iter().copied().filter(|s| answer(db, client, *s).is_some()).collect();
-        assert_eq!(kept, row.live, "the row lists exactly the answers kept");
-        row.live
+        let row = row(db, client).expect("row");
+        let live: Vec<u64> = row.live.iter().map(|(s, _)| *s).collect();
+        assert!(live.iter().all(|s| answer(db, client, *s).is_some()), "the row lists exactly the answers kept");
+        live
     }
 
-    /// Forgetting acknowledged answers deletes exactly their keys (point deletes; a range
-    /// deletion per write made every later read of the column family re-sort all the range
-    /// tombstones in the memtable, which cost 9x write throughput once).
+    /// The session keys of group 1 and the deletes in the apply family's memtable.
+    fn session_keys_and_deletes(db: &Db) -> (usize, Option<u64>) {
+        let prefix = group_tag_key(1, TAG_SESSION);
+        let keys = db
+            .raw()
+            .prefix_iterator_cf(db.cf(CF_APPLY_STATE), prefix)
+            .filter_map(Result::ok)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .count();
+        let deletes = db.raw().property_int_value_cf(db.cf(CF_APPLY_STATE), "rocksdb.num-deletes-active-mem-table").expect("property");
+        (keys, deletes)
+    }
+
+    /// A write under a session costs one session key, its row, which keeps the answer: nothing
+    /// is deleted when acknowledged answers are forgotten. An answer too large for the row is
+    /// kept apart, and forgetting it deletes exactly its key (a point delete: a range deletion
+    /// per write made every later read of the column family re-sort all the range tombstones
+    /// in the memtable, which cost 9x write throughput once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forgetting_session_answers_deletes_exactly_their_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1031,17 +1128,49 @@ mod tests {
             apply(&mut sm, vec![entry(seq, Command::Session { session, cmd: Box::new(put) })]).await;
         }
         assert_eq!(seqs(&db, 7), vec![200]);
-        // The row and the last answer are all that is left of the client's session.
-        let prefix = group_tag_key(1, TAG_SESSION);
-        let keys = db
-            .raw()
-            .prefix_iterator_cf(db.cf(CF_APPLY_STATE), prefix)
-            .filter_map(Result::ok)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .count();
-        assert_eq!(keys, 2);
-        let deletes = db.raw().property_int_value_cf(db.cf(CF_APPLY_STATE), "rocksdb.num-deletes-active-mem-table").expect("property");
-        assert_eq!(deletes, Some(199), "one point delete per forgotten answer");
+        assert_eq!(session_keys_and_deletes(&db), (1, Some(0)), "the row is all that is left of the session");
+        // Compare-and-swaps that do not swap answer with the 1 KiB value they found: too large
+        // for the row, so each is kept apart until acknowledged.
+        let big = vec![b'x'; 1024];
+        apply(&mut sm, vec![entry(201, Command::Put { key: b"n".to_vec(), value: big.clone() })]).await;
+        for seq in 201..=210u64 {
+            apply(&mut sm, vec![entry(seq + 1, cas(seq, 201, b"other", b"new"))]).await;
+        }
+        assert_eq!(answer(&db, 9, 205), Some(CommandResult::Cas { swapped: false, current: Some(big.clone()) }));
+        assert!(row(&db, 9).expect("row").live.iter().all(|(_, k)| *k == Kept::Apart));
+        assert_eq!(session_keys_and_deletes(&db), (1 + 1 + 10, Some(0)));
+        apply(&mut sm, vec![entry(212, cas(211, 210, b"other", b"new"))]).await;
+        assert_eq!(seqs(&db, 9), vec![210, 211]);
+        assert_eq!(session_keys_and_deletes(&db), (1 + 1 + 2, Some(9)), "one point delete per forgotten answer kept apart");
+    }
+
+    /// A row of the earlier format (every answer under its own key) still answers retries; the
+    /// client's next write replaces it with a row of this format, and an expiry forgets either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_of_the_earlier_format_still_deduplicate_and_are_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        apply(&mut sm, vec![entry(1, Command::Put { key: b"n".to_vec(), value: b"1".to_vec() })]).await;
+        let mut b = WriteBatch::default();
+        for client in [9, 10] {
+            let legacy = LegacyRow { floor: 1, live: vec![5], last_index: 1 };
+            b.put_cf(db.cf(CF_APPLY_STATE), session_key(1, client), enc(&legacy).expect("enc"));
+            b.put_cf(db.cf(CF_APPLY_STATE), session_answer_key(1, client, 5), enc(&CommandResult::Done).expect("enc"));
+        }
+        db.write_sync(b).expect("write");
+        apply(&mut sm, vec![entry(2, replay_as_put(5))]).await;
+        assert_eq!(sm.get(b"n").expect("get"), Some(b"1".to_vec()), "the retry was answered, not applied");
+        apply(&mut sm, vec![entry(3, cas(6, 1, b"1", b"2"))]).await;
+        assert_eq!(seqs(&db, 9), vec![5, 6]);
+        assert_eq!(db.get_cf(CF_APPLY_STATE, &session_key(1, 9)).expect("get"), None, "the earlier row is replaced");
+        assert!(db.get_cf(CF_APPLY_STATE, &session_key(1, 10)).expect("get").is_some(), "client 10 wrote nothing");
+        // Client 9 wrote at 3, client 10 last at 1: the cut at 2 forgets client 10, both formats.
+        apply(&mut sm, vec![entry(4, Command::ExpireSessions { below_index: 2 })]).await;
+        assert_eq!(session_keys_and_deletes(&db).0, 2, "client 9's row and its answer kept apart");
+        assert_eq!(seqs(&db, 9), vec![5, 6]);
+        assert_eq!(db.get_cf(CF_APPLY_STATE, &session_key(1, 10)).expect("get"), None);
+        assert_eq!(db.get_cf(CF_APPLY_STATE, &session_answer_key(1, 10, 5)).expect("get"), None);
     }
 
     /// A copy of a write that arrives after the client moved past it (its answer already
