@@ -97,3 +97,53 @@ async fn every_acknowledged_write_survives_a_crash_at_each_storage_crash_point()
     tc.stop().await;
     Ok(())
 }
+
+/// A storage error that stops one group's Raft (here at apply, from the failpoint
+/// `raft::apply::error`) stops the whole node with a clear error, as a kill would. A node that
+/// lived on with a dead group would still answer its peers' liveness pings, so the quiet
+/// followers of a group it led would never elect. The other nodes serve every shard with every
+/// acknowledged write, and the node, restarted without the fault, catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_error_in_one_group_stops_the_node_and_the_others_serve() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let client = tc.client().await?;
+    let victim = 2;
+    tc.cluster.kill(victim).await?;
+    tc.cluster.set_env(victim, vec![("FAILPOINTS".into(), "raft::apply::error=return".into())]);
+    tc.cluster.restart(victim)?;
+    // Every node holds every shard: the victim's replicas fail at their first apply of these.
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    let status = loop {
+        if let Some((_, s)) = tc.cluster.exited().into_iter().find(|(id, _)| *id == victim) {
+            break s;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "node {victim} still runs 30 s after its storage failed");
+        let n = acked.len();
+        let key = format!("apply-error-{n}").into_bytes();
+        client.put(&key, format!("v-{n}").as_bytes()).await?;
+        acked.push(key);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    anyhow::ensure!(!status.success(), "node {victim} exited cleanly ({status})");
+    let log = std::fs::read_to_string(tc.cluster.entry(victim)?.data_dir.join("node.log"))?;
+    anyhow::ensure!(
+        log.contains("Raft stopped on a storage error") && log.contains("failpoint raft::apply::error"),
+        "node {victim} exited ({status}) without naming the storage error"
+    );
+    eprintln!("node {victim} stopped ({status}) {:?} after its restart, {} writes acknowledged", started.elapsed(), acked.len());
+    for n in 0..20 {
+        let key = format!("apply-error-after-{n}").into_bytes();
+        client.put(&key, format!("v-{n}").as_bytes()).await?;
+        acked.push(key);
+    }
+    check_acked(&client, &acked).await?;
+    tc.cluster.set_env(victim, vec![]);
+    tc.cluster.restart(victim)?;
+    for k in &acked {
+        let n = String::from_utf8_lossy(k).rsplit('-').next().unwrap_or_default().to_string();
+        tc.wait_caught_up(&client, victim, k, format!("v-{n}").as_bytes()).await?;
+    }
+    tc.stop().await;
+    Ok(())
+}

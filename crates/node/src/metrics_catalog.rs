@@ -56,6 +56,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "Followers on this node resting (their election timer stopped while their leader is heard).",
     ),
+    ("ringkv_raft_group_failures_total", "counter", "Groups whose Raft stopped on a storage error; the node then stops."),
     ("ringkv_raft_group_liveness_wakes_total", "counter", "Quiet groups woken because their leader's node went silent."),
     ("ringkv_raft_group_quiesces_total", "counter", "Times a group went quiet (stopped ticking while idle)."),
     ("ringkv_raft_group_wakes_total", "counter", "Times a quiet group woke up."),

@@ -332,10 +332,21 @@ impl Node {
             let mut ask: Vec<(Arc<Replica>, u64, u64, Vec<NodeId>)> = Vec::new();
             let replicas: Vec<Arc<Replica>> = self.replicas.iter().map(|r| r.clone()).collect();
             for r in replicas {
-                if r.group == PLACEMENT_GROUP || r.retired.load(Ordering::Relaxed) {
+                if r.retired.load(Ordering::Relaxed) {
                     continue;
                 }
                 let m = r.raft.state();
+                if let Some(why) = m.failure() {
+                    // The node lives on, so its peers still hear it and the quiet followers of
+                    // a group it led would never elect: a node that cannot run one of its
+                    // groups stops (as TiKV's does), and its groups elect elsewhere.
+                    metrics::counter!("ringkv_raft_group_failures_total").increment(1);
+                    self.fail(format!("group {}: Raft stopped on a storage error: {why}; stopping the node", r.group));
+                    return;
+                }
+                if r.group == PLACEMENT_GROUP {
+                    continue;
+                }
                 let held = *r.elect_held();
                 if held && now.saturating_sub(r.quiet.woke_ms.load(Ordering::Acquire)) >= silence.as_millis() as u64 {
                     r.release_elections();

@@ -307,6 +307,15 @@ fn read_error(e: RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) -> Gr
 pub struct GroupState(openraft::RaftMetrics<TypeConfig>);
 
 impl GroupState {
+    /// Why the group's Raft stopped on its own (a storage error), if it did; `None` while it
+    /// runs and after a shutdown asked for.
+    pub fn failure(&self) -> Option<String> {
+        match &self.0.running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
     pub fn is_leader(&self) -> bool {
         self.0.state.is_leader()
     }

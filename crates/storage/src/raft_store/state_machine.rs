@@ -592,6 +592,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.put_cf(apply_cf, self.apply_key(TAG_MEMBERSHIP), enc(&m)?);
         }
         fail::fail_point!("raft::apply::before");
+        // A storage error at apply (`FAILPOINTS=raft::apply::error=return`): the group's Raft
+        // stops, and with it the node.
+        fail::fail_point!("raft::apply::error", |_| Err(io::Error::other("failpoint raft::apply::error")));
         // Not synced: the log is durable, and the applied index is written in the same batch as
         // the data, so after a crash the state machine re-applies exactly what it lost.
         self.db.write(batch)?;
@@ -1142,6 +1145,63 @@ mod tests {
         apply(&mut sm, vec![entry(212, cas(211, 210, b"other", b"new"))]).await;
         assert_eq!(seqs(&db, 9), vec![210, 211]);
         assert_eq!(session_keys_and_deletes(&db), (1 + 1 + 2, Some(9)), "one point delete per forgotten answer kept apart");
+    }
+
+    /// Answers kept apart and rows of the earlier format, across any split into apply batches:
+    /// a retry right after its write (the answer still only in the batch) or later is answered,
+    /// not applied; an earlier-format row is replaced by its client's write and answers from its
+    /// answer keys; an expiry forgets what it must. Every split ends in the same stored state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_kept_apart_and_earlier_rows_apply_the_same_in_any_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![b'x'; 1024];
+        let put = |client, seq, acked_below, key: &[u8]| {
+            let session = ringkv_wire::Session { client, seq, acked_below };
+            Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: b"put".to_vec() }) }
+        };
+        let entries = || {
+            vec![
+                entry(1, Command::Put { key: b"n".to_vec(), value: big.clone() }),
+                // Does not swap: the answer carries the 1 KiB value, so it is kept apart.
+                entry(2, cas(1, 1, b"other", b"new")),
+                entry(3, replay_as_put(1)),
+                entry(4, put(10, 6, 1, b"m")),
+                entry(5, put(10, 5, 1, b"m5")),
+                entry(6, replay_as_put(1)),
+                entry(7, Command::ExpireSessions { below_index: 3 }),
+            ]
+        };
+        let mut states = Vec::new();
+        for (name, batch) in [("one", 7usize), ("many", 1), ("pairs", 2), ("three", 3)] {
+            let db = Db::open(&dir.path().join(name)).expect("db");
+            let mut b = WriteBatch::default();
+            b.put_cf(db.cf(CF_APPLY_STATE), session_key(1, 10), enc(&LegacyRow { floor: 1, live: vec![5], last_index: 0 }).expect("enc"));
+            b.put_cf(db.cf(CF_APPLY_STATE), session_answer_key(1, 10, 5), enc(&CommandResult::Done).expect("enc"));
+            db.write_sync(b).expect("write");
+            let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+            for chunk in entries().chunks(batch) {
+                apply(&mut sm, chunk.to_vec()).await;
+            }
+            assert_eq!(sm.get(b"n").expect("get"), Some(big.clone()), "{name}: a retry of the CAS was applied");
+            assert_eq!(sm.get(b"m5").expect("get"), None, "{name}: a retry from the earlier row was applied");
+            assert_eq!(sm.get(b"m").expect("get"), Some(b"put".to_vec()), "{name}");
+            // Client 9 last wrote at 2, before the cut at 3: forgotten with its answer kept apart.
+            assert_eq!(row(&db, 9), None, "{name}");
+            assert_eq!(db.get_cf(CF_APPLY_STATE, &session_answer_key(1, 9, 1)).expect("get"), None, "{name}");
+            // Client 10 wrote at 4: its row of this format keeps 5 (apart) and 6.
+            assert_eq!(seqs(&db, 10), vec![5, 6], "{name}");
+            assert_eq!(db.get_cf(CF_APPLY_STATE, &session_key(1, 10)).expect("get"), None, "{name}");
+            let prefix = group_tag_key(1, TAG_SESSION);
+            let rows: Vec<(Vec<u8>, Vec<u8>)> = db
+                .raw()
+                .iterator_cf(db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward))
+                .map(|kv| kv.expect("kv"))
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            states.push(rows);
+        }
+        assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas with other apply batches differ");
     }
 
     /// A row of the earlier format (every answer under its own key) still answers retries; the
