@@ -431,7 +431,7 @@ async fn a_full_disk_refuses_writes_clearly_keeps_every_write_and_recovers() -> 
             let addr = addr.clone();
             async move {
                 match metric(&scrape(&addr)?, "ringkv_storage_disk_full") {
-                    Some(v) if v == 1.0 => Ok(()),
+                    Some(1.0) => Ok(()),
                     other => anyhow::bail!("ringkv_storage_disk_full is {other:?}"),
                 }
             }
