@@ -1042,16 +1042,7 @@ mod tests {
             assert_eq!(seqs(&db, 2), vec![1, 2], "{name}");
             assert_eq!(seqs(&db, 3), vec![1, 2], "{name}");
             assert!(answer(&db, 2, 1).is_some(), "{name}");
-            let rows: Vec<(Vec<u8>, Vec<u8>)> = {
-                let prefix = group_tag_key(1, TAG_SESSION);
-                db.raw()
-                    .iterator_cf(db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward))
-                    .map(|kv| kv.expect("kv"))
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .collect()
-            };
-            states.push(rows);
+            states.push(session_state(&db));
         }
         assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas with other apply batches differ");
     }
@@ -1102,15 +1093,20 @@ mod tests {
         live
     }
 
-    /// The session keys of group 1 and the deletes in the apply family's memtable.
-    fn session_keys_and_deletes(db: &Db) -> (usize, Option<u64>) {
+    /// Every session key of group 1 with its value, in key order.
+    fn session_state(db: &Db) -> Vec<(Vec<u8>, Vec<u8>)> {
         let prefix = group_tag_key(1, TAG_SESSION);
-        let keys = db
-            .raw()
-            .prefix_iterator_cf(db.cf(CF_APPLY_STATE), prefix)
-            .filter_map(Result::ok)
+        db.raw()
+            .iterator_cf(db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward))
+            .map(|kv| kv.expect("kv"))
             .take_while(|(k, _)| k.starts_with(&prefix))
-            .count();
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// How many session keys group 1 has, and the deletes in the apply family's memtable.
+    fn session_keys_and_deletes(db: &Db) -> (usize, Option<u64>) {
+        let keys = session_state(db).len();
         let deletes = db.raw().property_int_value_cf(db.cf(CF_APPLY_STATE), "rocksdb.num-deletes-active-mem-table").expect("property");
         (keys, deletes)
     }
@@ -1191,15 +1187,7 @@ mod tests {
             // Client 10 wrote at 4: its row of this format keeps 5 (apart) and 6.
             assert_eq!(seqs(&db, 10), vec![5, 6], "{name}");
             assert_eq!(db.get_cf(CF_APPLY_STATE, &session_key(1, 10)).expect("get"), None, "{name}");
-            let prefix = group_tag_key(1, TAG_SESSION);
-            let rows: Vec<(Vec<u8>, Vec<u8>)> = db
-                .raw()
-                .iterator_cf(db.cf(CF_APPLY_STATE), IteratorMode::From(&prefix, Direction::Forward))
-                .map(|kv| kv.expect("kv"))
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect();
-            states.push(rows);
+            states.push(session_state(&db));
         }
         assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas with other apply batches differ");
     }
