@@ -25,6 +25,7 @@ use ringkv_storage::{Command, CommandResult, PeerNode};
 use ringkv_wire::*;
 
 use crate::node::{Node, Replica};
+use crate::peer::Lane;
 
 /// How often a node reports to the placement leader.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -174,7 +175,7 @@ impl Node {
                 continue;
             }
             let Some(addr) = map.node(id).map(|n| n.peer_addr.clone()) else { continue };
-            match self.pool.call(id, &addr, &req, FORWARD_TIMEOUT, false).await {
+            match self.pool.call(id, &addr, &req, FORWARD_TIMEOUT, Lane::Control).await {
                 Ok(Ok(reply)) => {
                     *lock(&self.driver.leader_hint) = Some(id);
                     return Ok(reply);
@@ -857,7 +858,7 @@ async fn send(node: &Arc<Node>, to: NodeId, req: &PeerRequest) -> Result<PeerRep
         return crate::service::PeerService::local(node, req.clone()).await;
     }
     let addr = node.map().node(to).map(|n| n.peer_addr.clone()).ok_or(RequestError::Malformed(format!("no node {to}")))?;
-    match node.pool.call(to, &addr, req, STEP_TIMEOUT + Duration::from_secs(2), false).await {
+    match node.pool.call(to, &addr, req, STEP_TIMEOUT + Duration::from_secs(2), Lane::Data).await {
         Ok(r) => r,
         Err(e) => Err(RequestError::Unavailable(format!("node {to}: {e}"))),
     }

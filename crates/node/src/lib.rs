@@ -53,7 +53,12 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let _ = ops_node.set(node.clone());
     let peer_svc = Arc::new(service::PeerService { node: node.clone() });
     pool.set_server(Box::new(move |conn| {
-        tokio::spawn(serve_connection::<PeerRequest, PeerResponse, _>(conn, peer_svc.clone(), peer::PEER_FRAME_BYTES_MAX));
+        tokio::spawn(serve_connection::<PeerRequest, PeerResponse, _>(
+            conn,
+            peer_svc.clone(),
+            peer::PEER_FRAME_BYTES_MAX,
+            &peer::PEER_LANE_PRIORITIES,
+        ));
     }));
     node.start_registered().await?;
     // Accept peers before adopting the map, so groups can talk as soon as they exist.

@@ -9,6 +9,7 @@ use ringkv_wire::{ClientReply, ClientResponse, NodeId, NodeInfo, NodeState, Peer
 
 use crate::driver::lock;
 use crate::node::{Node, Replica};
+use crate::peer::Lane;
 
 /// A replica whose log is this many entries short of what its group committed is behind: the
 /// node is not ready (a rolling restart must not take the next node down yet).
@@ -207,7 +208,7 @@ impl Node {
         }
         let mut nodes = vec![self.info()];
         for seed in self.config.seeds.iter().filter(|s| s.as_str() != self.config.advertised_peer_addr()) {
-            match self.pool.call(0, seed, &PeerRequest::Identify, SEED_TIMEOUT, false).await {
+            match self.pool.call(0, seed, &PeerRequest::Identify, SEED_TIMEOUT, Lane::Data).await {
                 Ok(Ok(PeerReply::Identity(info))) => {
                     if !nodes.iter().any(|n| n.id == info.id) {
                         nodes.push(info);
@@ -232,7 +233,7 @@ impl Node {
         let answer = if first.id == self.id() {
             bootstrap_here(self, req).await
         } else {
-            match self.pool.call(first.id, &first.peer_addr, &req, crate::bootstrap::BOOTSTRAP_TIMEOUT, false).await {
+            match self.pool.call(first.id, &first.peer_addr, &req, crate::bootstrap::BOOTSTRAP_TIMEOUT, Lane::Data).await {
                 Ok(r) => r,
                 Err(e) => {
                     return Err(RequestError::Unavailable(format!("node {} (the first placement member) did not answer: {e}", first.id)))

@@ -12,7 +12,7 @@ use ringkv_wire::{ClusterMap, GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::peer::PeerPool;
+use crate::peer::{Lane, PeerPool};
 use crate::raft::{Group, RaftConfig};
 
 /// How often the map loop looks for a newer cluster map.
@@ -280,7 +280,7 @@ impl Node {
                 self.id()
             )));
         }
-        match self.pool.call(from, "", &PeerRequest::GetMap, Duration::from_secs(2), false).await {
+        match self.pool.call(from, "", &PeerRequest::GetMap, Duration::from_secs(2), Lane::Data).await {
             Ok(Ok(PeerReply::Map(m))) if !m.is_bootstrapped() => Ok(()),
             Ok(Ok(PeerReply::Map(m))) => match m.node(self.id()) {
                 // 0: a member the bootstrap could not ask (down then); its first heartbeat claims it.
@@ -472,7 +472,7 @@ impl Node {
         }
         let mut best: Option<ClusterMap> = None;
         for (id, addr) in targets {
-            if let Ok(Ok(PeerReply::Map(m))) = self.pool.call(id, &addr, &PeerRequest::GetMap, Duration::from_secs(1), false).await {
+            if let Ok(Ok(PeerReply::Map(m))) = self.pool.call(id, &addr, &PeerRequest::GetMap, Duration::from_secs(1), Lane::Data).await {
                 if best.as_ref().is_none_or(|b| m.version > b.version) {
                     best = Some(m);
                 }

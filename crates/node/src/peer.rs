@@ -14,9 +14,37 @@ use ringkv_transport::rpc::RpcError;
 use ringkv_transport::RpcClient;
 use ringkv_wire::{NodeId, PeerRequest, PeerResponse};
 
-/// Streams each end opens per peer connection. Lane 0 carries snapshots; the rest carry
-/// everything else.
+/// Streams each end opens per peer connection, one per [`Lane`]: 0 snapshots, 1 control
+/// messages, 2 and 3 everything else.
 pub const PEER_LANES: usize = 4;
+/// The QUIC send priority of each lane, at both ends: control messages first, snapshots last.
+pub const PEER_LANE_PRIORITIES: [i32; PEER_LANES] = [-1, 1, 0, 0];
+
+/// Which of a peer connection's lanes a request takes. Each lane has its own queue and writer
+/// at both ends and its own QUIC stream, so a message on one never waits behind another
+/// lane's: a heartbeat or vote does not queue behind other groups' appends of large entries
+/// (up to `APPEND_BYTES_MAX` each), nor an append behind a snapshot's chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Snapshot transfers.
+    Bulk,
+    /// Small messages whose delay costs liveness: votes, heartbeats and commit-only appends,
+    /// leader transfers, pings, quiescence, node heartbeats to the placement group.
+    Control,
+    /// Everything else: appends carrying entries, maps, placement orders.
+    Data,
+}
+
+impl Lane {
+    /// The lane's index on the connection; data spreads over the data lanes.
+    pub fn index(self) -> usize {
+        match self {
+            Lane::Bulk => 0,
+            Lane::Control => 1,
+            Lane::Data => 2 + rand::random::<usize>() % (PEER_LANES - 2),
+        }
+    }
+}
 /// Largest peer frame: a batch of appended entries or a whole snapshot.
 pub const PEER_FRAME_BYTES_MAX: usize = 256 << 20;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -98,7 +126,7 @@ impl PeerPool {
         if let Some(serve) = self.server.get() {
             serve(conn.clone());
         }
-        let rpc = Arc::new(Conn::over(conn, PEER_LANES, PEER_FRAME_BYTES_MAX).await?);
+        let rpc = Arc::new(Conn::over_prioritized(conn, PEER_LANES, PEER_FRAME_BYTES_MAX, &PEER_LANE_PRIORITIES).await?);
         let preferred = self.me.min(peer);
         let mut kept = rpc.clone();
         let mut retired = None;
@@ -159,14 +187,13 @@ impl PeerPool {
         self.adopt(peer, conn, self.me).await
     }
 
-    /// Sends `req` to node `to` at `addr` (`to` 0: whichever node is there, e.g. a seed).
-    /// `bulk` requests (snapshots) use their own stream.
-    pub async fn call(&self, to: NodeId, addr: &str, req: &PeerRequest, timeout: Duration, bulk: bool) -> Result<PeerResponse, RpcError> {
+    /// Sends `req` to node `to` at `addr` (`to` 0: whichever node is there, e.g. a seed) on
+    /// the given lane of the connection.
+    pub async fn call(&self, to: NodeId, addr: &str, req: &PeerRequest, timeout: Duration, lane: Lane) -> Result<PeerResponse, RpcError> {
         if to != 0 && self.is_isolated_from(to) {
             return Err(RpcError::Unreachable(format!("node {to} is cut off by the fault filter")));
         }
         let c = self.conn(to, addr).await?;
-        let lane = if bulk { 0 } else { 1 + rand::random::<usize>() % (PEER_LANES - 1) };
-        c.call_on_lane(lane, req, timeout).await
+        c.call_on_lane(lane.index(), req, timeout).await
     }
 }

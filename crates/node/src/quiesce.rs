@@ -49,6 +49,7 @@ use futures::future::join_all;
 use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
 
 use crate::node::{Node, Replica};
+use crate::peer::Lane;
 use crate::raft::Group;
 
 /// How long a leader's group must see no activity before it goes quiet.
@@ -418,7 +419,7 @@ impl Node {
 
     async fn ping(&self, peer: NodeId) {
         let Some(addr) = self.peer_addr_of(peer) else { return };
-        if let Ok(Ok(PeerReply::Done)) = self.pool.call(peer, &addr, &PeerRequest::Ping, ASK_TIMEOUT, false).await {
+        if let Ok(Ok(PeerReply::Done)) = self.pool.call(peer, &addr, &PeerRequest::Ping, ASK_TIMEOUT, Lane::Control).await {
             self.liveness.heard(peer);
         }
     }
@@ -436,7 +437,7 @@ impl Node {
                     let req = &req;
                     async move {
                         let Some(addr) = addrs.get(f) else { return false };
-                        matches!(self.pool.call(*f, addr, req, ASK_TIMEOUT, false).await, Ok(Ok(PeerReply::Done)))
+                        matches!(self.pool.call(*f, addr, req, ASK_TIMEOUT, Lane::Control).await, Ok(Ok(PeerReply::Done)))
                     }
                 }))
                 .await;

@@ -114,11 +114,25 @@ where
 
     /// Opens `lanes` streams on an established connection.
     pub async fn over(conn: quinn::Connection, lanes: usize, frame_bytes_max: usize) -> Result<Self, RpcError> {
+        Self::over_prioritized(conn, lanes, frame_bytes_max, &[]).await
+    }
+
+    /// As [`RpcClient::over`], with a QUIC send priority per lane (`priorities[i]` for lane `i`,
+    /// 0 past its end): when the connection cannot send everything queued at once, a lane of
+    /// higher priority goes first. Every lane has its own queue and writer either way, so a
+    /// frame never waits behind another lane's frames in this process.
+    pub async fn over_prioritized(
+        conn: quinn::Connection,
+        lanes: usize,
+        frame_bytes_max: usize,
+        priorities: &[i32],
+    ) -> Result<Self, RpcError> {
         let pending: Arc<Pending<Resp>> = Arc::new(DashMap::with_hasher(rustc_hash::FxBuildHasher));
         let dead = Arc::new(AtomicBool::new(false));
         let mut txs = Vec::with_capacity(lanes);
-        for _ in 0..lanes.max(1) {
+        for lane in 0..lanes.max(1) {
             let (send, recv) = conn.open_bi().await.map_err(|e| RpcError::ConnectionLost(e.to_string()))?;
+            let _ = send.set_priority(priorities.get(lane).copied().unwrap_or(0));
             let (tx, rx) = mpsc::channel(LANE_QUEUE_MAX);
             tokio::spawn(write_loop(send, rx));
             tokio::spawn(read_responses(recv, pending.clone(), dead.clone(), frame_bytes_max));
@@ -306,8 +320,10 @@ async fn read_responses<Resp: DeserializeOwned>(
     }
 }
 
-/// Serves every stream the peer opens on `conn` until the connection ends.
-pub async fn serve_connection<Req, Resp, S>(conn: quinn::Connection, svc: Arc<S>, frame_bytes_max: usize)
+/// Serves every stream the peer opens on `conn` until the connection ends. The answers on the
+/// `i`-th stream the peer opens (its lane `i`) get the QUIC send priority `priorities[i]` (0 past
+/// its end), as the caller's requests on that lane do ([`RpcClient::over_prioritized`]).
+pub async fn serve_connection<Req, Resp, S>(conn: quinn::Connection, svc: Arc<S>, frame_bytes_max: usize, priorities: &'static [i32])
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -319,6 +335,8 @@ where
         return;
     };
     while let Ok((send, recv)) = conn.accept_bi().await {
+        let lane = send.id().index() as usize;
+        let _ = send.set_priority(priorities.get(lane).copied().unwrap_or(0));
         tokio::spawn(serve_stream::<Req, Resp, S>(send, recv, svc.clone(), caller, frame_bytes_max));
     }
 }
@@ -458,7 +476,7 @@ pub async fn serve<Req, Resp, S>(
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(conn) => match permit {
-                            Ok(_permit) => serve_connection::<Req, Resp, S>(conn, svc, frame_bytes_max).await,
+                            Ok(_permit) => serve_connection::<Req, Resp, S>(conn, svc, frame_bytes_max, &[]).await,
                             Err(_) => refuse_connection::<Req, Resp, S>(conn, svc, frame_bytes_max, connections_max).await,
                         },
                         Err(e) => {
@@ -469,5 +487,95 @@ pub async fn serve<Req, Resp, S>(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_bytes::ByteBuf;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Answers each request with its length.
+    struct Len;
+
+    impl Service<ByteBuf, u64> for Len {
+        fn call(self: Arc<Self>, _caller: Caller, req: ByteBuf) -> BoxFuture<u64> {
+            Box::pin(async move { req.len() as u64 })
+        }
+        fn error(&self, _why: String) -> u64 {
+            u64::MAX
+        }
+    }
+
+    const FRAME_MAX: usize = 4 << 20;
+
+    /// A server endpoint serving [`Len`] on loopback and a client of it with `lanes` lanes.
+    async fn connected(dir: &std::path::Path, lanes: usize) -> (RpcClient<ByteBuf, u64>, quinn::Endpoint, quinn::Endpoint) {
+        let ca = dir.join("ca");
+        crate::certs::init_ca(&ca).expect("ca");
+        let out = crate::certs::issue_node(&ca, &dir.join("node"), 1, &[]).expect("node cert");
+        let paths = crate::tls::CertPaths { ca: ca.join("ca.pem"), cert: out.cert, key: out.key };
+        let server_cfg = crate::tls::server_config(&paths, b"test").expect("server config");
+        let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let accepting = server.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(conn) = incoming.await {
+                    tokio::spawn(serve_connection::<ByteBuf, u64, _>(conn, Arc::new(Len), FRAME_MAX, &[0, 1]));
+                }
+            }
+        });
+        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+        client_ep.set_default_client_config(crate::tls::client_config(&paths, b"test").expect("client config"));
+        let cfg = crate::tls::client_config(&paths, b"test").expect("client config");
+        let conn = client_ep.connect_with(cfg, addr, crate::NODE_SERVER_NAME).expect("connect").await.expect("handshake");
+        let client = RpcClient::over_prioritized(conn, lanes, FRAME_MAX, &[0, 1]).await.expect("lanes");
+        (client, server, client_ep)
+    }
+
+    /// How many of `large` 1 MiB requests, all queued on lane 0 first, were answered when a
+    /// small request on `small_lane` was.
+    async fn answered_before_small(small_lane: usize) -> usize {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, _server, _ep) = connected(dir.path(), 2).await;
+        let client = Arc::new(client);
+        let large = 48usize;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut calls = Vec::new();
+        for _ in 0..large {
+            let (client, answered) = (client.clone(), answered.clone());
+            calls.push(tokio::spawn(async move {
+                let n = client.call_on_lane(0, &ByteBuf::from(vec![7u8; 1 << 20]), Duration::from_secs(60)).await.expect("large call");
+                assert_eq!(n, 1 << 20);
+                answered.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        // Every large request is encoded and on its way (registered as pending, then queued on
+        // its lane at once) or already answered before the small one is sent.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while client.pending.len() + answered.load(Ordering::SeqCst) < large {
+            assert!(std::time::Instant::now() < deadline, "the large requests were not all sent");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let n = client.call_on_lane(small_lane, &ByteBuf::from(vec![1u8; 16]), Duration::from_secs(60)).await.expect("small call");
+        assert_eq!(n, 16);
+        let before = answered.load(Ordering::SeqCst);
+        for c in calls {
+            c.await.expect("large call task");
+        }
+        before
+    }
+
+    /// A small request on a lane of its own is answered while a backlog of large requests on
+    /// another lane is still going out; on the same lane it waits behind them (which shows the
+    /// check can fail).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_request_on_its_own_lane_does_not_wait_behind_another_lanes_backlog() {
+        let own = answered_before_small(1).await;
+        assert!(own < 24, "{own} of 48 large requests on another lane were answered before the small one");
+        let shared = answered_before_small(0).await;
+        assert!(shared >= 32, "only {shared} of 48 large requests ahead on the same lane were answered before the small one");
     }
 }

@@ -22,7 +22,7 @@ use ringkv_storage::{PeerNode, SnapshotMeta, TypeConfig};
 use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, RaftRpc};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::peer::PeerPool;
+use crate::peer::{Lane, PeerPool};
 use crate::snapshot::{Part, SnapshotThrottle, SNAPSHOT_CHUNK_BYTES};
 
 /// How long a snapshot transfer may take beyond the time its bytes need at the throttled rate.
@@ -101,13 +101,13 @@ impl GroupClient {
         &self,
         rpc: RaftRpc,
         req: &Req,
+        lane: Lane,
         timeout: impl FnOnce(usize) -> Duration,
     ) -> Result<Resp, CallError> {
         let payload = postcard::to_allocvec(req).map_err(|e| CallError::Network(e.to_string()))?;
         let timeout = timeout(payload.len());
         let req = PeerRequest::Raft { from: self.me, group: self.group, rpc, payload };
-        let bulk = rpc == RaftRpc::SnapshotChunk;
-        match self.pool.call(self.target, &self.addr, &req, timeout, bulk).await {
+        match self.pool.call(self.target, &self.addr, &req, timeout, lane).await {
             Ok(Ok(PeerReply::Raft(bytes))) => postcard::from_bytes(&bytes).map_err(|e| CallError::Network(format!("bad reply: {e}"))),
             Ok(Ok(other)) => Err(CallError::Network(format!("unexpected reply {other:?}"))),
             // The peer is up but cannot serve this group yet (no replica, shutting down): back off.
@@ -115,6 +115,17 @@ impl GroupClient {
             Err(ringkv_transport::RpcError::Timeout(d)) => Err(CallError::Network(format!("timed out after {d:?}"))),
             Err(e) => Err(CallError::Unreachable(e.to_string())),
         }
+    }
+}
+
+/// The lane of an append: one carrying entries is data; one without (a heartbeat, or only a
+/// commit index) is control, so it never waits behind other groups' appends of large entries
+/// and a follower hears its leader in time to not start an election.
+pub fn append_lane(has_entries: bool) -> Lane {
+    if has_entries {
+        Lane::Data
+    } else {
+        Lane::Control
     }
 }
 
@@ -241,7 +252,7 @@ impl GroupClient {
         let (ttl, floor) = (option.soft_ttl(), self.append_floor);
         let has_entries = !rpc.entries.is_empty();
         let timeout = move |bytes| if has_entries { append_timeout(ttl, floor, bytes) } else { ttl };
-        flatten(self.call(RaftRpc::AppendEntries, &rpc, timeout).await)
+        flatten(self.call(RaftRpc::AppendEntries, &rpc, append_lane(has_entries), timeout).await)
     }
 }
 
@@ -272,7 +283,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::Vote, &rpc, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::Vote, &rpc, Lane::Control, |_| option.soft_ttl()).await)
     }
 
     async fn pre_vote(
@@ -280,7 +291,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::PreVote, &rpc, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::PreVote, &rpc, Lane::Control, |_| option.soft_ttl()).await)
     }
 
     async fn transfer_leader(
@@ -288,7 +299,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::TransferLeader, &req, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftRpc::TransferLeader, &req, Lane::Control, |_| option.soft_ttl()).await)
     }
 
     async fn full_snapshot(
@@ -371,7 +382,7 @@ impl GroupClient {
         floor: Duration,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
         let msg = (vote, meta, id, part);
-        let r = self.call(RaftRpc::SnapshotChunk, &msg, |bytes| append_timeout(floor, floor, bytes)).await;
+        let r = self.call(RaftRpc::SnapshotChunk, &msg, Lane::Bulk, |bytes| append_timeout(floor, floor, bytes)).await;
         flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)
     }
 }
@@ -382,6 +393,23 @@ mod tests {
     use openraft::raft::StreamAppendError;
     use ringkv_storage::{Entry, LogId, Vote};
     use std::sync::Mutex;
+
+    /// Heartbeats and commit-only appends take the control lane, appends with entries a data
+    /// lane, snapshots the bulk lane: three different streams of the peer connection.
+    #[test]
+    fn heartbeats_and_appends_of_entries_take_different_lanes() {
+        assert_eq!(append_lane(false), Lane::Control);
+        assert_eq!(append_lane(true), Lane::Data);
+        let control = Lane::Control.index();
+        for _ in 0..32 {
+            let data = Lane::Data.index();
+            assert!(data < crate::peer::PEER_LANES);
+            assert_ne!(data, control);
+            assert_ne!(data, Lane::Bulk.index());
+        }
+        assert_ne!(control, Lane::Bulk.index());
+        assert!(crate::peer::PEER_LANE_PRIORITIES[control] > crate::peer::PEER_LANE_PRIORITIES[Lane::Data.index()]);
+    }
 
     fn log_id(index: u64) -> LogId {
         openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index)
