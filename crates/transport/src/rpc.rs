@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::tls::Caller;
 
+/// The room a frame's buffer starts with (most requests and answers fit; larger ones grow it).
+const FRAME_START_BYTES: usize = 512;
 /// Frames queued per lane before senders wait.
 pub const LANE_QUEUE_MAX: usize = 4096;
 /// Largest batch one writer hands to QUIC at once.
@@ -175,7 +177,7 @@ where
             return Err(RpcError::ConnectionLost("connection closed".into()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::new();
+        let mut frame = Vec::with_capacity(FRAME_START_BYTES);
         encode_frame(&Envelope { id, body: req }, self.frame_bytes_max, &mut frame).map_err(|e| RpcError::Encode(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.pending.insert(id, tx);
@@ -408,7 +410,7 @@ async fn serve_stream<Req, Resp, S>(
 
 /// Encodes a response; one too large to send becomes the service's error response.
 fn encode_reply<Req, Resp: Serialize, S: Service<Req, Resp>>(svc: &S, id: u64, resp: Resp, frame_bytes_max: usize) -> Option<Vec<u8>> {
-    let mut frame = Vec::new();
+    let mut frame = Vec::with_capacity(FRAME_START_BYTES);
     if let Err(e) = encode_frame(&Envelope { id, body: &resp }, frame_bytes_max, &mut frame) {
         frame.clear();
         let err = svc.error(format!("cannot encode response: {e}"));

@@ -22,14 +22,30 @@ pub enum Decoded<T> {
     Incomplete(usize),
 }
 
-/// Appends `msg` as one frame to `out`.
-pub fn encode_frame<T: Serialize>(msg: &T, max: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let body = postcard::to_allocvec(msg)?;
-    if body.len() > max {
-        return Err(CodecError::TooLarge { len: body.len(), max });
+/// Appends to a buffer (postcard's `to_extend` takes its writer by value).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
     }
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+}
+
+/// Appends `msg` as one frame to `out`, encoded in place (no buffer of its own, no copy). On an
+/// error `out` is left as it was.
+pub fn encode_frame<T: Serialize>(msg: &T, max: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    if let Err(e) = postcard::to_extend(msg, Append(out)) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let len = out.len() - start - FRAME_HEADER_BYTES;
+    if len > max {
+        out.truncate(start);
+        return Err(CodecError::TooLarge { len, max });
+    }
+    out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
@@ -98,6 +114,11 @@ mod tests {
         let mut buf = Vec::new();
         assert!(matches!(encode_frame(&vec![0u8; 100], 10, &mut buf), Err(CodecError::TooLarge { .. })));
         assert!(buf.is_empty());
+        // A frame refused after others leaves them as they were.
+        encode_frame(&vec![1u8; 3], 10, &mut buf).expect("small frame");
+        let before = buf.clone();
+        assert!(matches!(encode_frame(&vec![0u8; 100], 10, &mut buf), Err(CodecError::TooLarge { .. })));
+        assert_eq!(buf, before);
         let big = [0xff, 0xff, 0xff, 0xff, 0];
         assert!(matches!(decode_frame::<Envelope<ClientRequest>>(&big, 1024), Err(CodecError::TooLarge { .. })));
         let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
