@@ -50,7 +50,12 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "counter",
         "Raft appends without entries (heartbeats, commit index only) this node received.",
     ),
-    ("ringkv_raft_expired_writes_total", "counter", "Writes refused because their client session had expired."),
+    ("ringkv_raft_expired_writes_total", "counter", "Writes refused because their client session had moved past them."),
+    (
+        "ringkv_raft_session_answers_evicted_total",
+        "counter",
+        "Writes that found their client's session row full of unacknowledged answers and forgot the oldest.",
+    ),
     (
         "ringkv_raft_followers_resting",
         "gauge",

@@ -241,7 +241,8 @@ impl ClientService {
                 metrics::counter!("ringkv_raft_commits_total").increment(1);
                 match data {
                     CommandResult::Expired { client, seq, floor } => Err(RequestError::NotPermitted(format!(
-                        "write {seq} of client {client:x} arrived after the client moved past it (to {floor}); not applied"
+                        "write {seq} of client {client:x} arrived after its session moved past it (to {floor}): not applied now, and \
+                         its answer is no longer kept, so an earlier attempt of it may or may not have applied"
                     ))),
                     data => Ok(data),
                 }

@@ -98,8 +98,9 @@ pub enum CommandResult {
     Placement(Result<(), ringkv_placement::PlacementError>),
     /// The command does not fit this group (a bug in the proposer, never a client's fault).
     Refused(String),
-    /// A late copy of a session write the client had already given up on (its sequence number
-    /// is below the session's floor): not applied.
+    /// A session write below the session's floor whose answer is not kept (a late copy of a
+    /// write the client gave up on, or a retry of one whose answer was forgotten because the
+    /// client's row was full): not applied now.
     Expired {
         client: u64,
         seq: u64,

@@ -235,6 +235,25 @@ enum Kept {
     Apart,
 }
 
+/// Most answers a client's session row keeps in one group; the next write forgets the oldest.
+/// A client acknowledges answers as it gets them (`acked_below`: its oldest write in flight),
+/// so only a client with one write stuck while more than this many others to the same group
+/// completed, or one that never acknowledges, reaches it.
+pub const SESSION_ANSWERS_KEPT_MAX: usize = 1024;
+
+/// Forgets the answers of `client` below `below` (deleting those kept apart) and moves the
+/// row's floor there: a write below the floor is never applied again.
+fn forget_below(sm: &StateMachine, client: u64, row: &mut SessionRow, below: u64, overlay: &mut Overlay, batch: &mut WriteBatch) {
+    for (old, kept) in row.live.iter().filter(|(s, _)| *s < below) {
+        if *kept == Kept::Apart {
+            batch.delete_cf(sm.db.cf(CF_APPLY_STATE), session_answer_key(sm.group, client, *old));
+            overlay.answers.insert((client, *old), None);
+        }
+    }
+    row.live.retain(|(s, _)| *s >= below);
+    row.floor = below;
+}
+
 /// Largest encoded answer kept in the row itself.
 const ANSWER_INLINE_BYTES_MAX: usize = 64;
 
@@ -434,14 +453,18 @@ fn exec(
             let r = exec(sm, index, *cmd, overlay, batch, map)?;
             // The client retries nothing below `acked_below` again: forget those answers.
             if session.acked_below > row.floor {
-                for (old, kept) in row.live.iter().filter(|(s, _)| *s < session.acked_below) {
-                    if *kept == Kept::Apart {
-                        batch.delete_cf(apply_cf, session_answer_key(sm.group, client, *old));
-                        overlay.answers.insert((client, *old), None);
-                    }
-                }
-                row.live.retain(|(s, _)| *s >= session.acked_below);
-                row.floor = session.acked_below;
+                forget_below(sm, client, &mut row, session.acked_below, overlay, batch);
+            }
+            // A client that does not move `acked_below` on (one write stuck, or a client that
+            // never acknowledges) would grow its row, rewritten by each of its writes, without
+            // end: past the bound its oldest answers are forgotten as if acknowledged. A retry
+            // of one of those is refused (`Expired`), never applied twice.
+            if row.live.len() >= SESSION_ANSWERS_KEPT_MAX {
+                let mut kept: Vec<u64> = row.live.iter().map(|(s, _)| *s).collect();
+                kept.sort_unstable();
+                let below = (kept[row.live.len() - SESSION_ANSWERS_KEPT_MAX] + 1).max(row.floor);
+                metrics::counter!("ringkv_raft_session_answers_evicted_total").increment(1);
+                forget_below(sm, client, &mut row, below, overlay, batch);
             }
             let stored = stored_answer(&r);
             let bytes = enc(&stored)?;
@@ -1006,6 +1029,47 @@ mod tests {
         apply(&mut sm, vec![entry(7, put(6, 6, b"d", b"again"))]).await;
         assert_eq!(sm.get(b"d").expect("get"), Some(b"6".to_vec()), "a retry of 6 is answered, not applied");
         assert_eq!(seqs(&db, 9), vec![7, 8, 6]);
+    }
+
+    /// A client that never acknowledges keeps at most `SESSION_ANSWERS_KEPT_MAX` answers in a
+    /// group: the oldest are forgotten, a retry of one of those is refused and not applied
+    /// again, a retry of a kept one is answered, and the row stops growing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_acknowledges_keeps_a_bounded_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let mut sm = StateMachine::new(db.clone(), 1, ReplicaKind::Shard { start: 0, end: u64::MAX });
+        let incr = |seq: u64| {
+            let session = ringkv_wire::Session { client: 9, seq, acked_below: 1 };
+            let cmd = Command::Apply { key: b"n".to_vec(), op: ringkv_wire::KeyOp::Incr(1), value_bytes_max: 64 };
+            Command::Session { session, cmd: Box::new(cmd) }
+        };
+        let max = SESSION_ANSWERS_KEPT_MAX as u64;
+        let writes = max + 40;
+        let mut index = 0;
+        for chunk in (1..=writes).collect::<Vec<_>>().chunks(100) {
+            let entries = chunk.iter().map(|&seq| {
+                index += 1;
+                entry(index, incr(seq))
+            });
+            apply(&mut sm, entries.collect()).await;
+        }
+        let counter = |sm: &StateMachine| sm.get(b"n").expect("get").map(|v| String::from_utf8(v).expect("utf-8"));
+        assert_eq!(counter(&sm), Some(writes.to_string()));
+        let r = row(&db, 9).expect("row");
+        assert_eq!(r.live.len(), SESSION_ANSWERS_KEPT_MAX, "answers kept");
+        assert_eq!(r.floor, writes - max + 1);
+        let bytes = db.get_cf(CF_APPLY_STATE, &session_row_key(1, 9)).expect("get").expect("row").len();
+        assert!(bytes < 16 * SESSION_ANSWERS_KEPT_MAX, "a row of {bytes} bytes");
+        // A retry of a forgotten write is refused; a retry of a kept one gets its first answer.
+        let mut b = WriteBatch::default();
+        let forgotten = exec(&sm, index + 1, incr(5), &mut Overlay::default(), &mut b, &mut None).expect("exec");
+        assert!(matches!(forgotten, CommandResult::Expired { seq: 5, .. }), "{forgotten:?}");
+        let kept = exec(&sm, index + 1, incr(writes), &mut Overlay::default(), &mut b, &mut None).expect("exec");
+        assert_eq!(kept, CommandResult::Int(writes as i64));
+        apply(&mut sm, vec![entry(index + 1, incr(5)), entry(index + 2, incr(writes)), entry(index + 3, incr(writes + 1))]).await;
+        assert_eq!(counter(&sm), Some((writes + 1).to_string()), "only the new write applied");
+        assert_eq!(row(&db, 9).expect("row").live.len(), SESSION_ANSWERS_KEPT_MAX);
     }
 
     /// Sessions silent since before the cut are forgotten, row and answers, whatever the apply
