@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use ringkv_client::{CertPaths, Client, ClientConfig, Error};
+use ringkv_node::raft::{PeerReply, PeerRequest, PeerResponse, RaftMsg};
 use ringkv_tests::{ringkv_binary, TestCluster};
-use ringkv_wire::{
-    ClientReply, ClientRequest, NodeHeartbeat, NodeInfo, NodeState, PeerReply, PeerRequest, PeerResponse, PlacementFence, RaftRpc,
-    RequestError, Role, ALPN_PEER,
-};
+use ringkv_wire::{ClientReply, ClientRequest, NodeHeartbeat, NodeInfo, NodeState, PlacementFence, RequestError, Role, ALPN_PEER};
 
 /// A client of `tc` whose certificate carries `role`, and the directory `ringctl --certs` takes.
 async fn client_with_role(tc: &TestCluster, role: Role) -> anyhow::Result<(Client, std::path::PathBuf)> {
@@ -163,7 +161,8 @@ async fn peers_speak_only_for_themselves_and_orders_come_only_from_the_placement
     let t = Duration::from_secs(5);
     // Node 9 holds a certificate from the cluster CA but is no member.
     let impostor = peer_as(&tc, 1, 9).await?;
-    let vote = PeerRequest::Raft { from: 2, group: 1, rpc: RaftRpc::Vote, payload: vec![] };
+    let ballot = openraft::raft::VoteRequest::new(ringkv_storage::Vote::new(1_000, 2), None);
+    let vote = PeerRequest::Raft { from: 2, group: 1, msg: RaftMsg::Vote(ballot) };
     not_permitted(impostor.call(&vote, t).await?, "a Raft message claiming another node");
     let hb = PeerRequest::Heartbeat(NodeHeartbeat {
         node: 2,

@@ -24,6 +24,8 @@ use ringkv_placement::PlacementCommand;
 use ringkv_storage::{Command, CommandResult, PeerNode};
 use ringkv_wire::*;
 
+use crate::raft::{PeerReply, PeerRequest};
+
 use crate::node::{Node, Replica};
 use crate::peer::Lane;
 

@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use ringkv_storage::Db;
 use ringkv_transport::rpc::{serve, serve_connection};
-use ringkv_wire::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ALPN_CLIENT, ALPN_PEER};
+use ringkv_wire::{ClientRequest, ClientResponse, ALPN_CLIENT, ALPN_PEER};
+
+use crate::raft::{PeerRequest, PeerResponse};
 
 use config::CertPathsOf;
 pub use config::NodeConfig;

@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringkv_wire::{ClientReply, ClientResponse, NodeId, NodeInfo, NodeState, PeerReply, PeerRequest, RequestError};
+use ringkv_wire::{ClientReply, ClientResponse, NodeId, NodeInfo, NodeState, RequestError};
+
+use crate::raft::{PeerReply, PeerRequest};
 
 use crate::driver::lock;
 use crate::node::{Node, Replica};

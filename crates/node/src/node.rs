@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ringkv_storage::{register_replica, Db, LogStore, PeerNode, ReplicaKind, StateMachine};
-use ringkv_wire::{ClusterMap, GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
+use ringkv_wire::{ClusterMap, GroupId, NodeId, PLACEMENT_GROUP};
+
+use crate::raft::{PeerReply, PeerRequest};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;

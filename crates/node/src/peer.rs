@@ -12,7 +12,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use ringkv_transport::rpc::RpcError;
 use ringkv_transport::RpcClient;
-use ringkv_wire::{NodeId, PeerRequest, PeerResponse};
+use ringkv_wire::NodeId;
+
+use crate::raft::{PeerRequest, PeerResponse};
 
 /// Streams each end opens per peer connection, one per [`Lane`]: 0 snapshots, 1 control
 /// messages, 2 and 3 everything else.
@@ -190,10 +192,22 @@ impl PeerPool {
     /// Sends `req` to node `to` at `addr` (`to` 0: whichever node is there, e.g. a seed) on
     /// the given lane of the connection.
     pub async fn call(&self, to: NodeId, addr: &str, req: &PeerRequest, timeout: Duration, lane: Lane) -> Result<PeerResponse, RpcError> {
+        self.call_sized(to, addr, req, |_| timeout, lane).await
+    }
+
+    /// As [`PeerPool::call`], with the deadline chosen from the size of the encoded request.
+    pub async fn call_sized(
+        &self,
+        to: NodeId,
+        addr: &str,
+        req: &PeerRequest,
+        timeout: impl FnOnce(usize) -> Duration,
+        lane: Lane,
+    ) -> Result<PeerResponse, RpcError> {
         if to != 0 && self.is_isolated_from(to) {
             return Err(RpcError::Unreachable(format!("node {to} is cut off by the fault filter")));
         }
         let c = self.conn(to, addr).await?;
-        c.call_on_lane(lane.index(), req, timeout).await
+        c.call_on_lane_sized(lane.index(), req, timeout).await
     }
 }

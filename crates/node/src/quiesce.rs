@@ -46,7 +46,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, PLACEMENT_GROUP};
+use ringkv_wire::{GroupId, NodeId, PLACEMENT_GROUP};
+
+use crate::raft::{PeerReply, PeerRequest};
 
 use crate::node::{Node, Replica};
 use crate::peer::Lane;

@@ -9,6 +9,8 @@ use ringkv_transport::tls::Caller;
 use ringkv_transport::Service;
 use ringkv_wire::*;
 
+use crate::raft::{PeerReply, PeerRequest, PeerResponse};
+
 use crate::node::{Node, Replica};
 use crate::raft::GroupError;
 
@@ -83,7 +85,7 @@ impl Service<PeerRequest, PeerResponse> for PeerService {
                 self.node.liveness.heard(sender);
             }
             match req {
-                PeerRequest::Raft { from, group, rpc, payload } => crate::raft::serve(&self.node, from, group, rpc, payload).await,
+                PeerRequest::Raft { from, group, msg } => crate::raft::serve(&self.node, from, group, msg).await,
                 other => Self::from_peer(&self.node, sender, other).await,
             }
         })

@@ -98,10 +98,10 @@ impl SnapshotThrottle {
 /// Session rows `(key after the group tag, value)`.
 pub type SessionRows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// One message of a snapshot transfer; `B` is `&[u8]` and `R` a slice of the rows when sending,
-/// `Vec<u8>` and [`SessionRows`] when received (postcard encodes both alike), so the sender
-/// copies nothing.
-#[derive(Debug, Serialize, Deserialize)]
+/// One message of a snapshot transfer; `B` is `&[u8]` and `R` a slice of the rows as the
+/// sender builds it ([`SendPart`]), `Vec<u8>` and [`SessionRows`] as it travels in a
+/// `RaftMsg::SnapshotChunk` (postcard encodes both alike).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Part<B, R = SessionRows> {
     /// First: the placement map inline, or the sizes of the SST files to follow.
     Header { memory: Option<B>, sizes: Vec<u64> },
@@ -121,8 +121,20 @@ pub(crate) fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
     (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
 }
 
-/// A part as the sender writes it: borrowed file bytes and session rows.
+/// A part as the sender builds it: borrowed file bytes and session rows.
 pub type SendPart<'a> = Part<&'a [u8], &'a [(Vec<u8>, Vec<u8>)]>;
+
+impl SendPart<'_> {
+    /// The part as it travels in a Raft message (which owns what it carries).
+    pub fn to_owned(&self) -> Part<Vec<u8>> {
+        match self {
+            Part::Header { memory, sizes } => Part::Header { memory: memory.map(|m| m.to_vec()), sizes: sizes.clone() },
+            Part::Sessions { rows } => Part::Sessions { rows: rows.to_vec() },
+            Part::Bytes { file, offset, data } => Part::Bytes { file: *file, offset: *offset, data: data.to_vec() },
+            Part::End => Part::End,
+        }
+    }
+}
 
 /// Session rows cut into consecutive slices of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
 pub fn session_chunks(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[(Vec<u8>, Vec<u8>)]> {

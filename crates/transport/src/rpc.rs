@@ -173,12 +173,19 @@ where
 
     /// Sends `req` on a chosen lane (e.g. a lane kept for bulk transfers).
     pub async fn call_on_lane(&self, lane: usize, req: &Req, timeout: Duration) -> Result<Resp, RpcError> {
+        self.call_on_lane_sized(lane, req, |_| timeout).await
+    }
+
+    /// As [`RpcClient::call_on_lane`], with the deadline chosen once the request is encoded,
+    /// from its frame's size (a large message gets time for its bytes).
+    pub async fn call_on_lane_sized(&self, lane: usize, req: &Req, timeout: impl FnOnce(usize) -> Duration) -> Result<Resp, RpcError> {
         if self.is_closed() {
             return Err(RpcError::ConnectionLost("connection closed".into()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::with_capacity(FRAME_START_BYTES);
         encode_frame(&Envelope { id, body: req }, self.frame_bytes_max, &mut frame).map_err(|e| RpcError::Encode(e.to_string()))?;
+        let timeout = timeout(frame.len());
         let (tx, rx) = oneshot::channel();
         self.pending.insert(id, tx);
         let guard = PendingGuard { pending: &self.pending, id };

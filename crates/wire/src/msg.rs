@@ -367,30 +367,19 @@ pub struct GroupStatus {
     pub behind: u64,
 }
 
-/// Which openraft RPC a peer frame carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RaftRpc {
-    AppendEntries,
-    Vote,
-    PreVote,
-    TransferLeader,
-    /// One part of a streamed snapshot: `{vote, meta, transfer id, part}` (header, file bytes,
-    /// end); the receiver installs the snapshot at the end.
-    SnapshotChunk,
-}
+/// A Raft message as bytes the wire does not interpret: the default payload of
+/// [`PeerRequest::Raft`] and [`PeerReply::Raft`], for code that does not know the node's Raft
+/// types (the fuzzers, tools). The node itself sends and reads its own message type in their
+/// place, encoded inline in the frame (never encoded into bytes first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opaque(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
-/// A request of the peer protocol.
+/// A request of the peer protocol. `M` is the node's Raft message type: the wire does not know
+/// openraft's types, so that an openraft upgrade touches only the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PeerRequest {
-    /// An openraft message for `group`, postcard-encoded by the node; the wire does not know
-    /// openraft's types so that an openraft upgrade touches only the node.
-    Raft {
-        from: NodeId,
-        group: GroupId,
-        rpc: RaftRpc,
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
-    },
+pub enum PeerRequest<M = Opaque> {
+    /// A Raft message for `group`.
+    Raft { from: NodeId, group: GroupId, msg: M },
     /// The cluster map as the placement member that answers knows it.
     GetMap,
     /// A node's periodic report to the placement leader.
@@ -426,9 +415,10 @@ pub struct PlacementFence {
     pub map_version: u64,
 }
 
+/// An answer of the peer protocol; `A` is the node's type of Raft answers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PeerReply {
-    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
+pub enum PeerReply<A = Opaque> {
+    Raft(A),
     Map(ClusterMap),
     Done,
     Admin(ClientResponse),
@@ -436,7 +426,7 @@ pub enum PeerReply {
     Identity(NodeInfo),
 }
 
-pub type PeerResponse = Result<PeerReply, RequestError>;
+pub type PeerResponse<A = Opaque> = Result<PeerReply<A>, RequestError>;
 
 #[cfg(test)]
 mod tests {
@@ -448,7 +438,7 @@ mod tests {
     fn byte_fields_keep_the_encoding_of_plain_vectors() {
         #[derive(Serialize)]
         enum PlainRequest {
-            Raft { from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8> },
+            Raft { from: NodeId, group: GroupId, payload: Vec<u8> },
         }
         #[derive(Serialize)]
         enum PlainClient {
@@ -462,8 +452,8 @@ mod tests {
             Value(Option<Vec<u8>>),
         }
         let payload: Vec<u8> = (0..=255).collect();
-        let ours = PeerRequest::Raft { from: 3, group: 9, rpc: RaftRpc::PreVote, payload: payload.clone() };
-        let plain = PlainRequest::Raft { from: 3, group: 9, rpc: RaftRpc::PreVote, payload: payload.clone() };
+        let ours: PeerRequest = PeerRequest::Raft { from: 3, group: 9, msg: Opaque(payload.clone()) };
+        let plain = PlainRequest::Raft { from: 3, group: 9, payload: payload.clone() };
         assert_eq!(postcard::to_allocvec(&ours).expect("enc"), postcard::to_allocvec(&plain).expect("enc"));
         let session = Some(Session { client: 1, seq: 2, acked_below: 1 });
         let ours =

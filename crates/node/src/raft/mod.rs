@@ -23,12 +23,51 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, ReadPolicy};
 use ringkv_storage::{Command, CommandResult, LogStore, PeerNode, SnapshotMeta, StateMachine, TypeConfig};
-use ringkv_wire::{GroupId, NodeId, PeerReply, PeerResponse, RaftRpc, RequestError, PLACEMENT_GROUP};
+use ringkv_wire::{GroupId, NodeId, RequestError, PLACEMENT_GROUP};
+use serde::{Deserialize, Serialize};
 
 use crate::config::RaftTuning;
 use crate::node::Node;
 use crate::peer::PeerPool;
 use crate::snapshot::SnapshotThrottle;
+
+/// A Raft message between two replicas of a group. It travels inside the peer protocol's
+/// [`ringkv_wire::PeerRequest::Raft`], encoded once and inline (no payload encoded apart first).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RaftMsg {
+    AppendEntries(openraft::raft::AppendEntriesRequest<TypeConfig>),
+    Vote(openraft::raft::VoteRequest<TypeConfig>),
+    PreVote(openraft::raft::VoteRequest<TypeConfig>),
+    TransferLeader(openraft::raft::TransferLeaderRequest<TypeConfig>),
+    /// One part of a streamed snapshot; the receiver installs the snapshot at the end.
+    SnapshotChunk(Box<SnapshotChunk>),
+}
+
+/// One part of a snapshot transfer `id`, with the leader's vote and the snapshot's meta.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: openraft::alias::VoteOf<TypeConfig>,
+    pub meta: SnapshotMeta,
+    pub id: String,
+    pub part: crate::snapshot::Part<Vec<u8>>,
+}
+
+/// The answer to a [`RaftMsg`]: openraft's response, or why the group could not handle it.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftAnswer {
+    AppendEntries(RaftReply<openraft::raft::AppendEntriesResponse<TypeConfig>>),
+    /// To a vote or a pre-vote.
+    Vote(RaftReply<openraft::raft::VoteResponse<TypeConfig>>),
+    TransferLeader(RaftReply<openraft::raft::TransferLeaderResponse<TypeConfig>>),
+    /// `None` until the last part arrived and the snapshot is installed.
+    SnapshotChunk(RaftReply<Option<openraft::raft::SnapshotResponse<TypeConfig>>>),
+}
+
+/// The peer protocol as this node speaks it: the wire's messages carrying [`RaftMsg`] and
+/// [`RaftAnswer`].
+pub type PeerRequest = ringkv_wire::PeerRequest<RaftMsg>;
+pub type PeerReply = ringkv_wire::PeerReply<RaftAnswer>;
+pub type PeerResponse = ringkv_wire::PeerResponse<RaftAnswer>;
 
 /// The Raft timers and limits every group of a node runs with.
 #[derive(Clone)]
@@ -425,14 +464,6 @@ impl GroupState {
     }
 }
 
-fn enc<T: serde::Serialize>(v: &T) -> PeerResponse {
-    postcard::to_allocvec(v).map(PeerReply::Raft).map_err(|e| RequestError::Internal(e.to_string()))
-}
-
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RequestError> {
-    postcard::from_bytes(b).map_err(|e| RequestError::Malformed(e.to_string()))
-}
-
 fn cut_off_from_quorum(m: &openraft::RaftMetrics<TypeConfig>, limit: Duration) -> Option<Duration> {
     use openraft::Instant;
     if !m.state.is_leader() {
@@ -442,9 +473,8 @@ fn cut_off_from_quorum(m: &openraft::RaftMetrics<TypeConfig>, limit: Duration) -
     (since > limit).then_some(since)
 }
 
-/// Hands a Raft message from node `from` to this node's replica of `group`, and encodes its
-/// answer.
-pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc, payload: Vec<u8>) -> PeerResponse {
+/// Hands a Raft message from node `from` to this node's replica of `group`, and answers.
+pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, msg: RaftMsg) -> PeerResponse {
     if node.pool.is_isolated_from(from) {
         return Err(RequestError::Unavailable(format!("node {} is cut off from node {from}", node.id())));
     }
@@ -463,7 +493,7 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
     // Refused before it wakes a follower: awake, a follower of a quiet group (whose timer
     // counts from its leader's last message, long ago) would stand for election itself. A
     // quiet leader wakes: its heartbeats tell the candidate who leads.
-    if rpc == RaftRpc::PreVote && node.refuse_pre_vote(&replica, from) {
+    if matches!(msg, RaftMsg::PreVote(_)) && node.refuse_pre_vote(&replica, from) {
         if replica.raft.is_leader() {
             replica.wake();
         }
@@ -472,9 +502,8 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
     }
     replica.wake();
     let raft = &replica.raft.raft;
-    match rpc {
-        RaftRpc::AppendEntries => {
-            let req: openraft::raft::AppendEntriesRequest<TypeConfig> = dec(&payload)?;
+    let answer = match msg {
+        RaftMsg::AppendEntries(req) => {
             if req.entries.is_empty() {
                 metrics::counter!("ringkv_raft_empty_appends_received_total").increment(1);
             } else {
@@ -484,32 +513,31 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, rpc: RaftRpc,
             if r.is_ok() && replica.raft.leader() == Some(from) {
                 replica.heard_leader();
             }
-            enc::<RaftReply<_>>(&r)
+            RaftAnswer::AppendEntries(r)
         }
-        RaftRpc::Vote => enc::<RaftReply<_>>(&raft.vote(dec(&payload)?).await.map_err(|e| e.to_string())),
-        RaftRpc::PreVote => enc::<RaftReply<_>>(&raft.pre_vote(dec(&payload)?).await.map_err(|e| e.to_string())),
+        RaftMsg::Vote(req) => RaftAnswer::Vote(raft.vote(req).await.map_err(|e| e.to_string())),
+        RaftMsg::PreVote(req) => RaftAnswer::Vote(raft.pre_vote(req).await.map_err(|e| e.to_string())),
         // A draining node takes no leadership handed to it.
-        RaftRpc::TransferLeader if node.is_draining() => {
-            Err(RequestError::Unavailable(format!("node {} is draining and takes no leadership", node.id())))
+        RaftMsg::TransferLeader(_) if node.is_draining() => {
+            return Err(RequestError::Unavailable(format!("node {} is draining and takes no leadership", node.id())));
         }
-        RaftRpc::TransferLeader => enc::<RaftReply<_>>(&raft.handle_transfer_leader(dec(&payload)?).await.map_err(|e| e.to_string())),
-        RaftRpc::SnapshotChunk => {
-            type Msg = (openraft::alias::VoteOf<TypeConfig>, SnapshotMeta, String, crate::snapshot::Part<Vec<u8>>);
-            let (vote, meta, id, part): Msg = dec(&payload)?;
+        RaftMsg::TransferLeader(req) => RaftAnswer::TransferLeader(raft.handle_transfer_leader(req).await.map_err(|e| e.to_string())),
+        RaftMsg::SnapshotChunk(chunk) => {
+            let SnapshotChunk { vote, meta, id, part } = *chunk;
             if let crate::snapshot::Part::Bytes { data, .. } = &part {
                 metrics::counter!("ringkv_raft_snapshot_received_bytes_total").increment(data.len() as u64);
             }
-            let reply: RaftReply<Option<_>> = match node.reassembly.add(group, from, &id, part) {
+            RaftAnswer::SnapshotChunk(match node.reassembly.add(group, from, &id, part) {
                 Ok(None) => Ok(None),
                 Ok(Some(data)) => {
                     let snap = openraft::Snapshot { meta, snapshot: data };
                     raft.install_full_snapshot(vote, snap).await.map(Some).map_err(|e| e.to_string())
                 }
                 Err(e) => Err(e),
-            };
-            enc(&reply)
+            })
         }
-    }
+    };
+    Ok(ringkv_wire::PeerReply::Raft(answer))
 }
 
 #[cfg(test)]

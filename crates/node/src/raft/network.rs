@@ -1,7 +1,7 @@
 //! openraft's network for one group, over the node's shared peer connections.
 //!
-//! **API boundary:** openraft's RPC types are postcard-encoded here and decoded in `raft::serve`;
-//! the wire protocol carries them as opaque bytes.
+//! **API boundary:** openraft's RPC types travel as [`RaftMsg`] and [`RaftAnswer`], encoded
+//! once, inline in the peer frame; `raft::serve` hands them to the group.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,10 +19,10 @@ use openraft::raft::{
 use openraft::OptionalSend;
 use ringkv_storage::raft_store::SnapshotData;
 use ringkv_storage::{PeerNode, SnapshotMeta, TypeConfig};
-use ringkv_wire::{GroupId, NodeId, PeerReply, PeerRequest, RaftRpc};
-use serde::{de::DeserializeOwned, Serialize};
+use ringkv_wire::{GroupId, NodeId};
 
 use crate::peer::{Lane, PeerPool};
+use crate::raft::{PeerReply, PeerRequest, RaftAnswer, RaftMsg, SnapshotChunk};
 use crate::snapshot::{Part, SnapshotThrottle, SNAPSHOT_CHUNK_BYTES};
 
 /// How long a snapshot transfer may take beyond the time its bytes need at the throttled rate.
@@ -96,19 +96,11 @@ impl CallError {
 }
 
 impl GroupClient {
-    /// Sends one RPC; `timeout` gets the payload's size once it is encoded.
-    async fn call<Req: Serialize, Resp: DeserializeOwned>(
-        &self,
-        rpc: RaftRpc,
-        req: &Req,
-        lane: Lane,
-        timeout: impl FnOnce(usize) -> Duration,
-    ) -> Result<Resp, CallError> {
-        let payload = postcard::to_allocvec(req).map_err(|e| CallError::Network(e.to_string()))?;
-        let timeout = timeout(payload.len());
-        let req = PeerRequest::Raft { from: self.me, group: self.group, rpc, payload };
-        match self.pool.call(self.target, &self.addr, &req, timeout, lane).await {
-            Ok(Ok(PeerReply::Raft(bytes))) => postcard::from_bytes(&bytes).map_err(|e| CallError::Network(format!("bad reply: {e}"))),
+    /// Sends one message; `timeout` gets the frame's size once it is encoded.
+    async fn call(&self, msg: RaftMsg, lane: Lane, timeout: impl FnOnce(usize) -> Duration) -> Result<RaftAnswer, CallError> {
+        let req = PeerRequest::Raft { from: self.me, group: self.group, msg };
+        match self.pool.call_sized(self.target, &self.addr, &req, timeout, lane).await {
+            Ok(Ok(PeerReply::Raft(answer))) => Ok(answer),
             Ok(Ok(other)) => Err(CallError::Network(format!("unexpected reply {other:?}"))),
             // The peer is up but cannot serve this group yet (no replica, shutting down): back off.
             Ok(Err(e)) => Err(CallError::Unreachable(e.to_string())),
@@ -239,10 +231,15 @@ where
 /// What a peer answers to a Raft RPC: openraft's response, or why the group could not handle it.
 pub type RaftReply<T> = Result<T, String>;
 
-fn flatten<T>(r: Result<RaftReply<T>, CallError>) -> Result<T, RPCError<TypeConfig>> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(remote)) => Err(RPCError::Unreachable(Unreachable::from_string(remote))),
+/// openraft's response out of the answer `pick` expects (`Err(answer)` for any other).
+fn flatten<T>(
+    r: Result<RaftAnswer, CallError>,
+    pick: fn(RaftAnswer) -> Result<RaftReply<T>, RaftAnswer>,
+) -> Result<T, RPCError<TypeConfig>> {
+    match r.map(pick) {
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(remote))) => Err(RPCError::Unreachable(Unreachable::from_string(remote))),
+        Ok(Err(other)) => Err(RPCError::Network(NetworkError::from_string(format!("unexpected answer {other:?}")))),
         Err(e) => Err(e.rpc()),
     }
 }
@@ -252,7 +249,11 @@ impl GroupClient {
         let (ttl, floor) = (option.soft_ttl(), self.append_floor);
         let has_entries = !rpc.entries.is_empty();
         let timeout = move |bytes| if has_entries { append_timeout(ttl, floor, bytes) } else { ttl };
-        flatten(self.call(RaftRpc::AppendEntries, &rpc, append_lane(has_entries), timeout).await)
+        let r = self.call(RaftMsg::AppendEntries(rpc), append_lane(has_entries), timeout).await;
+        flatten(r, |a| match a {
+            RaftAnswer::AppendEntries(r) => Ok(r),
+            other => Err(other),
+        })
     }
 }
 
@@ -283,7 +284,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::Vote, &rpc, Lane::Control, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftMsg::Vote(rpc), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+            RaftAnswer::Vote(r) => Ok(r),
+            other => Err(other),
+        })
     }
 
     async fn pre_vote(
@@ -291,7 +295,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::PreVote, &rpc, Lane::Control, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftMsg::PreVote(rpc), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+            RaftAnswer::Vote(r) => Ok(r),
+            other => Err(other),
+        })
     }
 
     async fn transfer_leader(
@@ -299,7 +306,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftRpc::TransferLeader, &req, Lane::Control, |_| option.soft_ttl()).await)
+        flatten(self.call(RaftMsg::TransferLeader(req), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+            RaftAnswer::TransferLeader(r) => Ok(r),
+            other => Err(other),
+        })
     }
 
     async fn full_snapshot(
@@ -381,9 +391,13 @@ impl GroupClient {
         part: &crate::snapshot::SendPart<'_>,
         floor: Duration,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
-        let msg = (vote, meta, id, part);
-        let r = self.call(RaftRpc::SnapshotChunk, &msg, Lane::Bulk, |bytes| append_timeout(floor, floor, bytes)).await;
-        flatten::<Option<SnapshotResponse<TypeConfig>>>(r).map_err(StreamingError::from)
+        let chunk = SnapshotChunk { vote: *vote, meta: meta.clone(), id: id.to_string(), part: part.to_owned() };
+        let r = self.call(RaftMsg::SnapshotChunk(Box::new(chunk)), Lane::Bulk, |bytes| append_timeout(floor, floor, bytes)).await;
+        flatten(r, |a| match a {
+            RaftAnswer::SnapshotChunk(r) => Ok(r),
+            other => Err(other),
+        })
+        .map_err(StreamingError::from)
     }
 }
 
