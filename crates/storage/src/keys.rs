@@ -102,6 +102,9 @@ pub const META_MAP: &[u8] = b"map";
 /// The data dir's incarnation: a random id made when the database was created.
 pub const META_INCARNATION: &[u8] = b"incarnation";
 
+/// Bytes of a `data` key's hash prefix (the data family's memtable buckets by it).
+pub const DATA_PREFIX_BYTES: usize = 8;
+
 pub fn data_key(key: &[u8]) -> Vec<u8> {
     data_key_with_hash(ringkv_wire::key_hash(key), key)
 }
