@@ -19,19 +19,24 @@ use crate::raft::{PeerRequest, PeerResponse};
 /// Streams each end opens per peer connection, one per [`Lane`]: 0 snapshots, 1 control
 /// messages, 2 and 3 everything else.
 pub const PEER_LANES: usize = 4;
-/// The QUIC send priority of each lane, at both ends: control messages first, snapshots last.
-pub const PEER_LANE_PRIORITIES: [i32; PEER_LANES] = [-1, 1, 0, 0];
+/// The QUIC send priority of each lane, at both ends: control messages (small, and few) first;
+/// snapshots and data share what is left round-robin (quinn's priorities are strict, so a
+/// lower priority for snapshots would starve them under sustained writes).
+pub const PEER_LANE_PRIORITIES: [i32; PEER_LANES] = [0, 1, 0, 0];
 
 /// Which of a peer connection's lanes a request takes. Each lane has its own queue and writer
-/// at both ends and its own QUIC stream, so a message on one never waits behind another
-/// lane's: a heartbeat or vote does not queue behind other groups' appends of large entries
-/// (up to `APPEND_BYTES_MAX` each), nor an append behind a snapshot's chunks.
+/// at both ends and its own QUIC stream, so a message on one never waits in another lane's
+/// queue: a heartbeat or vote does not queue behind other groups' appends of large entries (up
+/// to `APPEND_BYTES_MAX` each), nor an append behind a snapshot's chunks. On the connection the
+/// control lane's bytes go first, but all lanes share its congestion and flow-control windows
+/// (64 MiB in flight), so a saturated connection still delays them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     /// Snapshot transfers.
     Bulk,
     /// Small messages whose delay costs liveness: votes, heartbeats and commit-only appends,
-    /// leader transfers, pings, quiescence, node heartbeats to the placement group.
+    /// leader transfers, pings, quiescence, node heartbeats and the admin requests forwarded
+    /// to the placement leader.
     Control,
     /// Everything else: appends carrying entries, maps, placement orders.
     Data,

@@ -120,9 +120,10 @@ where
     }
 
     /// As [`RpcClient::over`], with a QUIC send priority per lane (`priorities[i]` for lane `i`,
-    /// 0 past its end): when the connection cannot send everything queued at once, a lane of
-    /// higher priority goes first. Every lane has its own queue and writer either way, so a
-    /// frame never waits behind another lane's frames in this process.
+    /// 0 past its end): of the bytes the connection holds to send, a lane of higher priority
+    /// goes first (strictly; equal priorities take turns). Every lane has its own queue and
+    /// writer either way, so a frame never waits in another lane's queue in this process; all
+    /// lanes still share the connection's congestion and flow-control windows.
     pub async fn over_prioritized(
         conn: quinn::Connection,
         lanes: usize,
@@ -561,8 +562,9 @@ mod tests {
                 answered.fetch_add(1, Ordering::SeqCst);
             }));
         }
-        // Every large request is encoded and on its way (registered as pending, then queued on
-        // its lane at once) or already answered before the small one is sent.
+        // Every large request is encoded and registered as pending (then, without waiting on
+        // anything but a permit of which there are plenty, queued on its lane), or already
+        // answered, before the small one is sent.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while client.pending.len() + answered.load(Ordering::SeqCst) < large {
             assert!(std::time::Instant::now() < deadline, "the large requests were not all sent");

@@ -28,7 +28,9 @@ pub const PLACEMENT_GROUP: GroupId = 0;
 /// ALPN of the client protocol (applications, `ringctl`).
 pub const ALPN_CLIENT: &[u8] = b"ringkv-client/1";
 /// ALPN of the node-to-node protocol (Raft traffic, placement queries).
-pub const ALPN_PEER: &[u8] = b"ringkv-peer/1";
+/// Version 2: Raft messages travel inline (version 1 carried them as an encoded payload), so a
+/// node of either version refuses the other at the TLS handshake.
+pub const ALPN_PEER: &[u8] = b"ringkv-peer/2";
 
 /// Default largest user key, in bytes.
 pub const KEY_BYTES_MAX_DEFAULT: usize = 4 * 1024;

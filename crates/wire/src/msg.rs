@@ -367,10 +367,11 @@ pub struct GroupStatus {
     pub behind: u64,
 }
 
-/// A Raft message as bytes the wire does not interpret: the default payload of
+/// A Raft message as length-prefixed bytes the wire does not interpret: the default payload of
 /// [`PeerRequest::Raft`] and [`PeerReply::Raft`], for code that does not know the node's Raft
-/// types (the fuzzers, tools). The node itself sends and reads its own message type in their
-/// place, encoded inline in the frame (never encoded into bytes first).
+/// types. It is not the node's encoding: the node sends and reads its own message type in its
+/// place, inline in the frame with no length before it, so `PeerRequest<Opaque>` decodes every
+/// peer message but a Raft one as the node does.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Opaque(#[serde(with = "serde_bytes")] pub Vec<u8>);
 

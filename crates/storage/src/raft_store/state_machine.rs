@@ -236,10 +236,14 @@ enum Kept {
 }
 
 /// Most answers a client's session row keeps in one group; the next write forgets the oldest.
-/// A client acknowledges answers as it gets them (`acked_below`: its oldest write in flight),
-/// so only a client with one write stuck while more than this many others to the same group
-/// completed, or one that never acknowledges, reaches it.
-pub const SESSION_ANSWERS_KEPT_MAX: usize = 1024;
+/// A client acknowledges answers below its oldest write in flight (`acked_below`, over all
+/// groups), so a client reaches this bound only while one of its writes stays unanswered as
+/// this many others to the same group complete (a busy client, such as a gateway's, with a
+/// write lost and waiting for its retry), or when it never acknowledges. If that stuck write
+/// arrives after the bound passed it, it is refused (`Expired`), not applied: an error for it,
+/// never a second application. The row, rewritten by each write of its client, stays under
+/// about 100 KiB.
+pub const SESSION_ANSWERS_KEPT_MAX: usize = 16_384;
 
 /// Forgets the answers of `client` below `below` (deleting those kept apart) and moves the
 /// row's floor there: a write below the floor is never applied again.
@@ -461,8 +465,8 @@ fn exec(
             // of one of those is refused (`Expired`), never applied twice.
             if row.live.len() >= SESSION_ANSWERS_KEPT_MAX {
                 let mut kept: Vec<u64> = row.live.iter().map(|(s, _)| *s).collect();
-                kept.sort_unstable();
-                let below = (kept[row.live.len() - SESSION_ANSWERS_KEPT_MAX] + 1).max(row.floor);
+                let last_forgotten = row.live.len() - SESSION_ANSWERS_KEPT_MAX;
+                let below = (*kept.select_nth_unstable(last_forgotten).1 + 1).max(row.floor);
                 metrics::counter!("ringkv_raft_session_answers_evicted_total").increment(1);
                 forget_below(sm, client, &mut row, below, overlay, batch);
             }
@@ -1047,7 +1051,7 @@ mod tests {
         let max = SESSION_ANSWERS_KEPT_MAX as u64;
         let writes = max + 40;
         let mut index = 0;
-        for chunk in (1..=writes).collect::<Vec<_>>().chunks(100) {
+        for chunk in (1..=writes).collect::<Vec<_>>().chunks(500) {
             let entries = chunk.iter().map(|&seq| {
                 index += 1;
                 entry(index, incr(seq))
@@ -1060,7 +1064,7 @@ mod tests {
         assert_eq!(r.live.len(), SESSION_ANSWERS_KEPT_MAX, "answers kept");
         assert_eq!(r.floor, writes - max + 1);
         let bytes = db.get_cf(CF_APPLY_STATE, &session_row_key(1, 9)).expect("get").expect("row").len();
-        assert!(bytes < 16 * SESSION_ANSWERS_KEPT_MAX, "a row of {bytes} bytes");
+        assert!(bytes < 8 * SESSION_ANSWERS_KEPT_MAX, "a row of {bytes} bytes");
         // A retry of a forgotten write is refused; a retry of a kept one gets its first answer.
         let mut b = WriteBatch::default();
         let forgotten = exec(&sm, index + 1, incr(5), &mut Overlay::default(), &mut b, &mut None).expect("exec");
