@@ -98,18 +98,26 @@ impl SnapshotThrottle {
 /// Session rows `(key after the group tag, value)`.
 pub type SessionRows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// One message of a snapshot transfer; `B` is `&[u8]` and `R` a slice of the rows as the
-/// sender builds it ([`SendPart`]), `Vec<u8>` and [`SessionRows`] as it travels in a
-/// `RaftMsg::SnapshotChunk` (postcard encodes both alike).
+/// One message of a snapshot transfer, carried by a `RaftMsg::SnapshotChunk`. Byte fields are
+/// copied whole (`serde_bytes`), not byte by byte.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Part<B, R = SessionRows> {
+pub enum Part {
     /// First: the placement map inline, or the sizes of the SST files to follow.
-    Header { memory: Option<B>, sizes: Vec<u64> },
+    Header {
+        #[serde(with = "serde_bytes")]
+        memory: Option<Vec<u8>>,
+        sizes: Vec<u64>,
+    },
     /// Some of the shard's session rows `(key after the group tag, value)`, at most about
     /// [`SNAPSHOT_CHUNK_BYTES`] per part: a shard with millions of sessions still moves.
-    Sessions { rows: R },
+    Sessions { rows: SessionRows },
     /// `data` of file `file` at `offset`.
-    Bytes { file: u32, offset: u64, data: B },
+    Bytes {
+        file: u32,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Last: everything arrived; install.
     End,
 }
@@ -119,21 +127,6 @@ pub enum Part<B, R = SessionRows> {
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn free_bytes(s: &nix::sys::statvfs::Statvfs) -> u64 {
     (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
-}
-
-/// A part as the sender builds it: borrowed file bytes and session rows.
-pub type SendPart<'a> = Part<&'a [u8], &'a [(Vec<u8>, Vec<u8>)]>;
-
-impl SendPart<'_> {
-    /// The part as it travels in a Raft message (which owns what it carries).
-    pub fn to_owned(&self) -> Part<Vec<u8>> {
-        match self {
-            Part::Header { memory, sizes } => Part::Header { memory: memory.map(|m| m.to_vec()), sizes: sizes.clone() },
-            Part::Sessions { rows } => Part::Sessions { rows: rows.to_vec() },
-            Part::Bytes { file, offset, data } => Part::Bytes { file: *file, offset: *offset, data: data.to_vec() },
-            Part::End => Part::End,
-        }
-    }
 }
 
 /// Session rows cut into consecutive slices of at most about [`SNAPSHOT_CHUNK_BYTES`] each.
@@ -200,7 +193,7 @@ impl Reassembly {
     /// Takes one part of transfer `id`. Returns the snapshot once `End` arrives with every byte.
     /// A `Header` starts over; a part that does not continue the transfer in progress is
     /// refused and forgets it (the sender starts again).
-    pub fn add(&self, group: GroupId, from: NodeId, id: &str, part: Part<Vec<u8>>) -> Result<Option<SnapshotData>, String> {
+    pub fn add(&self, group: GroupId, from: NodeId, id: &str, part: Part) -> Result<Option<SnapshotData>, String> {
         let key = (group, from);
         let io = |e: std::io::Error| format!("snapshot of group {group} from node {from}: {e}");
         if let Part::Header { memory, sizes } = part {
@@ -286,7 +279,7 @@ impl Reassembly {
 mod tests {
     use super::*;
 
-    fn bytes(file: u32, offset: u64, data: &[u8]) -> Part<Vec<u8>> {
+    fn bytes(file: u32, offset: u64, data: &[u8]) -> Part {
         Part::Bytes { file, offset, data: data.to_vec() }
     }
 
@@ -311,9 +304,9 @@ mod tests {
         let chunks = session_chunks(&rows);
         assert!(chunks.len() > 256, "{} parts", chunks.len());
         for rows in chunks {
-            let bytes = postcard::to_allocvec(&SendPart::Sessions { rows }).expect("encode");
+            let bytes = postcard::to_allocvec(&Part::Sessions { rows: rows.to_vec() }).expect("encode");
             assert!(bytes.len() <= SNAPSHOT_CHUNK_BYTES + 64 * 1024, "a part of {} bytes", bytes.len());
-            let part: Part<Vec<u8>> = postcard::from_bytes(&bytes).expect("decode as the receiver does");
+            let part: Part = postcard::from_bytes(&bytes).expect("decode as the receiver does");
             assert!(matches!(r.add(1, 2, "t1", part), Ok(None)));
         }
         let Ok(Some(SnapshotData::Files(f))) = r.add(1, 2, "t1", Part::End) else { panic!("not complete") };

@@ -537,8 +537,7 @@ mod tests {
                 }
             }
         });
-        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        client_ep.set_default_client_config(crate::tls::client_config(&paths, b"test").expect("client config"));
+        let client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
         let cfg = crate::tls::client_config(&paths, b"test").expect("client config");
         let conn = client_ep.connect_with(cfg, addr, crate::NODE_SERVER_NAME).expect("connect").await.expect("handshake");
         let client = RpcClient::over_prioritized(conn, lanes, FRAME_MAX, &[0, 1]).await.expect("lanes");

@@ -49,7 +49,7 @@ pub struct SnapshotChunk {
     pub vote: openraft::alias::VoteOf<TypeConfig>,
     pub meta: SnapshotMeta,
     pub id: String,
-    pub part: crate::snapshot::Part<Vec<u8>>,
+    pub part: crate::snapshot::Part,
 }
 
 /// The answer to a [`RaftMsg`]: openraft's response, or why the group could not handle it.

@@ -342,16 +342,16 @@ impl GroupClient {
         let total = data.len() as usize;
         let deadline = SNAPSHOT_TIMEOUT + self.throttle.time_for(total);
         let failed = |m: String| StreamingError::from(RPCError::<TypeConfig>::Network(NetworkError::from_string(m)));
-        let header: crate::snapshot::SendPart<'_> = match &data {
-            SnapshotData::Memory(b) => Part::Header { memory: Some(b.as_slice()), sizes: vec![] },
+        let header = match &data {
+            SnapshotData::Memory(b) => Part::Header { memory: Some(b.to_vec()), sizes: vec![] },
             SnapshotData::Files(f) => Part::Header { memory: None, sizes: f.files.iter().map(|(_, n)| *n).collect() },
         };
         let floor = self.append_floor;
-        self.send_part(&vote, &meta, &id, &header, floor).await?;
+        self.send_part(&vote, &meta, &id, header, floor).await?;
         if let SnapshotData::Files(f) = &data {
             for rows in crate::snapshot::session_chunks(&f.sessions) {
                 self.throttle.pace(rows.iter().map(|(k, v)| k.len() + v.len()).sum()).await;
-                self.send_part(&vote, &meta, &id, &Part::Sessions { rows }, floor).await?;
+                self.send_part(&vote, &meta, &id, Part::Sessions { rows: rows.to_vec() }, floor).await?;
             }
             let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
             for (i, (path, size)) in f.files.iter().enumerate() {
@@ -368,7 +368,7 @@ impl GroupClient {
                     }
                     let chunk = buf.get(..n).unwrap_or_default();
                     self.throttle.pace(n).await;
-                    self.send_part(&vote, &meta, &id, &Part::Bytes { file: i as u32, offset, data: chunk }, floor).await?;
+                    self.send_part(&vote, &meta, &id, Part::Bytes { file: i as u32, offset, data: chunk.to_vec() }, floor).await?;
                     metrics::counter!("ringkv_raft_snapshot_sent_bytes_total").increment(n as u64);
                     offset += n as u64;
                 }
@@ -376,7 +376,7 @@ impl GroupClient {
         }
         // The answer to the end comes after the install: syncing and ingesting every file.
         let install = SNAPSHOT_TIMEOUT + Duration::from_secs_f64(total as f64 / SLOWEST_PEER_BYTES_PER_SEC);
-        match self.send_part(&vote, &meta, &id, &Part::End, install).await? {
+        match self.send_part(&vote, &meta, &id, Part::End, install).await? {
             Some(resp) => Ok(resp),
             None => Err(failed("the receiver did not install the snapshot".into())),
         }
@@ -388,10 +388,10 @@ impl GroupClient {
         vote: &VoteOf<TypeConfig>,
         meta: &SnapshotMeta,
         id: &str,
-        part: &crate::snapshot::SendPart<'_>,
+        part: Part,
         floor: Duration,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
-        let chunk = SnapshotChunk { vote: *vote, meta: meta.clone(), id: id.to_string(), part: part.to_owned() };
+        let chunk = SnapshotChunk { vote: *vote, meta: meta.clone(), id: id.to_string(), part };
         let r = self.call(RaftMsg::SnapshotChunk(Box::new(chunk)), Lane::Bulk, |bytes| append_timeout(floor, floor, bytes)).await;
         flatten(r, |a| match a {
             RaftAnswer::SnapshotChunk(r) => Ok(r),
