@@ -82,7 +82,11 @@ impl Db {
         opts.set_manual_wal_flush(true);
         // The data family's hash memtable takes one writer at a time.
         opts.set_allow_concurrent_memtable_write(false);
-        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+        let mut cfs = Vec::with_capacity(ALL_CFS.len());
+        for name in ALL_CFS {
+            let o = cf_options(name).map_err(|e| StorageError::Open(path.to_path_buf(), format!("options of {name}: {e}")))?;
+            cfs.push(ColumnFamilyDescriptor::new(name, o));
+        }
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageError::Open(path.to_path_buf(), e.to_string()))?;
         let snapshots = path.join(SNAPSHOT_DIR);
         let db = Arc::new(Db { db, group_syncs: Default::default(), fsync, committer: std::sync::Mutex::new(None), snapshots });
@@ -234,10 +238,24 @@ impl Db {
 /// Hash buckets of a data memtable (8 bytes each, allocated with the memtable).
 const DATA_MEMTABLE_BUCKETS: usize = 1 << 18;
 
+/// The option that makes a family's memtable insert each key from where the last insert of the
+/// same group left off (RocksDB's insert hints; not in its C API, so set by name).
+const GROUP_INSERT_HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.8";
+
 /// Options of a column family. The point-read families (rows, session state) get bloom filters
 /// in their SST files and memtables: most session-answer and row lookups of a new write miss.
-fn cf_options(name: &str) -> Options {
+fn cf_options(name: &str) -> Result<Options, rocksdb::Error> {
     let mut o = Options::default();
+    if name == keys::CF_RAFT_LOG || name == keys::CF_APPLY_STATE || name == keys::CF_RAFT_STATE {
+        // Keys of these families start with the 8-byte group id, and each group writes near
+        // its last write: the next log index, new versions of its commit and applied indexes
+        // and of its clients' session rows. One memtable skiplist holds every group's keys, so
+        // a plain insert searches it from the top (log appends alone were 4 % of a node's CPU
+        // under writes at 64 shards); with a hint per group it starts from where the last
+        // insert of that group went. Reads and iteration are unchanged. (A skiplist per group,
+        // RocksDB's hashed skiplist, measured slower for `apply_state`.)
+        o = o.get_options_from_string(GROUP_INSERT_HINT)?;
+    }
     // Small, churning families (log entries purged soon after, session answers forgotten,
     // per-group state) get smaller memtables: a skiplist that stays in cache is cheaper to
     // insert into (memtable inserts were a tenth of a node's CPU under writes).
@@ -259,7 +277,7 @@ fn cf_options(name: &str) -> Options {
         o.set_memtable_prefix_bloom_ratio(0.05);
         o.set_memtable_whole_key_filtering(true);
     }
-    o
+    Ok(o)
 }
 
 /// Syncs the WAL once for every write queued so far, then tells every writer. While writes
@@ -346,6 +364,73 @@ mod tests {
         for g in 0..writes {
             assert!(db.get_cf(keys::CF_RAFT_LOG, &keys::log_key(g, 1)).expect("read").is_some());
         }
+    }
+
+    /// The group-keyed families insert with a hint per group, and the option (set by name,
+    /// outside RocksDB's C API) reaches the database: RocksDB records it in its options file.
+    #[test]
+    fn group_keyed_families_insert_with_a_hint_per_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("open");
+        let mut b = WriteBatch::default();
+        for i in 1..=50u64 {
+            for g in [3u64, 1, 2] {
+                b.put_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(g, i), i.to_be_bytes());
+            }
+        }
+        db.write(b).expect("write");
+        for g in 1..=3u64 {
+            for i in 1..=50u64 {
+                let v = db.get_cf(keys::CF_RAFT_LOG, &keys::log_key(g, i)).expect("read");
+                assert_eq!(v, Some(i.to_be_bytes().to_vec()), "group {g} index {i}");
+            }
+        }
+        let options = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .max_by_key(|e| e.file_name())
+            .expect("an options file");
+        let text = std::fs::read_to_string(options.path()).expect("read options");
+        let option = |family: &str, name: &str| -> Option<String> {
+            let section = text.split("[CFOptions \"").find(|s| s.starts_with(&format!("{family}\"")))?;
+            let line = section.lines().find(|l| l.trim_start().starts_with(&format!("{name}=")))?;
+            Some(line.trim().to_string())
+        };
+        let hint = |family: &str| option(family, "memtable_insert_with_hint_prefix_extractor");
+        for family in [keys::CF_RAFT_LOG, keys::CF_RAFT_STATE, keys::CF_APPLY_STATE] {
+            assert_eq!(hint(family).as_deref(), Some(GROUP_INSERT_HINT), "{family}");
+            // The options set after the hint are kept too.
+            assert_eq!(option(family, "write_buffer_size").as_deref(), Some("write_buffer_size=8388608"), "{family}");
+        }
+        assert_ne!(hint(keys::CF_DATA).as_deref(), Some(GROUP_INSERT_HINT), "data keys start with a key hash, not a group");
+    }
+
+    /// Opening a database keeps the received snapshot files an unfinished install still needs,
+    /// whichever group's it is (also while its marker is only in the memtable), and removes
+    /// the others.
+    #[test]
+    fn snapshot_files_of_an_unfinished_install_of_any_group_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("open");
+        let held = |name: &str| {
+            let d = db.snapshot_dir("in").join(name);
+            std::fs::create_dir_all(&d).expect("dir");
+            std::fs::write(d.join("00000.sst"), b"sst").expect("file");
+            d
+        };
+        let (a, b, stray) = (held("transfer-a"), held("transfer-b"), held("stray"));
+        let mut batch = WriteBatch::default();
+        for (group, d) in [(3u64, &a), (900, &b)] {
+            let meta = crate::SnapshotMeta { last_log_id: None, last_membership: Default::default() };
+            let marker = crate::raft_store::InstallMarker::new(db.snapshot_root(), [d.join("00000.sst")], meta);
+            let v = postcard::to_allocvec(&marker).expect("encode");
+            batch.put_cf(db.cf(keys::CF_APPLY_STATE), keys::group_tag_key(group, keys::TAG_INSTALLING), v);
+        }
+        db.write(batch).expect("write");
+        db.clean_snapshot_dirs().expect("clean");
+        assert!(a.exists() && b.exists(), "the files of an unfinished install were removed");
+        assert!(!stray.exists(), "files no install needs are removed");
     }
 
     fn append(db: &Db, g: u64, done: std_mpsc::Sender<Instant>) {

@@ -54,6 +54,43 @@ pub struct StateMachine {
     pub file_bytes: u64,
     /// The group's in-memory log tail: applied entries leave it.
     log_cache: Option<LogCache>,
+    /// Session rows as this replica last stored them.
+    rows: Arc<Mutex<RowCache>>,
+}
+
+/// Most clients whose session rows a replica keeps in memory; past it, rows written later are
+/// read from RocksDB again.
+const ROW_CACHE_CLIENTS_MAX: usize = 1024;
+/// Rows keeping more answers than this are not kept in memory (a client far behind on its
+/// acknowledgements: such a row is large, and copying it costs more than reading it).
+const ROW_CACHE_LIVE_MAX: usize = 64;
+
+/// The session rows a replica last wrote, exactly as stored, so a client's next write finds
+/// its row without a RocksDB lookup (a memtable search on every write of a session, a
+/// twentieth of the box's CPU under writes). Only [`StateMachine::apply`] writes rows, so it
+/// keeps this true: a row leaves the cache when a write takes it, and comes back with what the
+/// batch stored once the batch is written; a snapshot install clears it.
+#[derive(Default)]
+struct RowCache {
+    rows: std::collections::HashMap<u64, SessionRow>,
+    /// Rows looked up in RocksDB (not found here), for tests.
+    misses: u64,
+}
+
+impl RowCache {
+    /// What a successful batch stored: its rows, and the clients whose sessions expired.
+    fn stored(&mut self, rows: std::collections::HashMap<u64, SessionRow>, expired: &std::collections::HashSet<u64>) {
+        for client in expired {
+            self.rows.remove(client);
+        }
+        for (client, row) in rows {
+            if row.live.len() <= ROW_CACHE_LIVE_MAX && (self.rows.len() < ROW_CACHE_CLIENTS_MAX || self.rows.contains_key(&client)) {
+                self.rows.insert(client, row);
+            } else {
+                self.rows.remove(&client);
+            }
+        }
+    }
 }
 
 impl StateMachine {
@@ -66,6 +103,7 @@ impl StateMachine {
             installing: Default::default(),
             file_bytes: SNAPSHOT_FILE_BYTES,
             log_cache: None,
+            rows: Default::default(),
         }
     }
 
@@ -82,6 +120,24 @@ impl StateMachine {
 
     pub fn kind(&self) -> ReplicaKind {
         self.kind
+    }
+
+    /// The stored row of `client`, which the caller is about to replace (so it leaves the cache).
+    fn take_row(&self, client: u64) -> Result<SessionRow, io::Error> {
+        if let Ok(mut c) = self.rows.lock() {
+            if let Some(row) = c.rows.remove(&client) {
+                return Ok(row);
+            }
+            c.misses += 1;
+        }
+        session_row(self, client)
+    }
+
+    /// Forgets every cached session row (their stored state was replaced wholesale).
+    fn forget_rows(&self) {
+        if let Ok(mut c) = self.rows.lock() {
+            c.rows.clear();
+        }
     }
 
     fn apply_key(&self, tag: u8) -> [u8; 9] {
@@ -433,7 +489,7 @@ fn exec(
             let mut row = match overlay.rows.get(&client) {
                 Some(r) => r.clone(),
                 None if overlay.expired.contains(&client) => SessionRow::default(),
-                None => session_row(sm, client)?,
+                None => sm.take_row(client)?,
             };
             // The row lists exactly the answers kept (a missing row was rebuilt from them), so
             // a new write, not in it, costs no lookup.
@@ -625,6 +681,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Not synced: the log is durable, and the applied index is written in the same batch as
         // the data, so after a crash the state machine re-applies exactly what it lost.
         self.db.write(batch)?;
+        if let Ok(mut c) = self.rows.lock() {
+            c.stored(overlay.rows, &overlay.expired);
+        }
         fail::fail_point!("raft::apply::after");
         metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
         if let (Some(cache), Some(last)) = (&self.log_cache, last) {
@@ -641,6 +700,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        // The snapshot's sessions replace this replica's (also when the install fails halfway).
+        self.forget_rows();
         let apply_cf = self.db.cf(CF_APPLY_STATE);
         match (&snapshot, self.kind) {
             (SnapshotData::Memory(data), ReplicaKind::Placement) => {
@@ -754,6 +815,85 @@ mod tests {
     fn replay_as_put(seq: u64) -> Command {
         let session = ringkv_wire::Session { client: 9, seq, acked_below: 1 };
         Command::Session { session, cmd: Box::new(Command::Put { key: b"n".to_vec(), value: b"replayed".to_vec() }) }
+    }
+
+    /// A client's session row is read from RocksDB on its first write only; later writes find
+    /// it in memory as the last batch stored it. A snapshot install replaces the rows in memory
+    /// too: a retry the snapshot's row has answered is not applied again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_rows_come_from_memory_until_a_snapshot_replaces_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let put = |seq, key: &[u8], value: &[u8]| {
+            let session = ringkv_wire::Session { client: 9, seq, acked_below: 1 };
+            Command::Session { session, cmd: Box::new(Command::Put { key: key.to_vec(), value: value.to_vec() }) }
+        };
+        let kind = ReplicaKind::Shard { start: 0, end: u64::MAX };
+        let mut sm = StateMachine::new(Db::open(&dir.path().join("a")).expect("db"), 1, kind);
+        let misses = |sm: &StateMachine| sm.rows.lock().expect("lock").misses;
+        for seq in 1..=3u64 {
+            apply(&mut sm, vec![entry(seq, put(seq, b"k", format!("v{seq}").as_bytes()))]).await;
+        }
+        assert_eq!(misses(&sm), 1, "only the first write looked its row up");
+        // A retry answered from the row in memory: not applied again.
+        apply(&mut sm, vec![entry(4, put(2, b"k", b"again"))]).await;
+        assert_eq!(sm.get(b"k").expect("get"), Some(b"v3".to_vec()));
+        // (A retry takes its row out of memory and leaves it stored as it was: read again.)
+        apply(&mut sm, vec![entry(5, put(4, b"k", b"v4"))]).await;
+        assert_eq!(misses(&sm), 2);
+
+        // Another replica's state, where the same client's writes went up to seq 5.
+        let mut other = StateMachine::new(Db::open(&dir.path().join("b")).expect("db"), 1, kind);
+        let writes = (1..=5u64).map(|seq| entry(seq, put(seq, format!("o{seq}").as_bytes(), b"theirs"))).collect();
+        apply(&mut other, writes).await;
+        let snap = other.build_snapshot().await.expect("snapshot");
+        sm.install_snapshot(&snap.meta, snap.snapshot).await.expect("install");
+        // Seq 5 is answered in the snapshot's row, not in the one `sm` had in memory.
+        apply(&mut sm, vec![entry(6, put(5, b"o5", b"again"))]).await;
+        assert_eq!(sm.get(b"o5").expect("get"), Some(b"theirs".to_vec()), "a retry applied twice");
+        assert_eq!(misses(&sm), 3, "the row was read again after the install");
+        for seq in 6..=7u64 {
+            apply(&mut sm, vec![entry(seq + 1, put(seq, b"o6", format!("new{seq}").as_bytes()))]).await;
+        }
+        assert_eq!(sm.get(b"o6").expect("get"), Some(b"new7".to_vec()));
+        assert_eq!(misses(&sm), 4);
+    }
+
+    /// Groups sharing the node's database, their session writes interleaved: each group's
+    /// snapshot carries exactly its own sessions, and an expiry in one group forgets only that
+    /// group's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_scans_see_exactly_their_own_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let kind = ReplicaKind::Shard { start: 0, end: u64::MAX };
+        let put = |client, seq| {
+            let session = ringkv_wire::Session { client, seq, acked_below: 1 };
+            Command::Session { session, cmd: Box::new(Command::Put { key: format!("c{client}").into_bytes(), value: b"v".to_vec() }) }
+        };
+        let mut groups: Vec<StateMachine> = (1..=3u64).map(|g| StateMachine::new(db.clone(), g, kind)).collect();
+        // Group g has clients 10g+1 ..= 10g+g; group 2's clients write late (log index 100).
+        for seq in 1..=3u64 {
+            for (i, sm) in groups.iter_mut().enumerate() {
+                let g = i as u64 + 1;
+                let index = if g == 2 { 100 + seq } else { seq };
+                let writes = (1..=g).map(|c| entry(index, put(10 * g + c, seq))).collect();
+                apply(sm, writes).await;
+            }
+        }
+        for (i, sm) in groups.iter_mut().enumerate() {
+            let g = i as u64 + 1;
+            let snap = sm.build_snapshot().await.expect("snapshot");
+            let SnapshotData::Files(f) = &snap.snapshot else { panic!("a shard snapshot is files") };
+            let clients: std::collections::BTreeSet<u64> =
+                f.sessions.iter().map(|(k, _)| u64::from_be_bytes(k[..8].try_into().expect("client"))).collect();
+            assert_eq!(clients, (1..=g).map(|c| 10 * g + c).collect(), "group {g}");
+        }
+        // Sessions silent since before index 50: those of groups 1 and 3, not group 2's.
+        for sm in groups.iter_mut() {
+            apply(sm, vec![entry(200, Command::ExpireSessions { below_index: 50 })]).await;
+        }
+        let rows = |g: u64| (1..=g).filter(|c| db.get_cf(CF_APPLY_STATE, &session_row_key(g, 10 * g + c)).expect("get").is_some()).count();
+        assert_eq!((rows(1), rows(2), rows(3)), (0, 2, 0));
     }
 
     /// A write retried under the same session applies once, also when both copies land in one
