@@ -64,6 +64,10 @@ const ROW_CACHE_CLIENTS_MAX: usize = 1024;
 /// Rows keeping more answers than this are not kept in memory (a client far behind on its
 /// acknowledgements: such a row is large, and copying it costs more than reading it).
 const ROW_CACHE_LIVE_MAX: usize = 64;
+/// Most answers all of a replica's cached rows keep together: each is at most
+/// `ANSWER_INLINE_BYTES_MAX` encoded, so a replica's cache stays within a few hundred KiB
+/// however many clients lag behind on their acknowledgements.
+const ROW_CACHE_ANSWERS_MAX: usize = 4096;
 
 /// The session rows a replica last wrote, exactly as stored, so a client's next write finds
 /// its row without a RocksDB lookup (a memtable search on every write of a session, a
@@ -73,23 +77,38 @@ const ROW_CACHE_LIVE_MAX: usize = 64;
 #[derive(Default)]
 struct RowCache {
     rows: std::collections::HashMap<u64, SessionRow>,
+    /// Answers the cached rows keep, together.
+    answers: usize,
     /// Rows looked up in RocksDB (not found here), for tests.
     misses: u64,
 }
 
 impl RowCache {
+    fn take(&mut self, client: u64) -> Option<SessionRow> {
+        let row = self.rows.remove(&client)?;
+        self.answers -= row.live.len();
+        Some(row)
+    }
+
     /// What a successful batch stored: its rows, and the clients whose sessions expired.
     fn stored(&mut self, rows: std::collections::HashMap<u64, SessionRow>, expired: &std::collections::HashSet<u64>) {
-        for client in expired {
-            self.rows.remove(client);
+        for client in expired.iter().chain(rows.keys()) {
+            self.take(*client);
         }
         for (client, row) in rows {
-            if row.live.len() <= ROW_CACHE_LIVE_MAX && (self.rows.len() < ROW_CACHE_CLIENTS_MAX || self.rows.contains_key(&client)) {
+            let fits = row.live.len() <= ROW_CACHE_LIVE_MAX
+                && self.rows.len() < ROW_CACHE_CLIENTS_MAX
+                && self.answers + row.live.len() <= ROW_CACHE_ANSWERS_MAX;
+            if fits {
+                self.answers += row.live.len();
                 self.rows.insert(client, row);
-            } else {
-                self.rows.remove(&client);
             }
         }
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.answers = 0;
     }
 }
 
@@ -125,7 +144,7 @@ impl StateMachine {
     /// The stored row of `client`, which the caller is about to replace (so it leaves the cache).
     fn take_row(&self, client: u64) -> Result<SessionRow, io::Error> {
         if let Ok(mut c) = self.rows.lock() {
-            if let Some(row) = c.rows.remove(&client) {
+            if let Some(row) = c.take(client) {
                 return Ok(row);
             }
             c.misses += 1;
@@ -136,7 +155,7 @@ impl StateMachine {
     /// Forgets every cached session row (their stored state was replaced wholesale).
     fn forget_rows(&self) {
         if let Ok(mut c) = self.rows.lock() {
-            c.rows.clear();
+            c.clear();
         }
     }
 
@@ -856,6 +875,33 @@ mod tests {
         }
         assert_eq!(sm.get(b"o6").expect("get"), Some(b"new7".to_vec()));
         assert_eq!(misses(&sm), 4);
+    }
+
+    /// The rows kept in memory stay within their bounds: clients, answers per row, answers
+    /// together; a row that does not fit is simply read from RocksDB next time.
+    #[test]
+    fn the_row_cache_keeps_within_its_bounds() {
+        let row = |answers: u64| SessionRow {
+            live: (0..answers).map(|s| (s, Kept::Inline(CommandResult::Done))).collect(),
+            ..SessionRow::default()
+        };
+        let mut c = RowCache::default();
+        let batch = |first: u64, n: u64, answers: u64| (first..first + n).map(|client| (client, row(answers))).collect();
+        c.stored(batch(0, 10, ROW_CACHE_LIVE_MAX as u64 + 1), &Default::default());
+        assert!(c.rows.is_empty(), "rows over the per-row bound are not kept");
+        c.stored(batch(0, ROW_CACHE_CLIENTS_MAX as u64 * 2, 1), &Default::default());
+        assert_eq!((c.rows.len(), c.answers), (ROW_CACHE_CLIENTS_MAX, ROW_CACHE_CLIENTS_MAX));
+        c.clear();
+        c.stored(batch(0, 1000, 64), &Default::default());
+        assert!(c.answers <= ROW_CACHE_ANSWERS_MAX && c.answers == c.rows.values().map(|r| r.live.len()).sum::<usize>());
+        assert_eq!(c.rows.len(), ROW_CACHE_ANSWERS_MAX / 64);
+        // A kept client's new row replaces its old one in the count; an expiry removes it.
+        let kept = *c.rows.keys().next().expect("a row");
+        c.stored([(kept, row(2))].into_iter().collect(), &Default::default());
+        assert_eq!(c.answers, ROW_CACHE_ANSWERS_MAX - 62);
+        c.stored(Default::default(), &[kept].into_iter().collect());
+        assert_eq!((c.answers, c.rows.contains_key(&kept)), (ROW_CACHE_ANSWERS_MAX - 64, false));
+        assert!(c.take(kept).is_none());
     }
 
     /// Groups sharing the node's database, their session writes interleaved: each group's
