@@ -338,8 +338,11 @@ impl Node {
                 if r.retired.load(Ordering::Relaxed) {
                     continue;
                 }
-                let m = r.raft.state();
-                if let Some(why) = m.failure() {
+                // Most replicas of a large idle node are quiet, and for those the role is all
+                // this loop reads: the full state (with its membership and replication maps) is
+                // copied only for the others.
+                let role = r.raft.role();
+                if let Some(why) = role.failure {
                     // The node lives on, so its peers still hear it and the quiet followers of
                     // a group it led would never elect: a node that cannot run one of its
                     // groups stops (as TiKV's does), and its groups elect elsewhere.
@@ -370,15 +373,15 @@ impl Node {
                     continue;
                 }
                 if r.is_quiet() {
-                    if m.is_leader() {
+                    if role.is_leader {
                         continue;
                     }
-                    match m.leader().filter(|_| m.is_follower()) {
+                    match role.leader.filter(|_| role.is_follower) {
                         Some(l) if self.liveness.heard_within(l, silence) => {
                             leaders_of_quiet.insert(l);
                         }
                         _ => {
-                            tracing::info!(group = r.group, leader = ?m.leader(), "waking a quiet follower: its leader's node went silent");
+                            tracing::info!(group = r.group, leader = ?role.leader, "waking a quiet follower: its leader's node went silent");
                             metrics::counter!("ringkv_raft_group_liveness_wakes_total").increment(1);
                             r.wake();
                             r.release_elections();
@@ -386,6 +389,7 @@ impl Node {
                     }
                     continue;
                 }
+                let m = r.raft.state();
                 let q = &r.quiet;
                 let leader_heard = now.saturating_sub(q.leader_heard_ms.load(Ordering::Relaxed)) < window;
                 if rest && m.is_follower() && m.leader().is_some_and(|l| l != self.id()) && leader_heard {

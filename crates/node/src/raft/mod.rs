@@ -179,6 +179,18 @@ impl Group {
         GroupState(self.raft.metrics().borrow_watched().clone())
     }
 
+    /// The group's role and leader now, without copying the rest of its state (membership and
+    /// replication maps): what a loop over every replica needs for a quiet group.
+    pub fn role(&self) -> GroupRole {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let failure = match &m.running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        GroupRole { failure, is_leader: m.state.is_leader(), is_follower: m.state.is_follower(), leader: m.current_leader }
+    }
+
     /// The leader this replica knows of.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader
@@ -341,20 +353,21 @@ fn read_error(e: RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) -> Gr
     }
 }
 
+/// A group's role at one moment ([`Group::role`]).
+pub struct GroupRole {
+    /// Why the group's Raft stopped on its own (a storage error), if it did; `None` while it
+    /// runs and after a shutdown asked for.
+    pub failure: Option<String>,
+    pub is_leader: bool,
+    pub is_follower: bool,
+    pub leader: Option<NodeId>,
+}
+
 /// What a group reported at one moment.
 #[derive(Clone)]
 pub struct GroupState(openraft::RaftMetrics<TypeConfig>);
 
 impl GroupState {
-    /// Why the group's Raft stopped on its own (a storage error), if it did; `None` while it
-    /// runs and after a shutdown asked for.
-    pub fn failure(&self) -> Option<String> {
-        match &self.0.running_state {
-            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
-            Err(e) => Some(e.to_string()),
-        }
-    }
-
     pub fn is_leader(&self) -> bool {
         self.0.state.is_leader()
     }
