@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use dashmap::DashMap;
 use ringkv_wire::codec::{encode_frame, frame_len, CodecError, FRAME_HEADER_BYTES};
 use ringkv_wire::Envelope;
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::tls::Caller;
@@ -67,6 +69,11 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, RpcError> {
 /// certificate, so a service decides what each caller may do.
 pub trait Service<Req, Resp>: Send + Sync + 'static {
     fn call(self: Arc<Self>, caller: Caller, req: Req) -> BoxFuture<Resp>;
+    /// Answers `req` on the spot if that needs no waiting (a read a leader's lease covers, say),
+    /// sparing it a task of its own; else gives it back for [`Service::call`].
+    fn call_now(&self, _caller: Caller, req: Req) -> Result<Resp, Req> {
+        Err(req)
+    }
     /// The response sent for a request that could not be decoded or answered.
     fn error(&self, why: String) -> Resp;
     /// The response sent for a request over the frame size limit.
@@ -238,24 +245,80 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>
 }
 
 /// Reads one frame body; `Ok(None)` at a clean end of stream.
-async fn read_frame(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(FrameError::Stream(e.to_string())),
+/// Reads frames off one stream through a buffer: each read takes whatever the stream holds
+/// (often several frames), so a burst costs one read of the stream, and one lock of the QUIC
+/// connection, instead of two per frame.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    frame_bytes_max: usize,
+}
+
+/// Bytes a frame reader asks the stream for at least, when its buffer runs dry.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream, frame_bytes_max: usize) -> Self {
+        FrameReader { recv, buf: BytesMut::new(), frame_bytes_max }
     }
-    let len = match frame_len(header, frame_bytes_max) {
-        Ok(len) => len,
-        Err(CodecError::TooLarge { len, .. }) if len <= OVERSIZE_SKIP_BYTES_MAX => {
-            return Err(FrameError::Skipped { id: skip_frame(recv, len).await?, len });
+
+    /// Reads until the buffer holds at least `n` bytes; `false` if the stream ended first.
+    async fn fill(&mut self, n: usize) -> Result<bool, FrameError> {
+        while self.buf.len() < n {
+            self.buf.reserve((n - self.buf.len()).max(READ_CHUNK_BYTES));
+            match self.recv.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) => return Err(FrameError::Stream(e.to_string())),
+            }
         }
-        Err(e) => return Err(FrameError::Codec(e)),
-    };
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
-    metrics::counter!("ringkv_transport_received_bytes_total").increment((len + FRAME_HEADER_BYTES) as u64);
-    Ok(Some(body))
+        Ok(true)
+    }
+
+    /// The next frame's body; `Ok(None)` at a clean end of stream (between frames).
+    async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if !self.fill(FRAME_HEADER_BYTES).await? {
+            return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Stream("stream ended inside a frame header".into())) };
+        }
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        header.copy_from_slice(&self.buf[..FRAME_HEADER_BYTES]);
+        let len = match frame_len(header, self.frame_bytes_max) {
+            Ok(len) => len,
+            Err(CodecError::TooLarge { len, .. }) if len <= OVERSIZE_SKIP_BYTES_MAX => {
+                self.buf.advance(FRAME_HEADER_BYTES);
+                return Err(FrameError::Skipped { id: self.skip(len).await?, len });
+            }
+            Err(e) => return Err(FrameError::Codec(e)),
+        };
+        if !self.fill(FRAME_HEADER_BYTES + len).await? {
+            return Err(FrameError::Stream("stream ended inside a frame".into()));
+        }
+        self.buf.advance(FRAME_HEADER_BYTES);
+        metrics::counter!("ringkv_transport_received_bytes_total").increment((len + FRAME_HEADER_BYTES) as u64);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Reads past the body of an oversize frame of `len` bytes without holding it, keeping
+    /// only the request id at its start (postcard varint).
+    async fn skip(&mut self, len: usize) -> Result<Option<u64>, FrameError> {
+        let head = len.min(10);
+        if !self.fill(head).await? {
+            return Err(FrameError::Stream("stream ended inside an oversize frame".into()));
+        }
+        let id = postcard::take_from_bytes::<u64>(&self.buf[..head]).ok().map(|(id, _)| id);
+        let mut left = len;
+        loop {
+            let n = left.min(self.buf.len());
+            self.buf.advance(n);
+            left -= n;
+            if left == 0 {
+                return Ok(id);
+            }
+            if !self.fill(left.min(READ_CHUNK_BYTES)).await? {
+                return Err(FrameError::Stream("stream ended inside an oversize frame".into()));
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -269,30 +332,15 @@ enum FrameError {
     },
 }
 
-/// Reads past the body of an oversize frame of `len` bytes, keeping only the request id at its
-/// start (postcard varint).
-async fn skip_frame(recv: &mut quinn::RecvStream, len: usize) -> Result<Option<u64>, FrameError> {
-    let mut head = vec![0u8; len.min(10)];
-    recv.read_exact(&mut head).await.map_err(|e| FrameError::Stream(e.to_string()))?;
-    let id = postcard::take_from_bytes::<u64>(&head).ok().map(|(id, _)| id);
-    let mut left = len - head.len();
-    let mut scratch = vec![0u8; 64 * 1024];
-    while left > 0 {
-        let n = left.min(scratch.len());
-        recv.read_exact(&mut scratch[..n]).await.map_err(|e| FrameError::Stream(e.to_string()))?;
-        left -= n;
-    }
-    Ok(id)
-}
-
 async fn read_responses<Resp: DeserializeOwned>(
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     pending: Arc<Pending<Resp>>,
     dead: Arc<AtomicBool>,
     frame_bytes_max: usize,
 ) {
+    let mut frames = FrameReader::new(recv, frame_bytes_max);
     let why = loop {
-        let body = match read_frame(&mut recv, frame_bytes_max).await {
+        let body = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => break "stream finished".to_string(),
             Err(FrameError::Skipped { id, len }) => {
@@ -351,13 +399,8 @@ where
     }
 }
 
-async fn serve_stream<Req, Resp, S>(
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    svc: Arc<S>,
-    caller: Caller,
-    frame_bytes_max: usize,
-) where
+async fn serve_stream<Req, Resp, S>(send: quinn::SendStream, recv: quinn::RecvStream, svc: Arc<S>, caller: Caller, frame_bytes_max: usize)
+where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
     S: Service<Req, Resp>,
@@ -365,8 +408,9 @@ async fn serve_stream<Req, Resp, S>(
     let (tx, rx) = mpsc::channel::<Vec<u8>>(LANE_QUEUE_MAX);
     tokio::spawn(write_loop(send, rx));
     let in_flight = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_PER_STREAM_MAX));
+    let mut frames = FrameReader::new(recv, frame_bytes_max);
     loop {
-        let body = match read_frame(&mut recv, frame_bytes_max).await {
+        let body = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(FrameError::Stream(e)) => {
@@ -388,7 +432,7 @@ async fn serve_stream<Req, Resp, S>(
                 if let Some(f) = encode_reply(&*svc, BROKEN_STREAM_ID, svc.error(e.to_string()), frame_bytes_max) {
                     let _ = tx.send(f).await;
                 }
-                let _ = recv.stop(1u32.into());
+                let _ = frames.recv.stop(1u32.into());
                 break;
             }
         };
@@ -402,6 +446,17 @@ async fn serve_stream<Req, Resp, S>(
                 }
                 continue;
             }
+        };
+        let req = match svc.call_now(caller, req) {
+            Ok(resp) => {
+                if let Some(f) = encode_reply(&*svc, id, resp, frame_bytes_max) {
+                    if tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            Err(req) => req,
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         let svc = svc.clone();
@@ -440,12 +495,13 @@ where
 {
     metrics::counter!("ringkv_transport_connections_refused_total").increment(1);
     let answer = async {
-        while let Ok((send, mut recv)) = conn.accept_bi().await {
+        while let Ok((send, recv)) = conn.accept_bi().await {
             let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
             tokio::spawn(write_loop(send, rx));
             let svc = svc.clone();
             tokio::spawn(async move {
-                while let Ok(Some(body)) = read_frame(&mut recv, frame_bytes_max).await {
+                let mut frames = FrameReader::new(recv, frame_bytes_max);
+                while let Ok(Some(body)) = frames.next().await {
                     let id = postcard::take_from_bytes::<u64>(&body).map(|(id, _)| id).unwrap_or(BROKEN_STREAM_ID);
                     let why = format!("the node serves at most {connections_max} client connections; try again later");
                     if let Some(f) = encode_reply(&*svc, id, svc.busy(why), frame_bytes_max) {
@@ -520,8 +576,41 @@ mod tests {
 
     const FRAME_MAX: usize = 4 << 20;
 
+    /// Answers a request starting with 0 on the spot with its length plus [`NOW`]; any other
+    /// after 300 ms, with its length.
+    struct Quick;
+
+    const NOW: u64 = 1_000_000;
+
+    impl Service<ByteBuf, u64> for Quick {
+        fn call(self: Arc<Self>, _caller: Caller, req: ByteBuf) -> BoxFuture<u64> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                req.len() as u64
+            })
+        }
+        fn call_now(&self, _caller: Caller, req: ByteBuf) -> Result<u64, ByteBuf> {
+            if req.first() == Some(&0) {
+                Ok(NOW + req.len() as u64)
+            } else {
+                Err(req)
+            }
+        }
+        fn error(&self, _why: String) -> u64 {
+            u64::MAX
+        }
+    }
+
     /// A server endpoint serving [`Len`] on loopback and a client of it with `lanes` lanes.
     async fn connected(dir: &std::path::Path, lanes: usize) -> (RpcClient<ByteBuf, u64>, quinn::Endpoint, quinn::Endpoint) {
+        connected_to(dir, lanes, Arc::new(Len)).await
+    }
+
+    async fn connected_to<S: Service<ByteBuf, u64>>(
+        dir: &std::path::Path,
+        lanes: usize,
+        svc: Arc<S>,
+    ) -> (RpcClient<ByteBuf, u64>, quinn::Endpoint, quinn::Endpoint) {
         let ca = dir.join("ca");
         crate::certs::init_ca(&ca).expect("ca");
         let out = crate::certs::issue_node(&ca, &dir.join("node"), 1, &[]).expect("node cert");
@@ -533,7 +622,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
                 if let Ok(conn) = incoming.await {
-                    tokio::spawn(serve_connection::<ByteBuf, u64, _>(conn, Arc::new(Len), FRAME_MAX, &[0, 1]));
+                    tokio::spawn(serve_connection::<ByteBuf, u64, _>(conn, svc.clone(), FRAME_MAX, &[0, 1]));
                 }
             }
         });
@@ -587,5 +676,44 @@ mod tests {
         assert!(own < 24, "{own} of 48 large requests on another lane were answered before the small one");
         let shared = answered_before_small(0).await;
         assert!(shared >= 32, "only {shared} of 48 large requests ahead on the same lane were answered before the small one");
+    }
+
+    /// A request the service answers on the spot is answered while slower requests read
+    /// before it on the same lane still wait; and a burst of frames read together from one
+    /// stream (large ones spanning many reads among them) each get their own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_on_the_spot_do_not_wait_for_slower_requests_read_before_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, _server, _ep) = connected_to(dir.path(), 1, Arc::new(Quick)).await;
+        let client = Arc::new(client);
+        let slow = {
+            let client = client.clone();
+            tokio::spawn(async move { client.call_on_lane(0, &ByteBuf::from(vec![1u8; 10]), Duration::from_secs(10)).await })
+        };
+        while client.pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let started = std::time::Instant::now();
+        let quick = client.call_on_lane(0, &ByteBuf::from(vec![0u8; 5]), Duration::from_secs(10)).await.expect("quick call");
+        assert_eq!(quick, NOW + 5, "answered on the spot");
+        assert!(started.elapsed() < Duration::from_millis(250), "the quick answer waited {:?}", started.elapsed());
+        assert!(!slow.is_finished(), "the slow request was answered before the quick one");
+        assert_eq!(slow.await.expect("slow task").expect("slow call"), 10);
+
+        let mut calls = Vec::new();
+        for i in 0..200usize {
+            let client = client.clone();
+            calls.push(tokio::spawn(async move {
+                let len = if i % 50 == 7 { 300_000 + i } else { 1 + i };
+                let first = if i % 2 == 0 { 0 } else { 1 };
+                let mut body = vec![9u8; len];
+                body[0] = first;
+                let n = client.call_on_lane(0, &ByteBuf::from(body), Duration::from_secs(30)).await.expect("burst call");
+                assert_eq!(n, len as u64 + if first == 0 { NOW } else { 0 }, "answer to request {i}");
+            }));
+        }
+        for c in calls {
+            c.await.expect("burst task");
+        }
     }
 }

@@ -140,6 +140,10 @@ fn client_write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) ->
 /// One replica's Raft instance.
 pub struct Group {
     raft: ringkv_storage::Raft,
+    /// The group's published metrics, subscribed once: every read's lease check and every
+    /// write's quorum check borrows them, and a fresh subscription per call costs atomic
+    /// updates on a counter the group's Raft task shares.
+    metrics: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
     /// The leader transfer this replica last started, while it may still be under way.
     transfer: std::sync::Mutex<Option<Transfer>>,
     /// How long followers refuse to vote for another leader after acknowledging this one
@@ -171,19 +175,19 @@ impl Group {
         let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, throttle };
         let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
         let lease = Duration::from_millis(config.raft.election_timeout_max);
-        Ok(Group { raft, transfer: std::sync::Mutex::new(None), lease })
+        let metrics = raft.metrics();
+        Ok(Group { raft, metrics, transfer: std::sync::Mutex::new(None), lease })
     }
 
     /// What the group reports now.
     pub fn state(&self) -> GroupState {
-        GroupState(self.raft.metrics().borrow_watched().clone())
+        GroupState(self.metrics.borrow_watched().clone())
     }
 
     /// The group's role and leader now, without copying the rest of its state (membership and
     /// replication maps): what a loop over every replica needs for a quiet group.
     pub fn role(&self) -> GroupRole {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow_watched();
+        let m = self.metrics.borrow_watched();
         let failure = match &m.running_state {
             Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
             Err(e) => Some(e.to_string()),
@@ -193,12 +197,12 @@ impl Group {
 
     /// The leader this replica knows of.
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow_watched().current_leader
+        self.metrics.borrow_watched().current_leader
     }
 
     /// Whether this replica is its group's leader (it may not know yet that it was deposed).
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().state.is_leader()
+        self.metrics.borrow_watched().state.is_leader()
     }
 
     /// The group's voters.
@@ -208,12 +212,12 @@ impl Group {
 
     /// Whether `id` is a voter of the group's effective membership.
     pub fn is_voter(&self, id: NodeId) -> bool {
-        self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().any(|v| v == id)
+        self.metrics.borrow_watched().membership_config.membership().voter_ids().any(|v| v == id)
     }
 
     /// See [`GroupState::cut_off_from_quorum`] (without copying the whole state).
     pub fn cut_off_from_quorum(&self, limit: Duration) -> Option<Duration> {
-        cut_off_from_quorum(&self.raft.metrics().borrow_watched(), limit)
+        cut_off_from_quorum(&self.metrics.borrow_watched(), limit)
     }
 
     /// Makes the group's first membership, unless it has one. Idempotent: replicas that
@@ -270,8 +274,7 @@ impl Group {
     pub fn lease_read_ready(&self) -> bool {
         use openraft::Instant;
         {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
+            let m = self.metrics.borrow_watched();
             let ready = m.state.is_leader()
                 && m.last_applied.as_ref().is_some_and(|a| a.leader_id.term == m.current_term && a.leader_id.node_id == m.id)
                 && m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() < self.lease);
@@ -320,7 +323,7 @@ impl Group {
     pub fn pending_transfer(&self) -> Option<(NodeId, Duration)> {
         let mut t = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
         let x = (*t)?;
-        if self.raft.metrics().borrow_watched().state.is_leader() {
+        if self.metrics.borrow_watched().state.is_leader() {
             return Some((x.to, x.sent.elapsed()));
         }
         *t = None;
