@@ -244,7 +244,6 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>
     let _ = send.finish();
 }
 
-/// Reads one frame body; `Ok(None)` at a clean end of stream.
 /// Reads frames off one stream through a buffer: each read takes whatever the stream holds
 /// (often several frames), so a burst costs one read of the stream, and one lock of the QUIC
 /// connection, instead of two per frame.
