@@ -534,11 +534,15 @@ impl Node {
 
     /// Every node: measures the data dir's free space each second (`ringkv_storage_free_bytes`,
     /// `ringkv_storage_disk_full`), so writes stop before the disk is full and resume once it
-    /// is not.
+    /// is not; and the memory RocksDB holds (`ringkv_rocksdb_*_bytes`).
     pub async fn disk_space_loop(self: Arc<Self>) {
         let mut shutdown = self.shutdown.subscribe();
         let mut was_full = false;
         loop {
+            let mem = self.db.memory_usage();
+            metrics::gauge!("ringkv_rocksdb_memtable_bytes").set(mem.memtables as f64);
+            metrics::gauge!("ringkv_rocksdb_table_readers_bytes").set(mem.table_readers as f64);
+            metrics::gauge!("ringkv_rocksdb_block_cache_bytes").set(mem.block_cache as f64);
             match nix::sys::statvfs::statvfs(&self.config.data_dir) {
                 Ok(s) => {
                     let free = crate::snapshot::free_bytes(&s);

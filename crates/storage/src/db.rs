@@ -58,6 +58,14 @@ pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Bytes of memory RocksDB holds ([`Db::memory_usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
+}
+
 impl Db {
     /// Opens (or creates) the database under `path` with every column family ringkv uses; the
     /// WAL is fsynced before a write is acknowledged.
@@ -135,6 +143,20 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    /// Memory RocksDB holds outside the Rust heap, summed over every column family: memtables
+    /// (active, immutable and those pinned by readers), the index and filter blocks of open
+    /// tables, and the block caches.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let sum = |property: &str| -> u64 {
+            ALL_CFS.iter().filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), property).ok().flatten()).sum()
+        };
+        MemoryUsage {
+            memtables: sum("rocksdb.size-all-mem-tables"),
+            table_readers: sum("rocksdb.estimate-table-readers-mem"),
+            block_cache: sum("rocksdb.block-cache-usage"),
+        }
     }
 
     pub fn raw(&self) -> &DB {
@@ -364,6 +386,24 @@ mod tests {
         for g in 0..writes {
             assert!(db.get_cf(keys::CF_RAFT_LOG, &keys::log_key(g, 1)).expect("read").is_some());
         }
+    }
+
+    /// The memory report grows with what the memtables hold, and a flush hands it to tables.
+    #[test]
+    fn memory_usage_counts_the_memtables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("open");
+        let before = db.memory_usage();
+        let mut b = WriteBatch::default();
+        for i in 0..2_000u64 {
+            b.put_cf(db.cf(keys::CF_RAFT_LOG), keys::log_key(1, i), [7u8; 512]);
+        }
+        db.write(b).expect("write");
+        let after = db.memory_usage();
+        assert!(after.memtables >= before.memtables + 1_000 * 512, "{before:?} -> {after:?}");
+        db.raw().flush_cf(db.cf(keys::CF_RAFT_LOG)).expect("flush");
+        let flushed = db.memory_usage();
+        assert!(flushed.memtables < after.memtables, "{after:?} -> {flushed:?}");
     }
 
     /// The group-keyed families insert with a hint per group, and the option (set by name,

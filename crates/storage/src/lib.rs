@@ -11,7 +11,7 @@ pub mod types;
 
 use std::path::PathBuf;
 
-pub use db::{Db, Durability};
+pub use db::{Db, Durability, MemoryUsage};
 pub use raft_store::{LogStore, ReplicaKind, StateMachine};
 /// The batch type `Db::write` and `Db::write_sync` take.
 pub use rocksdb::WriteBatch;
