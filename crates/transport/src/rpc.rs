@@ -149,8 +149,7 @@ where
             let (tx, rx) = mpsc::channel(LANE_QUEUE_MAX);
             // Other calls in flight on the connection: their requests may be on their way.
             let calls = in_flight.clone();
-            let busy = move || CLIENT_IN_FLIGHT_PER_CONNECTION_MAX - calls.available_permits() > 1;
-            tokio::spawn(write_loop(send, rx, busy));
+            tokio::spawn(write_loop(send, rx, move || others_in_flight(&calls, CLIENT_IN_FLIGHT_PER_CONNECTION_MAX)));
             tokio::spawn(read_responses(recv, pending.clone(), dead.clone(), frame_bytes_max));
             txs.push(tx);
         }
@@ -230,6 +229,12 @@ impl<Resp> Drop for PendingGuard<'_, Resp> {
     }
 }
 
+/// Whether more than one request holds a permit of `limit` (a semaphore of `max` permits):
+/// then another answer or request is likely due soon, and a writer may wait a moment for it.
+fn others_in_flight(limit: &Semaphore, max: usize) -> bool {
+    max - limit.available_permits() > 1
+}
+
 /// Writes what is queued for one stream, each burst in one write. While `busy` says more frames
 /// are likely on their way (other requests in flight), it first lets the tasks already woken
 /// run, so frames queued by them go in the same write and, most often, the same datagram (at
@@ -291,8 +296,9 @@ impl FrameReader {
     /// Whether a whole frame is buffered, so [`FrameReader::next`] needs no read of the stream.
     fn has_frame(&self) -> bool {
         let Some(header) = self.buf.get(..FRAME_HEADER_BYTES) else { return false };
-        let len = u32::from_be_bytes(header.try_into().expect("header bytes")) as usize;
-        self.buf.len() - FRAME_HEADER_BYTES >= len
+        let header = header.try_into().expect("header bytes");
+        // An oversize length is not a whole frame: `next` reads on and reports it.
+        frame_len(header, usize::MAX).is_ok_and(|len| self.buf.len() - FRAME_HEADER_BYTES >= len)
     }
 
     /// The next frame's body; `Ok(None)` at a clean end of stream (between frames).
@@ -429,7 +435,7 @@ where
     let in_flight = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_PER_STREAM_MAX));
     // Other requests being served on the stream: their answers may be on their way.
     let serving = in_flight.clone();
-    tokio::spawn(write_loop(send, rx, move || SERVER_IN_FLIGHT_PER_STREAM_MAX - serving.available_permits() > 1));
+    tokio::spawn(write_loop(send, rx, move || others_in_flight(&serving, SERVER_IN_FLIGHT_PER_STREAM_MAX)));
     let mut frames = FrameReader::new(recv, frame_bytes_max);
     // Answers given on the spot, sent to the writer together once the frames read in one go
     // are done (so a burst of reads gets one write, not one per answer).
