@@ -59,6 +59,33 @@ async fn three_nodes_sixty_four_shards_take_writes_on_every_shard() -> anyhow::R
         assert_eq!(client.get(k).await?, None);
         assert!(client.compare_and_swap(k, None, b"fresh").await?.swapped);
     }
+    // Writes to every shard at once: the appends of different groups bound for the same
+    // follower leave together, in frames of batched Raft messages (`raft.batch_messages`), and
+    // every write is applied as acknowledged.
+    let batched = || -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for n in 1..=3u64 {
+            let text = ringkv_tests::scrape(&tc.cluster.entry(n)?.metrics_addr)?;
+            sum += ringkv_tests::metric(&text, "ringkv_raft_batched_messages_total").unwrap_or(0.0);
+        }
+        Ok(sum)
+    };
+    let before = batched()?;
+    let mut round = 0;
+    while batched()? == before && round < 20 {
+        round += 1;
+        let puts = keys.iter().map(|(shard, k)| {
+            let client = &client;
+            async move { client.put(k, format!("r{round}-{shard}").as_bytes()).await }
+        });
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+        for (shard, k) in &keys {
+            assert_eq!(client.get(k).await?, Some(format!("r{round}-{shard}").into_bytes()), "shard {shard}, round {round}");
+        }
+    }
+    assert!(batched()? > before, "{round} rounds of 64 concurrent writes sent no batch of Raft messages");
     // Leaders are spread: no node leads every shard, and every shard has one leader (read node
     // by node, so awaited: a leader transfer may be in flight between two reads).
     ringkv_tests::eventually(std::time::Duration::from_secs(20), "one leader per shard, spread", || async {

@@ -164,6 +164,9 @@ async fn peers_speak_only_for_themselves_and_orders_come_only_from_the_placement
     let ballot = openraft::raft::VoteRequest::new(ringkv_storage::Vote::new(1_000, 2), None);
     let vote = PeerRequest::Raft { from: 2, group: 1, msg: RaftMsg::Vote(ballot) };
     not_permitted(impostor.call(&vote, t).await?, "a Raft message claiming another node");
+    let ballot = openraft::raft::VoteRequest::new(ringkv_storage::Vote::new(1_000, 2), None);
+    let batch = PeerRequest::RaftBatch { from: 2, msgs: vec![(1, RaftMsg::Vote(ballot))] };
+    not_permitted(impostor.call(&batch, t).await?, "a batch of Raft messages claiming another node");
     let hb = PeerRequest::Heartbeat(NodeHeartbeat {
         node: 2,
         incarnation: 0,
@@ -193,6 +196,28 @@ async fn peers_speak_only_for_themselves_and_orders_come_only_from_the_placement
     assert!(!matches!(r, Err(RequestError::NotPermitted(_))), "an order from a new term was refused: {r:?}");
     let older = PlacementFence { term: 999_999, map_version: 0 };
     not_permitted(member.call(&PeerRequest::TransferLeader { shard: s.id, to: 1, fence: older }, t).await?, "an order from a deposed term");
+    // A batch of Raft messages is answered message by message, in order; one over the
+    // limit is refused whole.
+    let ballot = || RaftMsg::Vote(openraft::raft::VoteRequest::new(ringkv_storage::Vote::new(1, 2), None));
+    let unknown = [1_000_001u64, 1_000_002, 1_000_003];
+    let batch = PeerRequest::RaftBatch { from: 2, msgs: unknown.iter().map(|g| (*g, ballot())).collect() };
+    match member.call(&batch, t).await? {
+        Ok(PeerReply::RaftBatch(answers)) => {
+            let refused: Vec<_> = answers
+                .iter()
+                .map(|a| match a {
+                    Err(RequestError::ShardNotFound { shard, .. }) => Some(*shard),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(refused, unknown.map(Some), "answers {answers:?}");
+        }
+        other => panic!("a batch for unknown groups: {other:?}"),
+    }
+    let over = ringkv_wire::RAFT_BATCH_MESSAGES_MAX + 1;
+    let batch = PeerRequest::RaftBatch { from: 2, msgs: (0..over).map(|i| (1_000_000 + i as u64, ballot())).collect() };
+    let r = member.call(&batch, t).await?;
+    assert!(matches!(r, Err(RequestError::Malformed(_))), "a batch of {over} messages: {r:?}");
     // A node's own Raft traffic under its own name still flows.
     assert!(matches!(member.call(&PeerRequest::GetMap, t).await?, Ok(PeerReply::Map(_))));
     assert_eq!(client.get(b"k").await?, Some(b"v".to_vec()));

@@ -185,6 +185,9 @@ pub struct RaftTuning {
     /// followers may lag that much more; leaders, their clients and leases do not wait for it.
     /// Capped at `heartbeat_interval_ms`.
     pub commit_linger_ms: u64,
+    /// Raft messages of different groups bound for the same node at the same moment leave in
+    /// one peer frame and come back in one answer, instead of a frame and an answer each.
+    pub batch_messages: bool,
 }
 
 /// How a leader confirms it still leads before a linearizable read.
@@ -213,6 +216,7 @@ impl Default for RaftTuning {
             read_policy: ReadPolicy::Lease,
             rest_timers: true,
             commit_linger_ms: 50,
+            batch_messages: true,
         }
     }
 }

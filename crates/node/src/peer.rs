@@ -78,6 +78,8 @@ pub struct PeerPool {
     server: OnceLock<Server>,
     /// Peers this node must not talk to (fault injection).
     isolated_from: RwLock<HashSet<NodeId>>,
+    /// The Raft messages of every group, batched per peer.
+    pub raft_outbox: crate::raft::RaftOutbox,
 }
 
 impl PeerPool {
@@ -91,6 +93,7 @@ impl PeerPool {
             addr_ids: DashMap::new(),
             server: OnceLock::new(),
             isolated_from: RwLock::new(HashSet::new()),
+            raft_outbox: Default::default(),
         }
     }
 

@@ -53,6 +53,7 @@ impl PeerService {
             PeerRequest::Raft { group, .. } => {
                 Err(RequestError::Malformed(format!("a Raft message for group {group} needs a peer connection")))
             }
+            PeerRequest::RaftBatch { .. } => Err(RequestError::Malformed("Raft messages need a peer connection".into())),
         }
     }
 }
@@ -64,7 +65,7 @@ pub fn check_peer_claim(caller: Caller, req: &PeerRequest) -> Result<NodeId, Req
         return Err(RequestError::PermissionDenied { request: "a peer request".into(), needed: Role::Admin, has: caller.describe() });
     };
     let claimed = match req {
-        PeerRequest::Raft { from, .. } => Some(*from),
+        PeerRequest::Raft { from, .. } | PeerRequest::RaftBatch { from, .. } => Some(*from),
         PeerRequest::Heartbeat(hb) => Some(hb.node),
         _ => None,
     };
@@ -86,6 +87,7 @@ impl Service<PeerRequest, PeerResponse> for PeerService {
             }
             match req {
                 PeerRequest::Raft { from, group, msg } => crate::raft::serve(&self.node, from, group, msg).await,
+                PeerRequest::RaftBatch { from, msgs } => crate::raft::serve_batch(&self.node, from, msgs).await,
                 other => Self::from_peer(&self.node, sender, other).await,
             }
         })

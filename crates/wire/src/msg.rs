@@ -406,7 +406,13 @@ pub enum PeerRequest<M = Opaque> {
     /// From the node `ringctl init` reached, to the first placement member: create the
     /// cluster of `nodes`. Answered with `Admin` holding the answer to `init`.
     Bootstrap { nodes: Vec<NodeInfo>, shards: u64, replication: usize },
+    /// Raft messages of many groups, all from node `from`, sent together: answered by one
+    /// [`PeerReply::RaftBatch`] holding an answer for each, in order.
+    RaftBatch { from: NodeId, msgs: Vec<(GroupId, M)> },
 }
+
+/// Most messages one [`PeerRequest::RaftBatch`] may carry; a receiver refuses a larger batch.
+pub const RAFT_BATCH_MESSAGES_MAX: usize = 1024;
 
 /// What an order of the placement leader carries so a node can refuse one from a deposed leader:
 /// the leader's term in the placement group and the map version it acted on.
@@ -425,6 +431,9 @@ pub enum PeerReply<A = Opaque> {
     Admin(ClientResponse),
     MoveStep(MoveStage),
     Identity(NodeInfo),
+    /// The answers to a [`PeerRequest::RaftBatch`], one per message and in its order: what
+    /// the group answered, or why it could not take the message.
+    RaftBatch(Vec<Result<A, RequestError>>),
 }
 
 pub type PeerResponse<A = Opaque> = Result<PeerReply<A>, RequestError>;

@@ -13,7 +13,7 @@
 
 mod network;
 
-pub use network::{append_timeout, RaftReply, SLOWEST_PEER_BYTES_PER_SEC, SNAPSHOT_TIMEOUT};
+pub use network::{append_timeout, RaftOutbox, RaftReply, SLOWEST_PEER_BYTES_PER_SEC, SNAPSHOT_TIMEOUT};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -75,6 +75,8 @@ pub struct RaftConfig {
     raft: Arc<openraft::Config>,
     /// How long a commit index without entries waits for the next append ([`RaftTuning::commit_linger_ms`]).
     commit_linger: Duration,
+    /// Whether messages of different groups to one peer share frames ([`RaftTuning::batch_messages`]).
+    batch_messages: bool,
 }
 
 /// How long after a follower's last acknowledged append its leader skips heartbeats to it:
@@ -106,7 +108,8 @@ impl RaftConfig {
             ..Default::default()
         };
         let commit_linger = Duration::from_millis(t.commit_linger_ms.min(t.heartbeat_interval_ms));
-        cfg.validate().map(|c| RaftConfig { raft: Arc::new(c), commit_linger }).map_err(|e| e.to_string())
+        let batch_messages = t.batch_messages;
+        cfg.validate().map(|c| RaftConfig { raft: Arc::new(c), commit_linger, batch_messages }).map_err(|e| e.to_string())
     }
 
     /// How long heartbeats are suppressed after an acknowledged append (`None`: never).
@@ -172,7 +175,8 @@ impl Group {
     ) -> Result<Group, String> {
         let append_floor = Duration::from_millis(config.raft.election_timeout_min);
         let commit_linger = config.commit_linger;
-        let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, throttle };
+        let batch = config.batch_messages;
+        let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, batch, throttle };
         let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
         let lease = Duration::from_millis(config.raft.election_timeout_max);
         let metrics = raft.metrics();
@@ -491,6 +495,26 @@ fn cut_off_from_quorum(m: &openraft::RaftMetrics<TypeConfig>, limit: Duration) -
 
 /// Hands a Raft message from node `from` to this node's replica of `group`, and answers.
 pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, msg: RaftMsg) -> PeerResponse {
+    serve_one(node, from, group, msg).await.map(ringkv_wire::PeerReply::Raft)
+}
+
+/// Hands each Raft message of a batch from node `from` to its group, all at once, and answers
+/// them together in their order once every group answered. The batch takes one task on this
+/// node, not one per message.
+pub async fn serve_batch(node: &Arc<Node>, from: NodeId, msgs: Vec<(GroupId, RaftMsg)>) -> PeerResponse {
+    if msgs.len() > ringkv_wire::RAFT_BATCH_MESSAGES_MAX {
+        return Err(RequestError::Malformed(format!(
+            "a batch of {} Raft messages is over the limit of {}",
+            msgs.len(),
+            ringkv_wire::RAFT_BATCH_MESSAGES_MAX
+        )));
+    }
+    metrics::counter!("ringkv_raft_batches_received_total").increment(1);
+    let answers = futures::future::join_all(msgs.into_iter().map(|(group, msg)| serve_one(node, from, group, msg))).await;
+    Ok(ringkv_wire::PeerReply::RaftBatch(answers))
+}
+
+async fn serve_one(node: &Arc<Node>, from: NodeId, group: GroupId, msg: RaftMsg) -> Result<RaftAnswer, RequestError> {
     if node.pool.is_isolated_from(from) {
         return Err(RequestError::Unavailable(format!("node {} is cut off from node {from}", node.id())));
     }
@@ -553,7 +577,7 @@ pub async fn serve(node: &Arc<Node>, from: NodeId, group: GroupId, msg: RaftMsg)
             })
         }
     };
-    Ok(ringkv_wire::PeerReply::Raft(answer))
+    Ok(answer)
 }
 
 #[cfg(test)]

@@ -4,8 +4,12 @@
 //! once, inline in the peer frame; `raft::serve` hands them to the group.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::oneshot;
 
 use futures::{Stream, StreamExt};
 use openraft::alias::{SnapshotOf, VoteOf};
@@ -48,6 +52,8 @@ pub struct NetworkFactory {
     pub append_floor: Duration,
     /// How long an append carrying only a commit index waits for the next append to ride in.
     pub commit_linger: Duration,
+    /// Whether messages share frames with other groups' messages to the same peer ([`RaftOutbox`]).
+    pub batch: bool,
     pub throttle: Arc<SnapshotThrottle>,
 }
 
@@ -63,6 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             pool: self.pool.clone(),
             append_floor: self.append_floor,
             commit_linger: self.commit_linger,
+            batch: self.batch,
             throttle: self.throttle.clone(),
         }
     }
@@ -77,10 +84,12 @@ pub struct GroupClient {
     pool: Arc<PeerPool>,
     append_floor: Duration,
     commit_linger: Duration,
+    batch: bool,
     throttle: Arc<SnapshotThrottle>,
 }
 
 /// Why a peer call failed, before it is mapped to the error type openraft wants.
+#[derive(Clone)]
 enum CallError {
     Unreachable(String),
     Network(String),
@@ -96,16 +105,202 @@ impl CallError {
 }
 
 impl GroupClient {
-    /// Sends one message; `timeout` gets the frame's size once it is encoded.
-    async fn call(&self, msg: RaftMsg, lane: Lane, timeout: impl FnOnce(usize) -> Duration) -> Result<RaftAnswer, CallError> {
+    /// Sends one message; `timeout` gets the frame's size once it is encoded. With batching
+    /// on, a message to a peer that other messages on the same lane are still waiting for may
+    /// leave in one frame with the messages of other groups queued at the same moment
+    /// ([`RaftOutbox`]).
+    async fn call(
+        &self,
+        msg: RaftMsg,
+        lane: Lane,
+        timeout: impl FnOnce(usize) -> Duration + Send + 'static,
+    ) -> Result<RaftAnswer, CallError> {
+        if !self.batch || lane == Lane::Bulk {
+            return self.call_alone(msg, lane, timeout).await;
+        }
+        let queue = self.pool.raft_outbox.queue(self.target, lane);
+        let busy = queue.in_flight.fetch_add(1, Ordering::Relaxed) > 0;
+        let _in_flight = InFlight(&queue);
+        if !busy {
+            return self.call_alone(msg, lane, timeout).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut waiting = queue.lock();
+            waiting.push(Queued { group: self.group, msg, timeout: Box::new(timeout), answer: tx });
+            waiting.len() == 1
+        };
+        if first {
+            // Let the tasks woken with this one queue their messages first. If this call is
+            // dropped meanwhile, the guard sends what is queued.
+            let mut flush = Flush { client: self.clone(), queue: queue.clone(), lane, armed: true };
+            tokio::task::yield_now().await;
+            flush.armed = false;
+            let mut batch = std::mem::take(&mut *queue.lock());
+            if batch.len() == 1 {
+                let mine = batch.pop().expect("one queued message");
+                return self.call_alone(mine.msg, lane, mine.timeout).await;
+            }
+            tokio::spawn(self.clone().send_batch(lane, batch));
+        }
+        rx.await.unwrap_or_else(|_| Err(CallError::Network("the batch carrying this message was dropped".into())))
+    }
+
+    /// Sends one message in a frame of its own.
+    async fn call_alone(&self, msg: RaftMsg, lane: Lane, timeout: impl FnOnce(usize) -> Duration) -> Result<RaftAnswer, CallError> {
         let req = PeerRequest::Raft { from: self.me, group: self.group, msg };
         match self.pool.call_sized(self.target, &self.addr, &req, timeout, lane).await {
             Ok(Ok(PeerReply::Raft(answer))) => Ok(answer),
             Ok(Ok(other)) => Err(CallError::Network(format!("unexpected reply {other:?}"))),
             // The peer is up but cannot serve this group yet (no replica, shutting down): back off.
             Ok(Err(e)) => Err(CallError::Unreachable(e.to_string())),
-            Err(ringkv_transport::RpcError::Timeout(d)) => Err(CallError::Network(format!("timed out after {d:?}"))),
-            Err(e) => Err(CallError::Unreachable(e.to_string())),
+            Err(e) => Err(CallError::from_rpc(e)),
+        }
+    }
+
+    /// Sends queued messages of several groups to this client's peer, in frames of at most
+    /// [`RAFT_BATCH_BYTES_MAX`] (or one larger message) and [`RAFT_BATCH_SEND_MAX`] messages,
+    /// and hands each its answer.
+    async fn send_batch(self, lane: Lane, batch: Vec<Queued>) {
+        let mut batch: Vec<Queued> = batch.into_iter().filter(|q| !q.answer.is_closed()).collect();
+        while !batch.is_empty() {
+            let mut bytes = 0;
+            let mut n = 0;
+            while n < batch.len() && n < RAFT_BATCH_SEND_MAX {
+                let size = postcard::experimental::serialized_size(&batch[n].msg).unwrap_or(0);
+                if n > 0 && bytes + size > RAFT_BATCH_BYTES_MAX {
+                    break;
+                }
+                bytes += size;
+                n += 1;
+            }
+            let rest = batch.split_off(n);
+            let part = std::mem::replace(&mut batch, rest);
+            if part.len() == 1 {
+                let q = part.into_iter().next().expect("one message");
+                let client = self.clone();
+                tokio::spawn(async move {
+                    let _ = q.answer.send(client.call_alone(q.msg, lane, q.timeout).await);
+                });
+                continue;
+            }
+            metrics::counter!("ringkv_raft_batches_sent_total").increment(1);
+            metrics::counter!("ringkv_raft_batched_messages_total").increment(part.len() as u64);
+            let (mut msgs, mut answers, mut timeouts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            for q in part {
+                msgs.push((q.group, q.msg));
+                answers.push(q.answer);
+                timeouts.push(q.timeout);
+            }
+            // The batch gets the longest deadline any of its messages would get for its size.
+            let timeout = move |bytes| timeouts.into_iter().map(|t| t(bytes)).max().unwrap_or_default();
+            let req = PeerRequest::RaftBatch { from: self.me, msgs };
+            let client = self.clone();
+            tokio::spawn(async move {
+                let got = client.pool.call_sized(client.target, &client.addr, &req, timeout, lane).await;
+                let fail = |e: CallError, answers: Vec<oneshot::Sender<_>>| {
+                    for a in answers {
+                        let _ = a.send(Err(e.clone()));
+                    }
+                };
+                match got {
+                    Ok(Ok(PeerReply::RaftBatch(each))) if each.len() == answers.len() => {
+                        for (a, r) in answers.into_iter().zip(each) {
+                            let _ = a.send(r.map_err(|e| CallError::Unreachable(e.to_string())));
+                        }
+                    }
+                    Ok(Ok(other)) => fail(CallError::Network(format!("unexpected reply to a batch {other:?}")), answers),
+                    Ok(Err(e)) => fail(CallError::Unreachable(e.to_string()), answers),
+                    Err(e) => fail(CallError::from_rpc(e), answers),
+                }
+            });
+        }
+    }
+}
+
+impl CallError {
+    fn from_rpc(e: ringkv_transport::RpcError) -> CallError {
+        match e {
+            ringkv_transport::RpcError::Timeout(d) => CallError::Network(format!("timed out after {d:?}")),
+            e => CallError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+/// Largest frame of batched messages, unless one message alone is larger.
+pub const RAFT_BATCH_BYTES_MAX: usize = 1 << 20;
+/// Most messages one batch carries.
+pub const RAFT_BATCH_SEND_MAX: usize = 256;
+const _: () = assert!(RAFT_BATCH_SEND_MAX <= ringkv_wire::RAFT_BATCH_MESSAGES_MAX);
+
+/// A Raft message waiting for the next batch to its peer.
+struct Queued {
+    group: GroupId,
+    msg: RaftMsg,
+    timeout: Box<dyn FnOnce(usize) -> Duration + Send>,
+    answer: oneshot::Sender<Result<RaftAnswer, CallError>>,
+}
+
+/// The Raft messages of every group of this node bound for one peer on one lane: how many are
+/// on their way, and those waiting to leave together.
+#[derive(Default)]
+pub struct PeerQueue {
+    in_flight: AtomicUsize,
+    waiting: Mutex<Vec<Queued>>,
+}
+
+impl PeerQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One batched stream of Raft messages per peer (and lane), shared by every group of the node.
+/// A message to a peer with no other message on its way on that lane leaves at once, alone.
+/// Otherwise it joins the peer's queue; the message that found the queue empty yields once to
+/// the scheduler (so that tasks woken together, as by one group-commit sync, queue theirs) and
+/// then sends everything queued in one `PeerRequest::RaftBatch`, which the peer serves in one
+/// task and answers in one frame.
+#[derive(Default)]
+pub struct RaftOutbox {
+    queues: DashMap<(NodeId, bool), Arc<PeerQueue>, rustc_hash::FxBuildHasher>,
+}
+
+impl RaftOutbox {
+    fn queue(&self, peer: NodeId, lane: Lane) -> Arc<PeerQueue> {
+        let key = (peer, lane == Lane::Control);
+        if let Some(q) = self.queues.get(&key) {
+            return q.clone();
+        }
+        self.queues.entry(key).or_default().clone()
+    }
+}
+
+/// Counts a message on its way until it is answered or dropped.
+struct InFlight<'a>(&'a PeerQueue);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends what is queued if the call that was to send it is dropped first.
+struct Flush {
+    client: GroupClient,
+    queue: Arc<PeerQueue>,
+    lane: Lane,
+    armed: bool,
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        if self.armed {
+            let batch = std::mem::take(&mut *self.queue.lock());
+            // No runtime: it is shutting down, and the queued calls' answers go with it.
+            if let (false, Ok(rt)) = (batch.is_empty(), tokio::runtime::Handle::try_current()) {
+                rt.spawn(self.client.clone().send_batch(self.lane, batch));
+            }
         }
     }
 }
@@ -284,7 +479,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftMsg::Vote(rpc), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+        let ttl = option.soft_ttl();
+        flatten(self.call(RaftMsg::Vote(rpc), Lane::Control, move |_| ttl).await, |a| match a {
             RaftAnswer::Vote(r) => Ok(r),
             other => Err(other),
         })
@@ -295,7 +491,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftMsg::PreVote(rpc), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+        let ttl = option.soft_ttl();
+        flatten(self.call(RaftMsg::PreVote(rpc), Lane::Control, move |_| ttl).await, |a| match a {
             RaftAnswer::Vote(r) => Ok(r),
             other => Err(other),
         })
@@ -306,7 +503,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        flatten(self.call(RaftMsg::TransferLeader(req), Lane::Control, |_| option.soft_ttl()).await, |a| match a {
+        let ttl = option.soft_ttl();
+        flatten(self.call(RaftMsg::TransferLeader(req), Lane::Control, move |_| ttl).await, |a| match a {
             RaftAnswer::TransferLeader(r) => Ok(r),
             other => Err(other),
         })
@@ -392,7 +590,7 @@ impl GroupClient {
         floor: Duration,
     ) -> Result<Option<SnapshotResponse<TypeConfig>>, StreamingError<TypeConfig>> {
         let chunk = SnapshotChunk { vote: *vote, meta: meta.clone(), id: id.to_string(), part };
-        let r = self.call(RaftMsg::SnapshotChunk(Box::new(chunk)), Lane::Bulk, |bytes| append_timeout(floor, floor, bytes)).await;
+        let r = self.call(RaftMsg::SnapshotChunk(Box::new(chunk)), Lane::Bulk, move |bytes| append_timeout(floor, floor, bytes)).await;
         flatten(r, |a| match a {
             RaftAnswer::SnapshotChunk(r) => Ok(r),
             other => Err(other),

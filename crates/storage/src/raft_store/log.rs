@@ -197,6 +197,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             b.put_cf(self.db.cf(CF_RAFT_STATE), group_tag_key(self.group, TAG_COMMITTED), enc(&committed)?);
         }
         metrics::counter!("ringkv_raft_log_appended_entries_total").increment(n);
+        metrics::counter!("ringkv_raft_log_appends_total").increment(1);
         fail::fail_point!("raft::append");
         // Readable as soon as this returns; durable when the group committer's next sync runs.
         self.db.write_durable(b, move |r| callback.io_completed(r));

@@ -705,6 +705,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         fail::fail_point!("raft::apply::after");
         metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
+        metrics::counter!("ringkv_raft_apply_batches_total").increment(1);
         if let (Some(cache), Some(last)) = (&self.log_cache, last) {
             cache.forget_through(last.index);
         }
