@@ -163,17 +163,11 @@ impl GroupClient {
     /// and hands each its answer.
     async fn send_batch(self, lane: Lane, batch: Vec<Queued>) {
         let mut batch: Vec<Queued> = batch.into_iter().filter(|q| !q.answer.is_closed()).collect();
+        let sizes: Vec<usize> = batch.iter().map(|q| postcard::experimental::serialized_size(&q.msg).unwrap_or(0)).collect();
+        let mut sizes = sizes.as_slice();
         while !batch.is_empty() {
-            let mut bytes = 0;
-            let mut n = 0;
-            while n < batch.len() && n < RAFT_BATCH_SEND_MAX {
-                let size = postcard::experimental::serialized_size(&batch[n].msg).unwrap_or(0);
-                if n > 0 && bytes + size > RAFT_BATCH_BYTES_MAX {
-                    break;
-                }
-                bytes += size;
-                n += 1;
-            }
+            let n = frame_len(sizes);
+            sizes = &sizes[n..];
             let rest = batch.split_off(n);
             let part = std::mem::replace(&mut batch, rest);
             if part.len() == 1 {
@@ -225,6 +219,22 @@ impl CallError {
             e => CallError::Unreachable(e.to_string()),
         }
     }
+}
+
+/// How many of the queued messages, of these encoded sizes in order, the next batch takes: at
+/// most [`RAFT_BATCH_SEND_MAX`], and at most [`RAFT_BATCH_BYTES_MAX`] in all unless the first
+/// alone is larger (then it goes alone). At least one while any is queued.
+fn frame_len(sizes: &[usize]) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for &size in sizes.iter().take(RAFT_BATCH_SEND_MAX) {
+        if n > 0 && bytes + size > RAFT_BATCH_BYTES_MAX {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    n
 }
 
 /// Largest frame of batched messages, unless one message alone is larger.
@@ -707,6 +717,28 @@ mod tests {
         let results: Vec<_> = Appends::new(input, send, Duration::ZERO).into_stream().collect().await;
         assert_eq!(results.len(), 2);
         assert_eq!(*seen.lock().expect("lock"), vec![(5, 0, 5), (5, 1, 5)]);
+    }
+
+    /// A batch is bounded in messages and bytes; a message larger than the byte bound goes
+    /// alone, and every queued message goes in some batch.
+    #[test]
+    fn batches_are_bounded_in_messages_and_bytes() {
+        assert_eq!(frame_len(&[]), 0);
+        assert_eq!(frame_len(&[100; 1000]), RAFT_BATCH_SEND_MAX);
+        let big = RAFT_BATCH_BYTES_MAX / 3;
+        assert_eq!(frame_len(&[big, big, big, big]), 3);
+        assert_eq!(frame_len(&[big, big, big + 2, 10]), 2);
+        assert_eq!(frame_len(&[RAFT_BATCH_BYTES_MAX * 4, 10, 10]), 1, "an oversize message goes alone");
+        assert_eq!(frame_len(&[10, RAFT_BATCH_BYTES_MAX * 4]), 1, "and does not join a batch");
+        let sizes = [big, 10, RAFT_BATCH_BYTES_MAX * 2, big, big, big, big, 5];
+        let (mut rest, mut parts) = (&sizes[..], vec![]);
+        while !rest.is_empty() {
+            let n = frame_len(rest);
+            assert!(n >= 1);
+            parts.push(n);
+            rest = &rest[n..];
+        }
+        assert_eq!(parts, vec![2, 1, 3, 2]);
     }
 
     #[test]
