@@ -211,6 +211,14 @@ impl IdleResult {
 }
 
 /// Clock ticks per second of /proc CPU times.
+/// The mean and the maximum of per-node figures. The rounding of a float sum can put the mean of
+/// equal figures a hair above them; a mean is never above its maximum, so it is capped there.
+fn mean_and_max(v: &[f64]) -> (f64, f64) {
+    let max = v.iter().copied().fold(0.0, f64::max);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    (mean.min(max), max)
+}
+
 fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -274,15 +282,15 @@ pub async fn idle(
             let after: Vec<u64> = pids.iter().map(|(_, p)| cpu_ticks(*p)).collect::<anyhow::Result<_>>()?;
             let cpu: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a - b) as f64 / ticks / secs * 100.0).collect();
             let rss: Vec<f64> = pids.iter().map(|(_, p)| rss_mib(*p)).collect::<anyhow::Result<_>>()?;
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-            let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+            let (cpu_percent_mean, cpu_percent_max) = mean_and_max(&cpu);
+            let (rss_mib_mean, rss_mib_max) = mean_and_max(&rss);
             Ok(IdlePoint {
                 shards: n,
                 replicas_per_node: ((n * l.replication as u64) as f64 + l.replication.min(l.nodes) as f64) / l.nodes as f64,
-                cpu_percent_mean: mean(&cpu),
-                cpu_percent_max: max(&cpu),
-                rss_mib_mean: mean(&rss),
-                rss_mib_max: max(&rss),
+                cpu_percent_mean,
+                cpu_percent_max,
+                rss_mib_mean,
+                rss_mib_max,
             })
         }
         .await;
@@ -318,6 +326,18 @@ mod tests {
         assert!(x != 1);
         assert!(rss_mib(pid).expect("rss") > 1.0);
         assert!(cpu_ticks(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_mean_is_never_above_its_maximum() {
+        // A CI run's idle check failed on a mean of 0.9990742987168554 % against a maximum of
+        // 0.9990742987168552 %: nodes at nearly the same CPU, and the float sum rounded up. Three
+        // equal figures whose sum divided by 3 rounds above them:
+        let x = 0.42383716386351644;
+        assert!([x, x, x].iter().sum::<f64>() / 3.0 > x, "the rounding this guards against");
+        assert_eq!(mean_and_max(&[x, x, x]), (x, x));
+        assert_eq!(mean_and_max(&[1.0, 2.0, 6.0]), (3.0, 6.0));
+        assert_eq!(mean_and_max(&[]), (0.0, 0.0));
     }
 
     #[test]
