@@ -39,6 +39,8 @@ pub struct FaultRun {
     pub time: Duration,
     pub seed: u64,
     pub faults: Vec<Fault>,
+    /// Faults of `faults` the first pass draws before the others: those a short run must show.
+    pub first: Vec<Fault>,
     pub workloads: Vec<Workload>,
     pub register: RegisterConfig,
     pub set_workers: usize,
@@ -60,6 +62,7 @@ impl FaultRun {
             time,
             seed,
             faults: faults.to_vec(),
+            first: Vec::new(),
             workloads: vec![Workload::Register, Workload::Set, Workload::Bank],
             register: RegisterConfig { keys: 4, workers: 8, ops_per_key: 1000 },
             set_workers: 4,
@@ -234,7 +237,8 @@ async fn run_checked(
         cluster.wait_ready(Duration::from_secs(60)).await?;
     }
     let client = connect(&cluster, cfg).await?;
-    let mut nemesis = nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), MAX_NODES);
+    let mut nemesis =
+        nemesis::Nemesis::new(cluster, ns, &proxy, client.clone(), rec.clone(), cfg.seed, cfg.faults.clone(), &cfg.first, MAX_NODES);
     let outcome = workloads_under_faults(cfg, &client, rec, &mut nemesis).await;
     // Undo every fault, whatever happened; then stop the cluster.
     let healed = nemesis.heal_all().await;

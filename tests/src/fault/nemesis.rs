@@ -193,6 +193,18 @@ pub fn partition(f: Fault, nodes: &[NodeId], target: NodeId, senders: usize) -> 
     (links, what)
 }
 
+/// The deck of a run's first pass: every fault once, those of `first` before the others (each
+/// part in a seeded order), so the faults a short run must show come while it has time for them.
+/// The deck is drawn from its end.
+fn first_pass(rng: &mut StdRng, faults: &[Fault], first: &[Fault]) -> Vec<Fault> {
+    let mut rest: Vec<Fault> = faults.iter().copied().filter(|f| !first.contains(f)).collect();
+    let mut early: Vec<Fault> = faults.iter().copied().filter(|f| first.contains(f)).collect();
+    rest.shuffle(rng);
+    early.shuffle(rng);
+    rest.extend(early);
+    rest
+}
+
 impl<'a> Nemesis<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -203,17 +215,20 @@ impl<'a> Nemesis<'a> {
         rec: Arc<Recorder>,
         seed: u64,
         faults: Vec<Fault>,
+        first: &[Fault],
         max_node: NodeId,
     ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let deck = first_pass(&mut rng, &faults, first);
         Nemesis {
             cluster,
             ns,
             proxy,
             client,
             rec,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             faults,
-            deck: Vec::new(),
+            deck,
             max_node,
             counts: BTreeMap::new(),
             ineffective: BTreeMap::new(),
@@ -464,6 +479,25 @@ mod tests {
         let (links, _) = partition(Fault::Bridge, &FIVE, 0, 1);
         assert_eq!(reach(&FIVE, &links, 5), BTreeSet::from([3, 1, 2, 4]), "the bridge sees everyone");
         assert_eq!(reach(&FIVE, &links, 3), BTreeSet::from([1, 5]));
+    }
+
+    #[test]
+    fn the_first_pass_draws_the_named_faults_first_then_every_other_once() {
+        let faults = [Fault::Join, Fault::TransferLeader, Fault::Kill, Fault::Pause, Fault::Isolate, Fault::Delay];
+        let first = [Fault::TransferLeader, Fault::Join];
+        let mut orders = BTreeSet::new();
+        for seed in 0..64 {
+            let mut deck = first_pass(&mut StdRng::seed_from_u64(seed), &faults, &first);
+            let drawn: Vec<Fault> = std::iter::from_fn(|| deck.pop()).collect();
+            assert!(drawn[..2].iter().all(|f| first.contains(f)), "seed {seed}: {drawn:?}");
+            let mut sorted = drawn.clone();
+            sorted.sort();
+            let mut all = faults.to_vec();
+            all.sort();
+            assert_eq!(sorted, all, "seed {seed}: every fault once");
+            orders.insert(drawn);
+        }
+        assert!(orders.len() > 8, "the order is seeded, not fixed: {} orders", orders.len());
     }
 
     #[test]
