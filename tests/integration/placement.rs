@@ -257,6 +257,25 @@ async fn a_shard_moves_while_a_node_is_cut_off_from_the_placement_quorum() -> an
     Ok(())
 }
 
+/// A new node is given every member to join through: the first one being dead does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_through_the_next_member_when_the_first_is_dead() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let first = tc.cluster.file.nodes[0].id;
+    tc.cluster.kill(first).await?;
+    let id = tc.cluster.add_node()?;
+    wait_node_up(&tc.cluster.client_config(), id, Duration::from_secs(60)).await?;
+    let log = std::fs::read_to_string(tc.cluster.entry(id)?.data_dir.join("node.log"))?;
+    let dead = &tc.cluster.entry(first)?.client_addr;
+    let joined = log.lines().find(|l| l.contains("joined the cluster")).unwrap_or_default();
+    assert!(!joined.is_empty() && !joined.contains(dead.as_str()), "node {id} did not join through a live member: {joined:?}");
+    let client = tc.client().await?;
+    client.put(b"after-join", b"v").await?;
+    assert_eq!(client.get(b"after-join").await?, Some(b"v".to_vec()));
+    tc.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rebalance_completes_when_the_placement_leader_is_killed_midway() -> anyhow::Result<()> {
     let mut tc = TestCluster::start(3, 32).await?;

@@ -41,10 +41,11 @@ pub struct NodeConfig {
     /// Peer addresses to ask for the cluster map until this node has one of its own.
     #[serde(default)]
     pub seeds: Vec<String>,
-    /// A member's client address to join an existing cluster through, on the first start
-    /// (ignored once the node has the cluster map).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub join: Option<String>,
+    /// Members' client addresses to join an existing cluster through, tried in turn, on the
+    /// first start (ignored once the node has the cluster map). TOML takes one address or a
+    /// list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "one_or_many")]
+    pub join: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -235,8 +236,29 @@ pub struct Overrides {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub seeds: Option<Vec<String>>,
-    pub join: Option<String>,
+    pub join: Option<Vec<String>>,
     pub fault_injection: Option<bool>,
+}
+
+/// A setting that takes one address or a list of them (`join = "a:1"`, `join = ["a:1", "b:1"]`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "an address (HOST:PORT) or a list of addresses")]
+enum Addrs {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<Addrs> for Vec<String> {
+    fn from(a: Addrs) -> Vec<String> {
+        match a {
+            Addrs::One(a) => vec![a],
+            Addrs::Many(v) => v,
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Addrs::deserialize(d).map(Vec::from)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +292,7 @@ struct PartialConfig {
     gateway: Option<GatewayConfig>,
     tls: Option<TlsConfig>,
     seeds: Option<Vec<String>>,
-    join: Option<String>,
+    join: Option<Addrs>,
     limits: Option<Limits>,
     raft: Option<RaftTuning>,
     storage: Option<StorageConfig>,
@@ -319,7 +341,10 @@ impl NodeConfig {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(file.map(Path::to_path_buf).unwrap_or(identity.clone()), e.to_string()))?;
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
-        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, http_addr, resp_addr, seeds, join, fault_injection);
+        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, http_addr, resp_addr, seeds, fault_injection);
+        if let Some(j) = o.join {
+            p.join = Some(Addrs::Many(j));
+        }
         if o.ca.is_some() || o.cert.is_some() || o.key.is_some() {
             let t = p.tls.take();
             let pick = |flag: Option<PathBuf>, old: Option<PathBuf>, name| flag.or(old).ok_or(ConfigError::Missing(name));
@@ -360,7 +385,7 @@ impl NodeConfig {
             gateway: p.gateway.unwrap_or_default(),
             tls: p.tls.ok_or(ConfigError::Missing("ca/cert/key"))?,
             seeds: p.seeds.unwrap_or_default(),
-            join: p.join,
+            join: p.join.map(Vec::from).unwrap_or_default(),
             limits: p.limits.unwrap_or_default(),
             raft: p.raft.unwrap_or_default(),
             storage: p.storage.unwrap_or_default(),
@@ -395,7 +420,7 @@ impl NodeConfig {
         if let Some(a) = &self.advertise_peer_addr {
             ringkv_wire::check_addr(a, true).map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr: {e}")))?;
         }
-        if let Some(j) = &self.join {
+        for j in &self.join {
             ringkv_wire::check_addr(j, true).map_err(|e| ConfigError::Invalid(format!("join: {e}")))?;
         }
         for s in &self.seeds {
@@ -478,6 +503,34 @@ mod tests {
         assert!(matches!(NodeConfig::resolve(&data, None, o), Err(ConfigError::IdMismatch { stored: 4, given: 5, .. })));
     }
 
+    /// `join` takes one address (as files of earlier versions and hand-written configs say) or
+    /// a list; the flag takes a comma-separated list (clap splits it); all survive a restart.
+    #[test]
+    fn join_takes_one_address_or_a_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, (text, want)) in [
+            ("join = \"10.0.0.1:7101\"\n", vec!["10.0.0.1:7101"]),
+            ("join = [\"10.0.0.1:7101\", \"10.0.0.2:7101\"]\n", vec!["10.0.0.1:7101", "10.0.0.2:7101"]),
+            ("", vec![]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = dir.path().join(format!("d{i}"));
+            let file = dir.path().join(format!("j{i}.toml"));
+            std::fs::write(&file, text).expect("write");
+            let cfg = NodeConfig::resolve(&data, Some(&file), first_start(dir.path())).expect("first start");
+            assert_eq!(cfg.join, want, "{text}");
+            cfg.persist().expect("persist");
+            let again = NodeConfig::resolve(&data, None, Overrides::default()).expect("restart");
+            assert_eq!(again.join, want, "after a restart: {text}");
+        }
+        let o = Overrides { join: Some(vec!["10.0.0.3:7101".into(), "10.0.0.4:7101".into()]), ..first_start(dir.path()) };
+        let file = dir.path().join("j0.toml");
+        let cfg = NodeConfig::resolve(&dir.path().join("flag"), Some(&file), o).expect("flag");
+        assert_eq!(cfg.join, ["10.0.0.3:7101", "10.0.0.4:7101"], "the flag beats the file");
+    }
+
     #[test]
     fn fault_injection_holds_only_for_the_run_that_asks_for_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -525,6 +578,8 @@ mod tests {
             ("[limits]\nkey_bytes_max = 0\n", "limits must be positive"),
             ("[raft]\nheartbeat_interval_ms = 500\nelection_timeout_min_ms = 400\n", "raft"),
             ("join = \"nowhere\"\n", "join: `nowhere` is not HOST:PORT"),
+            ("join = [\"10.0.0.1:7101\", \"nowhere\"]\n", "join: `nowhere` is not HOST:PORT"),
+            ("join = 7101\n", "an address (HOST:PORT) or a list of addresses"),
             ("seeds = [\"db_1:7001\"]\n", "seeds: `db_1:7001`"),
             ("advertise_peer_addr = \"10.0.0.1\"\n", "advertise_peer_addr"),
             ("[raft]\nheartbeat_interval_ms = \"fast\"\n", "heartbeat_interval_ms"),

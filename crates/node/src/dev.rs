@@ -231,11 +231,13 @@ impl DevCluster {
     }
 
     /// Adds a node to the running cluster: a certificate, a data dir and a first-start
-    /// configuration that joins through node `through`'s client address. Returns its entry;
+    /// configuration that joins through the members' client addresses (any of them that
+    /// answers: one down or paused does not hold the join). Returns its entry;
     /// the caller starts it (`adopt_new_nodes` in the supervisor, or the tests).
     pub fn prepare_node(file: &mut ClusterFile, dir: &Path) -> anyhow::Result<NodeEntry> {
         let id = file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let through = file.nodes.first().map(|n| n.client_addr.clone()).ok_or_else(|| anyhow::anyhow!("the cluster has no node"))?;
+        let through: Vec<String> = file.nodes.iter().map(|n| n.client_addr.clone()).collect();
+        anyhow::ensure!(!through.is_empty(), "the cluster has no node");
         let node_dir = dir.join(format!("node-{id}"));
         anyhow::ensure!(!node_dir.exists(), "{} already exists", node_dir.display());
         std::fs::create_dir_all(&node_dir)?;

@@ -99,11 +99,11 @@ pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output =
     let mut failure = None;
     // Whether the node was asked to stop (rather than stopping on its own or failing to join).
     let mut asked = false;
-    match config.join.clone().filter(|_| !node.map().is_bootstrapped()) {
-        Some(addr) => tokio::select! {
+    match Some(config.join.clone()).filter(|j| !j.is_empty() && !node.map().is_bootstrapped()) {
+        Some(through) => tokio::select! {
             _ = &mut shutdown => asked = true,
             _ = &mut stopped_on_its_own => {}
-            r = join(node.clone(), vec![addr]) => match r {
+            r = join(node.clone(), through) => match r {
                 Ok(()) => tokio::select! {
                     _ = &mut shutdown => asked = true,
                     _ = &mut stopped_on_its_own => {}

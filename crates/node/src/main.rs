@@ -81,9 +81,10 @@ struct NodeArgs {
     /// Peer addresses of placement members to learn the cluster map from.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<String>>,
-    /// Join an existing cluster through this member's client address (first start only).
-    #[arg(long)]
-    join: Option<String>,
+    /// Join an existing cluster through these members' client addresses, tried in turn
+    /// (comma-separated; first start only).
+    #[arg(long, value_delimiter = ',')]
+    join: Option<Vec<String>>,
     /// Accept fault-injection requests (tests only).
     #[arg(long)]
     fault_injection: bool,

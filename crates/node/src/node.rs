@@ -627,7 +627,7 @@ mod tests {
             gateway: Default::default(),
             tls: TlsConfig { ca: certs.join("ca.pem"), cert: c.cert, key: c.key },
             seeds: vec![],
-            join: None,
+            join: vec![],
             limits: Limits::default(),
             raft: RaftTuning::default(),
             storage: Default::default(),

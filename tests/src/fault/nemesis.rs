@@ -260,9 +260,9 @@ impl<'a> Nemesis<'a> {
                     now.push(*second);
                 }
             }
-            // A join goes first: the new node joins through one member, and a kill, pause or
-            // isolation of that member started before it would hold the join (and the round)
-            // until the join wait ran out, leaving a short run too few rounds for its faults.
+            // A join goes first: the new node tries the members in turn, and a kill, pause or
+            // isolation of the one it tries started before it would hold the join (and the
+            // round) for a connection timeout, leaving a short run fewer rounds for its faults.
             now.sort_by_key(|f| *f != Fault::Join);
             let mut undo = Vec::new();
             for f in now {
