@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ringkv_client::CallOptions;
-use ringkv_node::dev::wait_node_up;
+use ringkv_node::dev::{wait_node_up, ClusterFileExt};
 use ringkv_tests::{
     check_acked, eventually, keys_for_every_shard, metric, placement_report, scrape, set_placement, wait_balanced, TestCluster, Writer,
 };
@@ -272,6 +272,35 @@ async fn a_node_joins_through_the_next_member_when_the_first_is_dead() -> anyhow
     let client = tc.client().await?;
     client.put(b"after-join", b"v").await?;
     assert_eq!(client.get(b"after-join").await?, Some(b"v".to_vec()));
+    tc.stop().await;
+    Ok(())
+}
+
+/// A node that advertises other addresses than it binds (here a DNS name for the bound IP) is
+/// listed in the map by those, and is reached there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_listed_and_reached_by_its_advertised_addresses() -> anyhow::Result<()> {
+    let mut tc = TestCluster::start(3, 4).await?;
+    let dir = tc.path();
+    let e = ringkv_node::dev::DevCluster::prepare_node(&mut tc.cluster.file, &dir)?;
+    let port = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
+    let (client_addr, metrics_addr) = (format!("localhost:{}", port(&e.client_addr)), format!("localhost:{}", port(&e.metrics_addr)));
+    let first = e.data_dir.join("first-start.toml");
+    let cfg = std::fs::read_to_string(&first)?;
+    std::fs::write(&first, format!("advertise_client_addr = {client_addr:?}\nadvertise_metrics_addr = {metrics_addr:?}\n{cfg}"))?;
+    tc.cluster.restart(e.id)?;
+    wait_node_up(&tc.cluster.client_config(), e.id, Duration::from_secs(60)).await?;
+    let client = tc.client().await?;
+    let map = client.refresh_map().await?;
+    let listed = map.node(e.id).ok_or_else(|| anyhow::anyhow!("node {} is not in the map", e.id))?;
+    assert_eq!((listed.client_addr.as_str(), listed.metrics_addr.as_str()), (client_addr.as_str(), metrics_addr.as_str()));
+    // Reached by the advertised name alone.
+    let only = ringkv_client::ClientConfig::new(vec![client_addr.clone()], tc.cluster.file.client_certs());
+    let direct = ringkv_client::Client::unrouted(only)?;
+    match direct.call_node(&client_addr, &ClientRequest::GetMap, Duration::from_secs(5)).await {
+        Ok(Ok(ClientReply::Map(m))) => assert!(m.node(e.id).is_some()),
+        other => panic!("node {} at {client_addr}: {other:?}", e.id),
+    }
     tc.stop().await;
     Ok(())
 }

@@ -26,8 +26,16 @@ pub struct NodeConfig {
     pub advertise_peer_addr: Option<String>,
     /// Address of the client QUIC endpoint.
     pub client_addr: String,
+    /// The client address clients and other nodes dial, when it differs from `client_addr`
+    /// (a wildcard bind, NAT, a port mapping). Defaults to `client_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_client_addr: Option<String>,
     /// Address of the Prometheus `/metrics` endpoint.
     pub metrics_addr: String,
+    /// The metrics address the map lists, when it differs from `metrics_addr`. Defaults to
+    /// `metrics_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_metrics_addr: Option<String>,
     /// Address of the HTTP gateway (`/v1/kv/{key}`; also `/livez`, `/readyz`, `/metrics`).
     /// None: no HTTP gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -229,7 +237,9 @@ pub struct Overrides {
     pub peer_addr: Option<String>,
     pub advertise_peer_addr: Option<String>,
     pub client_addr: Option<String>,
+    pub advertise_client_addr: Option<String>,
     pub metrics_addr: Option<String>,
+    pub advertise_metrics_addr: Option<String>,
     pub http_addr: Option<String>,
     pub resp_addr: Option<String>,
     pub ca: Option<PathBuf>,
@@ -286,7 +296,9 @@ struct PartialConfig {
     peer_addr: Option<String>,
     advertise_peer_addr: Option<String>,
     client_addr: Option<String>,
+    advertise_client_addr: Option<String>,
     metrics_addr: Option<String>,
+    advertise_metrics_addr: Option<String>,
     http_addr: Option<String>,
     resp_addr: Option<String>,
     gateway: Option<GatewayConfig>,
@@ -341,7 +353,19 @@ impl NodeConfig {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(file.map(Path::to_path_buf).unwrap_or(identity.clone()), e.to_string()))?;
         macro_rules! flag { ($($k:ident),*) => { $( if o.$k.is_some() { p.$k = o.$k; } )* } }
-        flag!(id, peer_addr, advertise_peer_addr, client_addr, metrics_addr, http_addr, resp_addr, seeds, fault_injection);
+        flag!(
+            id,
+            peer_addr,
+            advertise_peer_addr,
+            client_addr,
+            advertise_client_addr,
+            metrics_addr,
+            advertise_metrics_addr,
+            http_addr,
+            resp_addr,
+            seeds,
+            fault_injection
+        );
         if let Some(j) = o.join {
             p.join = Some(Addrs::Many(j));
         }
@@ -378,6 +402,8 @@ impl NodeConfig {
             data_dir: data_dir.to_path_buf(),
             peer_addr: p.peer_addr.ok_or(ConfigError::Missing("peer-addr"))?,
             advertise_peer_addr: p.advertise_peer_addr,
+            advertise_client_addr: p.advertise_client_addr,
+            advertise_metrics_addr: p.advertise_metrics_addr,
             client_addr: p.client_addr.ok_or(ConfigError::Missing("client-addr"))?,
             metrics_addr: p.metrics_addr.ok_or(ConfigError::Missing("metrics-addr"))?,
             http_addr: p.http_addr,
@@ -394,6 +420,16 @@ impl NodeConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The client address the map lists: `advertise_client_addr`, else `client_addr`.
+    pub fn advertised_client_addr(&self) -> &str {
+        self.advertise_client_addr.as_deref().unwrap_or(&self.client_addr)
+    }
+
+    /// The metrics address the map lists: `advertise_metrics_addr`, else `metrics_addr`.
+    pub fn advertised_metrics_addr(&self) -> &str {
+        self.advertise_metrics_addr.as_deref().unwrap_or(&self.metrics_addr)
     }
 
     /// The peer address other nodes dial: `advertise_peer_addr`, else `peer_addr`.
@@ -417,8 +453,21 @@ impl NodeConfig {
         if self.gateway.connections_max == 0 {
             return Err(ConfigError::Invalid("gateway.connections_max must be at least 1".into()));
         }
-        if let Some(a) = &self.advertise_peer_addr {
-            ringkv_wire::check_addr(a, true).map_err(|e| ConfigError::Invalid(format!("advertise_peer_addr: {e}")))?;
+        for (what, bound, advertised) in [
+            ("peer", &self.peer_addr, &self.advertise_peer_addr),
+            ("client", &self.client_addr, &self.advertise_client_addr),
+            ("metrics", &self.metrics_addr, &self.advertise_metrics_addr),
+        ] {
+            match advertised {
+                Some(a) => ringkv_wire::check_addr(a, true).map_err(|e| ConfigError::Invalid(format!("advertise_{what}_addr: {e}")))?,
+                // A wildcard bind would put an address nobody can dial into the map.
+                None if bound.parse::<std::net::SocketAddr>().is_ok_and(|s| s.ip().is_unspecified()) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what}_addr {bound} binds every interface, which other nodes cannot dial; set advertise_{what}_addr to the address they should use"
+                    )))
+                }
+                None => {}
+            }
         }
         for j in &self.join {
             ringkv_wire::check_addr(j, true).map_err(|e| ConfigError::Invalid(format!("join: {e}")))?;
@@ -531,6 +580,22 @@ mod tests {
         assert_eq!(cfg.join, ["10.0.0.3:7101", "10.0.0.4:7101"], "the flag beats the file");
     }
 
+    /// A wildcard bind needs an advertised address: the map must list one other nodes can dial.
+    #[test]
+    fn a_wildcard_bind_needs_an_advertised_address() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let wild = |o: Overrides| NodeConfig::resolve(&data, None, o).map_err(|e| e.to_string());
+        let o = Overrides { client_addr: Some("0.0.0.0:7104".into()), ..first_start(dir.path()) };
+        let e = wild(o.clone()).expect_err("wildcard client bind without an advertised address");
+        assert!(e.contains("client_addr 0.0.0.0:7104 binds every interface") && e.contains("advertise_client_addr"), "{e}");
+        let e = wild(Overrides { peer_addr: Some("[::]:7004".into()), ..first_start(dir.path()) }).expect_err("wildcard peer bind");
+        assert!(e.contains("advertise_peer_addr"), "{e}");
+        let c = wild(Overrides { advertise_client_addr: Some("db4.example:7104".into()), ..o }).expect("advertised");
+        assert_eq!((c.client_addr.as_str(), c.advertised_client_addr()), ("0.0.0.0:7104", "db4.example:7104"));
+        assert_eq!(c.advertised_metrics_addr(), c.metrics_addr, "no advertised metrics address: the bound one");
+    }
+
     #[test]
     fn fault_injection_holds_only_for_the_run_that_asks_for_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -582,6 +647,7 @@ mod tests {
             ("join = 7101\n", "an address (HOST:PORT) or a list of addresses"),
             ("seeds = [\"db_1:7001\"]\n", "seeds: `db_1:7001`"),
             ("advertise_peer_addr = \"10.0.0.1\"\n", "advertise_peer_addr"),
+            ("advertise_metrics_addr = \"0.0.0.0:9100\"\n", "advertise_metrics_addr: `0.0.0.0:9100` is the unspecified address"),
             ("[raft]\nheartbeat_interval_ms = \"fast\"\n", "heartbeat_interval_ms"),
             ("client_addr = [1, 2]\n", "client_addr"),
             ("http_addr = \"10.0.0.5:8080\"\n", "http_addr 10.0.0.5:8080: a gateway without TLS binds to loopback only"),

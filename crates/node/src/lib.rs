@@ -192,14 +192,7 @@ pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120
 pub(crate) async fn join(node: Arc<Node>, through: Vec<String>) -> Result<(), String> {
     use std::time::{Duration, Instant};
     let c = &node.config;
-    let info = ringkv_wire::NodeInfo {
-        incarnation: node.incarnation,
-        id: c.id,
-        peer_addr: c.advertised_peer_addr().to_string(),
-        client_addr: c.client_addr.clone(),
-        metrics_addr: c.metrics_addr.clone(),
-        state: ringkv_wire::NodeState::Joining,
-    };
+    let info = ringkv_wire::NodeInfo { state: ringkv_wire::NodeState::Joining, ..node.info() };
     let certs = c.cert_paths();
     let client = ringkv_client::Client::unrouted(ringkv_client::ClientConfig::new(through.clone(), certs))
         .map_err(|e| format!("cannot join through {through:?}: {e}"))?;

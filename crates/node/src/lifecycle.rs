@@ -43,8 +43,8 @@ impl Node {
             incarnation: self.incarnation,
             id: c.id,
             peer_addr: c.advertised_peer_addr().to_string(),
-            client_addr: c.client_addr.clone(),
-            metrics_addr: c.metrics_addr.clone(),
+            client_addr: c.advertised_client_addr().to_string(),
+            metrics_addr: c.advertised_metrics_addr().to_string(),
             state: self.map().node(c.id).map(|n| n.state).unwrap_or(NodeState::Joining),
         }
     }

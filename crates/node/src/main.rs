@@ -60,8 +60,15 @@ struct NodeArgs {
     advertise_peer_addr: Option<String>,
     #[arg(long)]
     client_addr: Option<String>,
+    /// The client address clients and other nodes dial, if not `--client-addr` (a wildcard
+    /// bind, NAT, a port mapping).
+    #[arg(long)]
+    advertise_client_addr: Option<String>,
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// The metrics address the cluster map lists, if not `--metrics-addr`.
+    #[arg(long)]
+    advertise_metrics_addr: Option<String>,
     /// Serve the HTTP gateway (`/v1/kv/{key}`) here; plaintext binds to loopback only unless
     /// `[gateway] tls = true`.
     #[arg(long)]
@@ -127,7 +134,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         peer_addr: a.peer_addr,
         advertise_peer_addr: a.advertise_peer_addr,
         client_addr: a.client_addr,
+        advertise_client_addr: a.advertise_client_addr,
         metrics_addr: a.metrics_addr,
+        advertise_metrics_addr: a.advertise_metrics_addr,
         http_addr: a.http_addr,
         resp_addr: a.resp_addr,
         ca: a.ca,

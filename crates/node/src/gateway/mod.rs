@@ -131,11 +131,13 @@ impl Api {
     /// The API of `node`, whose client service handles requests for its own replicas.
     pub fn new(node: Arc<Node>, svc: Arc<ClientService>) -> Result<Arc<Api>, NodeError> {
         let c = &node.config;
-        let mut cfg = ClientConfig::new(vec![c.client_addr.clone()], c.cert_paths());
+        // The map lists this node by its advertised address: calls to it stay in the process.
+        let own = c.advertised_client_addr().to_string();
+        let mut cfg = ClientConfig::new(vec![own.clone()], c.cert_paths());
         cfg.timeout = REQUEST_TIMEOUT;
         let client = Client::unrouted(cfg).map_err(|e| NodeError::Certificate(e.to_string()))?;
         let me = node.id();
-        let client = client.with_local(c.client_addr.clone(), Arc::new(Local { svc, me }));
+        let client = client.with_local(own, Arc::new(Local { svc, me }));
         Ok(Arc::new(Api { node, client }))
     }
 
