@@ -3,7 +3,13 @@
 //!
 //! The cache always holds a contiguous suffix of the log: every append goes into it, a
 //! truncation cuts it at the same index as the log, and it only loses entries from the front
-//! (applied here, purged, or over its bounds). A read it cannot serve whole goes to RocksDB.
+//! (purged, over its bounds, or no longer needed). A read it cannot serve whole goes to RocksDB.
+//!
+//! An entry is no longer needed once it is applied here and, on a leader, every follower's
+//! replication stream has it acknowledged ([`FollowerHold`]): a leader commits on the fastest
+//! followers and applies before the slowest one was even sent the entries, which would
+//! otherwise read them back. A follower that lags more than [`LAGGING_ENTRIES`] behind the
+//! applied index (down, or catching up) holds no more than that.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,12 +20,20 @@ use crate::types::Entry;
 pub const LOG_CACHE_ENTRIES_MAX: usize = 1024;
 /// Most bytes (encoded) of entries a group keeps in memory.
 pub const LOG_CACHE_BYTES_MAX: usize = 1 << 20;
+/// Most applied entries kept for a follower that has not acknowledged them: one further behind
+/// reads from RocksDB, so a dead follower pins at most this many entries per group.
+pub const LAGGING_ENTRIES: u64 = 256;
 
 #[derive(Default)]
 struct Tail {
     /// Entries with their encoded size, in index order without gaps.
     entries: VecDeque<(Entry, usize)>,
     bytes: usize,
+    /// The last index applied (0: none).
+    applied: u64,
+    /// The followers' replication streams: (hold id, last index acknowledged, 0 if none yet).
+    holds: Vec<(u64, u64)>,
+    next_hold: u64,
 }
 
 impl Tail {
@@ -37,6 +51,18 @@ impl Tail {
         if let Some((_, n)) = self.entries.pop_back() {
             self.bytes -= n;
         }
+    }
+
+    fn forget_through(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// Drops what is applied and acknowledged by every follower (or lagging ones aside).
+    fn forget_unneeded(&mut self) {
+        let slowest = self.holds.iter().map(|(_, m)| *m).min().unwrap_or(u64::MAX);
+        self.forget_through(self.applied.min(slowest.max(self.applied.saturating_sub(LAGGING_ENTRIES))));
     }
 }
 
@@ -79,13 +105,26 @@ impl LogCache {
         }
     }
 
-    /// Drops entries up to and including `index` (purged from the log, or applied and no
-    /// longer needed).
+    /// Drops entries up to and including `index` (purged from the log).
     pub fn forget_through(&self, index: u64) {
+        self.lock().forget_through(index);
+    }
+
+    /// The state machine applied the log through `index`: what no follower still needs goes.
+    pub fn applied_through(&self, index: u64) {
         let mut t = self.lock();
-        while t.first_index().is_some_and(|first| first <= index) {
-            t.pop_front();
-        }
+        t.applied = t.applied.max(index);
+        t.forget_unneeded();
+    }
+
+    /// Keeps entries for a follower's replication stream until it reports them acknowledged
+    /// ([`FollowerHold::acknowledged`]), until the hold is dropped.
+    pub fn hold_for_follower(&self) -> FollowerHold {
+        let mut t = self.lock();
+        let id = t.next_hold;
+        t.next_hold += 1;
+        t.holds.push((id, 0));
+        FollowerHold { cache: self.clone(), id }
     }
 
     /// The entries `[start, end)` (`end` `None`: to the end of the log), if the cache holds
@@ -120,6 +159,33 @@ impl LogCache {
     pub fn size(&self) -> (usize, usize) {
         let t = self.lock();
         (t.entries.len(), t.bytes)
+    }
+}
+
+/// A follower's claim on the entries its replication stream has not had acknowledged yet.
+pub struct FollowerHold {
+    cache: LogCache,
+    id: u64,
+}
+
+impl FollowerHold {
+    /// The follower's log matches the leader's through `index`.
+    pub fn acknowledged(&self, index: u64) {
+        let mut t = self.cache.lock();
+        let id = self.id;
+        if let Some(h) = t.holds.iter_mut().find(|(h, _)| *h == id) {
+            h.1 = h.1.max(index);
+        }
+        t.forget_unneeded();
+    }
+}
+
+impl Drop for FollowerHold {
+    fn drop(&mut self) {
+        let mut t = self.cache.lock();
+        let id = self.id;
+        t.holds.retain(|(h, _)| *h != id);
+        t.forget_unneeded();
     }
 }
 
@@ -163,6 +229,36 @@ mod tests {
         assert_eq!(indexes(c.get(20, None)), Some(vec![(3, 20)]));
         c.truncate_after(None);
         assert_eq!(c.size(), (0, 0));
+    }
+
+    /// Applied entries stay while a follower's stream has not had them acknowledged, and go
+    /// once it has, once it lags too far, or once the stream ends; without followers, at apply.
+    #[test]
+    fn applied_entries_stay_until_every_follower_acknowledged_them() {
+        let c = LogCache::default();
+        c.append((1..=10).map(|i| entry(1, i)));
+        c.applied_through(3);
+        assert_eq!(indexes(c.get(4, Some(5))), Some(vec![(1, 4)]));
+        assert_eq!(indexes(c.get(3, Some(4))), None, "no follower: applied entries go");
+        let (fast, slow) = (c.hold_for_follower(), c.hold_for_follower());
+        fast.acknowledged(10);
+        slow.acknowledged(5);
+        c.applied_through(10);
+        assert_eq!(indexes(c.get(6, Some(7))), Some(vec![(1, 6)]), "the slow follower still needs 6");
+        assert_eq!(indexes(c.get(5, Some(6))), None);
+        slow.acknowledged(8);
+        assert_eq!(indexes(c.get(8, Some(9))), None);
+        assert_eq!(indexes(c.get(9, None)).map(|v| v.len()), Some(2));
+        drop(slow);
+        assert_eq!(c.size().0, 0, "the slow follower's stream ended: all applied, all gone");
+        // A follower far behind pins no more than LAGGING_ENTRIES applied entries.
+        let down = c.hold_for_follower();
+        c.append((11..=1000).map(|i| entry(1, i)));
+        c.applied_through(1000);
+        assert_eq!(c.size().0, LAGGING_ENTRIES as usize);
+        assert_eq!(indexes(c.get(1000 - LAGGING_ENTRIES + 1, Some(1000 - LAGGING_ENTRIES + 2))).map(|v| v.len()), Some(1));
+        drop((down, fast));
+        assert_eq!(c.size().0, 0);
     }
 
     #[test]

@@ -176,7 +176,8 @@ impl Group {
         let append_floor = Duration::from_millis(config.raft.election_timeout_min);
         let commit_linger = config.commit_linger;
         let batch = config.batch_messages;
-        let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, batch, throttle };
+        let cache = log.cache();
+        let net = network::NetworkFactory { me, group, pool, append_floor, commit_linger, batch, throttle, cache };
         let raft = ringkv_storage::Raft::new(me, config.raft.clone(), net, log, sm).await.map_err(|e| e.to_string())?;
         let lease = Duration::from_millis(config.raft.election_timeout_max);
         let metrics = raft.metrics();

@@ -21,6 +21,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::OptionalSend;
+use ringkv_storage::log_cache::{FollowerHold, LogCache};
 use ringkv_storage::raft_store::SnapshotData;
 use ringkv_storage::{PeerNode, SnapshotMeta, TypeConfig};
 use ringkv_wire::{GroupId, NodeId};
@@ -55,6 +56,9 @@ pub struct NetworkFactory {
     /// Whether messages share frames with other groups' messages to the same peer ([`RaftOutbox`]).
     pub batch: bool,
     pub throttle: Arc<SnapshotThrottle>,
+    /// The group's log tail: each follower's client keeps it from dropping what that follower
+    /// has not acknowledged.
+    pub cache: LogCache,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -71,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             commit_linger: self.commit_linger,
             batch: self.batch,
             throttle: self.throttle.clone(),
+            hold: Arc::new(self.cache.hold_for_follower()),
         }
     }
 }
@@ -86,6 +91,7 @@ pub struct GroupClient {
     commit_linger: Duration,
     batch: bool,
     throttle: Arc<SnapshotThrottle>,
+    hold: Arc<FollowerHold>,
 }
 
 /// Why a peer call failed, before it is mapped to the error type openraft wants.
@@ -453,12 +459,22 @@ impl GroupClient {
     async fn append(&self, rpc: AppendRequest, option: RPCOption) -> Result<AppendResponse, RPCError<TypeConfig>> {
         let (ttl, floor) = (option.soft_ttl(), self.append_floor);
         let has_entries = !rpc.entries.is_empty();
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let timeout = move |bytes| if has_entries { append_timeout(ttl, floor, bytes) } else { ttl };
         let r = self.call(RaftMsg::AppendEntries(rpc), append_lane(has_entries), timeout).await;
-        flatten(r, |a| match a {
+        let r = flatten(r, |a| match a {
             RaftAnswer::AppendEntries(r) => Ok(r),
             other => Err(other),
-        })
+        });
+        let matched = match &r {
+            Ok(AppendEntriesResponse::Success) => last,
+            Ok(AppendEntriesResponse::PartialSuccess(m)) => *m,
+            _ => None,
+        };
+        if let Some(m) = matched {
+            self.hold.acknowledged(m.index);
+        }
+        r
     }
 }
 

@@ -707,7 +707,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         metrics::counter!("ringkv_raft_applied_entries_total").increment(n);
         metrics::counter!("ringkv_raft_apply_batches_total").increment(1);
         if let (Some(cache), Some(last)) = (&self.log_cache, last) {
-            cache.forget_through(last.index);
+            cache.applied_through(last.index);
         }
         for (r, result) in responders {
             r.send(result);
