@@ -56,15 +56,16 @@ pub struct NetworkFactory {
     /// Whether messages share frames with other groups' messages to the same peer ([`RaftOutbox`]).
     pub batch: bool,
     pub throttle: Arc<SnapshotThrottle>,
-    /// The group's log tail: each follower's client keeps it from dropping what that follower
-    /// has not acknowledged.
+    /// The group's log tail: each follower's replication client keeps it from dropping what
+    /// that follower has not acknowledged.
     pub cache: LogCache,
 }
 
-impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
-    type Network = GroupClient;
-
-    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> GroupClient {
+impl NetworkFactory {
+    /// A client to `target`; `hold` for the replication client only. openraft also keeps a
+    /// heartbeat client per follower for the whole term, whose appends carry no entries and
+    /// stop while the group's timers rest: holding for it would pin applied entries under load.
+    fn client(&self, target: NodeId, node: &PeerNode, hold: bool) -> GroupClient {
         GroupClient {
             me: self.me,
             group: self.group,
@@ -75,8 +76,26 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             commit_linger: self.commit_linger,
             batch: self.batch,
             throttle: self.throttle.clone(),
-            hold: Arc::new(self.cache.hold_for_follower()),
+            hold: hold.then(|| Arc::new(self.cache.hold_for_follower())),
         }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = GroupClient;
+
+    /// The replication stream's client (also a vote's or a leader transfer's, which live for
+    /// one call).
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> GroupClient {
+        self.client(target, node, true)
+    }
+
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &PeerNode) -> GroupClient {
+        self.client(target, node, false)
+    }
+
+    async fn new_snapshot_client(&mut self, target: NodeId, node: &PeerNode) -> GroupClient {
+        self.client(target, node, false)
     }
 }
 
@@ -91,7 +110,8 @@ pub struct GroupClient {
     commit_linger: Duration,
     batch: bool,
     throttle: Arc<SnapshotThrottle>,
-    hold: Arc<FollowerHold>,
+    /// Keeps the log tail for the follower (the replication client only).
+    hold: Option<Arc<FollowerHold>>,
 }
 
 /// Why a peer call failed, before it is mapped to the error type openraft wants.
@@ -466,13 +486,15 @@ impl GroupClient {
             RaftAnswer::AppendEntries(r) => Ok(r),
             other => Err(other),
         });
-        let matched = match &r {
-            Ok(AppendEntriesResponse::Success) => last,
-            Ok(AppendEntriesResponse::PartialSuccess(m)) => *m,
-            _ => None,
-        };
-        if let Some(m) = matched {
-            self.hold.acknowledged(m.index);
+        if let Some(hold) = &self.hold {
+            let matched = match &r {
+                Ok(AppendEntriesResponse::Success) => last,
+                Ok(AppendEntriesResponse::PartialSuccess(m)) => *m,
+                _ => None,
+            };
+            if let Some(m) = matched {
+                hold.acknowledged(m.index);
+            }
         }
         r
     }
